@@ -1,0 +1,1 @@
+//! Shared helpers for the POS demo and the end-to-end tests.

@@ -1,0 +1,461 @@
+//! Where webhooks go and how they are signed: [`WebhookConfig`].
+//!
+//! A `WebhookConfig` that exists is valid: every check runs when it is made, so a wrong
+//! setting stops the application at start-up instead of failing the first write.
+
+use std::fmt;
+use std::time::Duration;
+
+use reqwest::Url;
+
+/// `WEBSOCKET_SERVER_URL`: where events are POSTed.
+pub const ENV_URL: &str = "WEBSOCKET_SERVER_URL";
+/// `WEBHOOK_SECRET`: the shared HMAC key.
+pub const ENV_SECRET: &str = "WEBHOOK_SECRET";
+/// `WEBHOOK_TIMEOUT_MS`: the whole-request timeout in milliseconds.
+pub const ENV_TIMEOUT_MS: &str = "WEBHOOK_TIMEOUT_MS";
+/// `WEBHOOK_STANDARD_HEADERS`: `true` adds the Standard Webhooks headers.
+pub const ENV_STANDARD_HEADERS: &str = "WEBHOOK_STANDARD_HEADERS";
+
+/// The endpoint used when `WEBSOCKET_SERVER_URL` is not set (the original server's port).
+pub const DEFAULT_URL: &str = "http://localhost:3001";
+/// The whole-request timeout used when `WEBHOOK_TIMEOUT_MS` is not set.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5000);
+/// How long establishing a connection may take, within the whole-request timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(2000);
+
+/// The shared HMAC key. Its `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The key bytes, for signing and verifying.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A setting that cannot be used. The message names the setting, the bad value (never a
+/// secret) and the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The URL does not parse.
+    InvalidUrl {
+        /// The value given.
+        value: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// The URL parses but is not `http` or `https`.
+    UnsupportedScheme {
+        /// The value given.
+        value: String,
+    },
+    /// No secret, or an empty one.
+    MissingSecret,
+    /// The timeout is zero.
+    ZeroTimeout,
+    /// The timeout is not a whole number of milliseconds.
+    InvalidTimeout {
+        /// The value given.
+        value: String,
+    },
+    /// A boolean switch has a value other than true/false/1/0.
+    InvalidSwitch {
+        /// The environment variable.
+        name: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// The HTTP client could not be built (no usable TLS trust store, …).
+    HttpClient {
+        /// What went wrong.
+        reason: String,
+    },
+    /// `.env` exists but cannot be read.
+    DotEnv {
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::InvalidUrl { value, reason } => write!(
+                f,
+                "{ENV_URL} is not a valid URL: {value:?} ({reason}); \
+                 set it to the WebSocket server's webhook endpoint, e.g. {ENV_URL}={DEFAULT_URL}"
+            ),
+            ConfigError::UnsupportedScheme { value } => write!(
+                f,
+                "{ENV_URL} must be an http:// or https:// URL, got {value:?}; \
+                 set it to the WebSocket server's webhook endpoint, e.g. {ENV_URL}={DEFAULT_URL}"
+            ),
+            ConfigError::MissingSecret => write!(
+                f,
+                "{ENV_SECRET} is not set or empty: webhooks are signed with it and the \
+                 WebSocket server rejects unsigned ones; set {ENV_SECRET} (in the environment \
+                 or .env) to the same value as the server's, e.g. one made with \
+                 `openssl rand -hex 32`"
+            ),
+            ConfigError::ZeroTimeout => write!(
+                f,
+                "{ENV_TIMEOUT_MS} is 0: a request needs time to complete; set it to a number \
+                 of milliseconds, e.g. {ENV_TIMEOUT_MS}=5000 (the default)"
+            ),
+            ConfigError::InvalidTimeout { value } => write!(
+                f,
+                "{ENV_TIMEOUT_MS} is not a whole number of milliseconds: {value:?}; \
+                 set it like {ENV_TIMEOUT_MS}=5000 (the default)"
+            ),
+            ConfigError::InvalidSwitch { name, value } => write!(
+                f,
+                "{name} must be true or false, got {value:?}; set {name}=true or remove it"
+            ),
+            ConfigError::HttpClient { reason } => write!(
+                f,
+                "the HTTP client for webhooks cannot be built: {reason}; check that the \
+                 system's CA certificates are installed (Debian: ca-certificates)"
+            ),
+            ConfigError::DotEnv { reason } => write!(
+                f,
+                ".env exists but cannot be read ({reason}); fix its syntax (KEY=value lines) \
+                 or remove it"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where webhooks go, how they are signed, how long a request may take.
+///
+/// Made by [`WebhookConfig::from_env`] (the `WEBSOCKET_SERVER_URL`, `WEBHOOK_SECRET`,
+/// `WEBHOOK_TIMEOUT_MS` variables, read from `.env` too) or [`WebhookConfig::builder`].
+/// Both validate everything, so a `WebhookConfig` value is always usable.
+///
+/// ```
+/// use std::time::Duration;
+/// use vendora_observe::WebhookConfig;
+///
+/// let config = WebhookConfig::builder()
+///     .url("http://127.0.0.1:3001/webhook")
+///     .secret("s3cr3t")
+///     .timeout(Duration::from_secs(2))
+///     .build()?;
+/// assert_eq!(config.url().as_str(), "http://127.0.0.1:3001/webhook");
+/// assert!(!format!("{config:?}").contains("s3cr3t"));
+///
+/// let err = WebhookConfig::builder().url("ftp://example.com").secret("x").build().unwrap_err();
+/// assert!(err.to_string().contains("WEBSOCKET_SERVER_URL must be an http:// or https:// URL"));
+/// # Ok::<(), vendora_observe::ConfigError>(())
+/// ```
+#[derive(Clone)]
+pub struct WebhookConfig {
+    url: Url,
+    secret: Secret,
+    timeout: Duration,
+    connect_timeout: Duration,
+    standard_headers: bool,
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url.as_str())
+            .field("secret", &self.secret)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("standard_headers", &self.standard_headers)
+            .finish()
+    }
+}
+
+impl WebhookConfig {
+    /// A builder for code that does not configure through the environment.
+    pub fn builder() -> WebhookConfigBuilder {
+        WebhookConfigBuilder::default()
+    }
+
+    /// Reads `.env` in the working directory when present (variables already in the
+    /// environment win, as with Laravel), then `WEBSOCKET_SERVER_URL`, `WEBHOOK_SECRET`,
+    /// `WEBHOOK_TIMEOUT_MS` and `WEBHOOK_STANDARD_HEADERS`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(e) if e.not_found() => {}
+            Err(e) => {
+                return Err(ConfigError::DotEnv {
+                    reason: e.to_string(),
+                });
+            }
+        }
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`from_env`](Self::from_env) without `.env`, reading variables through `lookup`
+    /// (for tests, or for settings kept elsewhere).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut builder = Self::builder();
+        if let Some(url) = lookup(ENV_URL) {
+            builder = builder.url(url);
+        }
+        if let Some(secret) = lookup(ENV_SECRET) {
+            builder = builder.secret(secret);
+        }
+        if let Some(ms) = lookup(ENV_TIMEOUT_MS) {
+            let ms: u64 = ms
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::InvalidTimeout { value: ms.clone() })?;
+            builder = builder.timeout(Duration::from_millis(ms));
+        }
+        if let Some(flag) = lookup(ENV_STANDARD_HEADERS) {
+            let on = match flag.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" | "" => false,
+                _ => {
+                    return Err(ConfigError::InvalidSwitch {
+                        name: ENV_STANDARD_HEADERS,
+                        value: flag,
+                    });
+                }
+            };
+            builder = builder.standard_headers(on);
+        }
+        builder.build()
+    }
+
+    /// The endpoint, used as given (it may carry a path).
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// The signing key.
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    /// The whole-request timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The connect timeout (never longer than the whole-request timeout).
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout.min(self.timeout)
+    }
+
+    /// Whether the Standard Webhooks headers are sent beside `X-Webhook-Signature`.
+    pub fn standard_headers(&self) -> bool {
+        self.standard_headers
+    }
+}
+
+/// Builds a [`WebhookConfig`]; [`build`](Self::build) validates.
+#[must_use]
+#[derive(Clone, Default)]
+pub struct WebhookConfigBuilder {
+    url: Option<String>,
+    secret: Option<String>,
+    timeout: Option<Duration>,
+    connect_timeout: Option<Duration>,
+    standard_headers: bool,
+}
+
+impl fmt::Debug for WebhookConfigBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookConfigBuilder")
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookConfigBuilder {
+    /// The endpoint (default `http://localhost:3001`).
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// The shared secret (required, non-empty).
+    pub fn secret(mut self, secret: impl Into<String>) -> Self {
+        self.secret = Some(secret.into());
+        self
+    }
+
+    /// The whole-request timeout (default 5 s, must not be zero).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The connect timeout (default 2 s, capped by the whole-request timeout).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Also send the Standard Webhooks headers `webhook-id`, `webhook-timestamp` and
+    /// `webhook-signature` (default off).
+    pub fn standard_headers(mut self, on: bool) -> Self {
+        self.standard_headers = on;
+        self
+    }
+
+    /// Validates every setting.
+    pub fn build(self) -> Result<WebhookConfig, ConfigError> {
+        let raw = self.url.unwrap_or_else(|| DEFAULT_URL.to_owned());
+        let url = Url::parse(raw.trim()).map_err(|e| ConfigError::InvalidUrl {
+            value: raw.clone(),
+            reason: e.to_string(),
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(ConfigError::UnsupportedScheme { value: raw });
+        }
+        let secret = match self.secret {
+            Some(s) if !s.trim().is_empty() => Secret(s),
+            _ => return Err(ConfigError::MissingSecret),
+        };
+        let timeout = self.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        if timeout.is_zero() {
+            return Err(ConfigError::ZeroTimeout);
+        }
+        Ok(WebhookConfig {
+            url,
+            secret,
+            timeout,
+            connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            standard_headers: self.standard_headers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(vars: &[(&str, &str)]) -> Result<WebhookConfig, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        WebhookConfig::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_apply_when_only_the_secret_is_set() {
+        let c = from(&[(ENV_SECRET, "abc")]).unwrap();
+        assert_eq!(c.url().as_str(), "http://localhost:3001/");
+        assert_eq!(c.timeout(), Duration::from_millis(5000));
+        assert!(!c.standard_headers());
+    }
+
+    #[test]
+    fn a_url_with_a_path_is_kept() {
+        let c = from(&[(ENV_URL, "https://ws.example.com/hooks/pos"), (ENV_SECRET, "k")]).unwrap();
+        assert_eq!(c.url().as_str(), "https://ws.example.com/hooks/pos");
+    }
+
+    #[test]
+    fn a_missing_secret_says_what_to_set() {
+        let msg = from(&[]).unwrap_err().to_string();
+        assert!(msg.contains("WEBHOOK_SECRET is not set or empty"), "{msg}");
+        assert!(msg.contains("set WEBHOOK_SECRET"), "{msg}");
+    }
+
+    #[test]
+    fn an_empty_secret_is_refused() {
+        let err = from(&[(ENV_SECRET, "  ")]).unwrap_err();
+        assert_eq!(err, ConfigError::MissingSecret);
+    }
+
+    #[test]
+    fn an_unparsable_url_is_named_with_its_value() {
+        let msg = from(&[(ENV_URL, "not a url"), (ENV_SECRET, "k")])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("WEBSOCKET_SERVER_URL is not a valid URL: \"not a url\""), "{msg}");
+        assert!(msg.contains("e.g. WEBSOCKET_SERVER_URL=http://localhost:3001"), "{msg}");
+    }
+
+    #[test]
+    fn a_non_http_scheme_is_refused() {
+        for bad in ["ftp://example.com", "ws://localhost:3001", "file:///tmp/x", "mailto:a@b"] {
+            let msg = from(&[(ENV_URL, bad), (ENV_SECRET, "k")]).unwrap_err().to_string();
+            assert!(msg.contains("must be an http:// or https:// URL"), "{bad}: {msg}");
+            assert!(msg.contains(bad), "{bad}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_zero_timeout_is_refused() {
+        let msg = from(&[(ENV_SECRET, "k"), (ENV_TIMEOUT_MS, "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("WEBHOOK_TIMEOUT_MS is 0"), "{msg}");
+        let err = WebhookConfig::builder()
+            .secret("k")
+            .timeout(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert_eq!(err, ConfigError::ZeroTimeout);
+    }
+
+    #[test]
+    fn a_non_numeric_timeout_is_named() {
+        let msg = from(&[(ENV_SECRET, "k"), (ENV_TIMEOUT_MS, "5s")])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("WEBHOOK_TIMEOUT_MS is not a whole number of milliseconds: \"5s\""), "{msg}");
+    }
+
+    #[test]
+    fn a_bad_switch_is_named() {
+        let msg = from(&[(ENV_SECRET, "k"), (ENV_STANDARD_HEADERS, "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("WEBHOOK_STANDARD_HEADERS must be true or false"), "{msg}");
+        assert!(from(&[(ENV_SECRET, "k"), (ENV_STANDARD_HEADERS, "true")]).unwrap().standard_headers());
+    }
+
+    #[test]
+    fn the_secret_never_shows_in_debug_or_errors() {
+        let secret = "very-secret-value-123";
+        let c = from(&[(ENV_SECRET, secret)]).unwrap();
+        assert!(!format!("{c:?}").contains(secret));
+        assert!(!format!("{:?}", c.secret()).contains(secret));
+        assert!(!format!("{}", c.secret()).contains(secret));
+        let b = WebhookConfig::builder().secret(secret).url("::bad");
+        assert!(!format!("{b:?}").contains(secret));
+        let msg = b.build().unwrap_err().to_string();
+        assert!(!msg.contains(secret));
+    }
+
+    #[test]
+    fn connect_timeout_never_exceeds_the_whole_timeout() {
+        let c = WebhookConfig::builder()
+            .secret("k")
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        assert_eq!(c.connect_timeout(), Duration::from_millis(300));
+    }
+}

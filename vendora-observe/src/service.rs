@@ -1,0 +1,493 @@
+//! [`WebhookService`]: one signed POST per event over a shared keep-alive client.
+//!
+//! This is the Rust form of the original design's `WebhookService`. It sends inline: the
+//! caller's future completes when the receiver has answered (or the timeout passed). The
+//! observers do not call it from a database hook; they hand events to the background
+//! delivery (see [`crate::Observer`]), which uses [`WebhookService::send`] for each attempt.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, LOCATION, RETRY_AFTER, USER_AGENT};
+use reqwest::{StatusCode, Url, redirect};
+use serde::Serialize;
+
+use crate::body::{BodyError, WebhookBody};
+use crate::config::{ConfigError, ENV_SECRET, WebhookConfig};
+use crate::signature;
+
+/// `User-Agent` of every request.
+pub const USER_AGENT_VALUE: &str = concat!("vendora-observe/", env!("CARGO_PKG_VERSION"));
+/// The legacy signature header.
+pub const SIGNATURE_HEADER: &str = "x-webhook-signature";
+/// The event id header, the same on every retry of one event.
+pub const ID_HEADER: &str = "x-webhook-id";
+
+/// One event ready to send: a unique id (kept across retries) and its body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Webhook {
+    id: String,
+    body: WebhookBody,
+}
+
+impl Webhook {
+    /// A new event with a fresh id (a UUIDv7: unique, and sortable by creation time).
+    pub fn new(body: WebhookBody) -> Self {
+        Webhook {
+            id: uuid::Uuid::now_v7().to_string(),
+            body,
+        }
+    }
+
+    /// Serialises `data` under `event` and gives it a fresh id.
+    pub fn build<T: Serialize + ?Sized>(event: &str, data: &T) -> Result<Self, BodyError> {
+        Ok(Self::new(WebhookBody::new(event, data)?))
+    }
+
+    /// An event with a known id (the outbox stores it).
+    pub(crate) fn with_id(id: String, body: WebhookBody) -> Self {
+        Webhook { id, body }
+    }
+
+    /// The `X-Webhook-Id`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The body.
+    pub fn body(&self) -> &WebhookBody {
+        &self.body
+    }
+
+    /// The event name.
+    pub fn event(&self) -> &str {
+        self.body.event()
+    }
+}
+
+/// A successful delivery: the receiver answered 2xx.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// The status the receiver answered.
+    pub status: StatusCode,
+    /// From sending the request to the answer's head.
+    pub elapsed: Duration,
+}
+
+/// Why one attempt did not deliver.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DeliveryError {
+    /// The data could not be serialised (only from [`WebhookService::try_dispatch`]).
+    Body(BodyError),
+    /// No connection could be made (receiver down, port closed, DNS failure).
+    Connect {
+        /// The error's description.
+        reason: String,
+    },
+    /// No complete answer within the configured timeout.
+    Timeout {
+        /// The timeout that passed.
+        after: Duration,
+    },
+    /// The receiver answered a status other than 2xx or 3xx.
+    Status {
+        /// The status.
+        status: StatusCode,
+        /// `Retry-After`, when the receiver sent one.
+        retry_after: Option<Duration>,
+    },
+    /// The receiver answered a redirect, which is never followed with a signed body.
+    Redirect {
+        /// The status.
+        status: StatusCode,
+        /// Where it pointed.
+        location: Option<String>,
+    },
+    /// The connection broke during the exchange.
+    Transport {
+        /// The error's description.
+        reason: String,
+    },
+}
+
+impl DeliveryError {
+    /// Whether trying again later can succeed: connection problems, timeouts, 408, 429 and
+    /// 5xx. Other 4xx (a 401 from a wrong secret, a 400, a 404) and redirects are final.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            DeliveryError::Body(_) | DeliveryError::Redirect { .. } => false,
+            DeliveryError::Connect { .. }
+            | DeliveryError::Timeout { .. }
+            | DeliveryError::Transport { .. } => true,
+            DeliveryError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+        }
+    }
+
+    /// The receiver's `Retry-After`, on the statuses where it is honoured (429 and 503).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            DeliveryError::Status {
+                status,
+                retry_after,
+            } if *status == StatusCode::TOO_MANY_REQUESTS
+                || *status == StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                *retry_after
+            }
+            _ => None,
+        }
+    }
+
+    /// A short machine-readable kind, for logs and the outbox's `last_error`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeliveryError::Body(_) => "body",
+            DeliveryError::Connect { .. } => "connect",
+            DeliveryError::Timeout { .. } => "timeout",
+            DeliveryError::Status { .. } => "status",
+            DeliveryError::Redirect { .. } => "redirect",
+            DeliveryError::Transport { .. } => "transport",
+        }
+    }
+}
+
+impl fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeliveryError::Body(e) => write!(f, "{e}"),
+            DeliveryError::Connect { reason } => {
+                write!(f, "cannot connect to the receiver: {reason}")
+            }
+            DeliveryError::Timeout { after } => {
+                write!(f, "the receiver did not answer within {} ms", after.as_millis())
+            }
+            DeliveryError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => write!(
+                f,
+                "the receiver answered {status}: it rejected the signature, so {ENV_SECRET} \
+                 probably differs from the WebSocket server's secret"
+            ),
+            DeliveryError::Status {
+                status,
+                retry_after: Some(after),
+            } => write!(
+                f,
+                "the receiver answered {status} (Retry-After {} s)",
+                after.as_secs()
+            ),
+            DeliveryError::Status { status, .. } => write!(f, "the receiver answered {status}"),
+            DeliveryError::Redirect { status, location } => write!(
+                f,
+                "the receiver answered {status} redirecting to {}; a signed webhook is never \
+                 redirected: set WEBSOCKET_SERVER_URL to the final URL",
+                location.as_deref().unwrap_or("<no Location>")
+            ),
+            DeliveryError::Transport { reason } => {
+                write!(f, "the exchange with the receiver failed: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DeliveryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DeliveryError::Body(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<BodyError> for DeliveryError {
+    fn from(e: BodyError) -> Self {
+        DeliveryError::Body(e)
+    }
+}
+
+/// Sends signed webhooks to the configured WebSocket server.
+///
+/// Cheap to clone (an `Arc` inside); every clone shares one `reqwest::Client`, so
+/// connections are kept alive and reused. Redirects are never followed.
+///
+/// ```no_run
+/// use vendora_observe::{WebhookConfig, WebhookService};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let service = WebhookService::new(WebhookConfig::from_env()?)?;
+/// // Never fails: a problem is logged with `tracing`.
+/// service.dispatch("product:deleted", &serde_json::json!({ "id": 3 })).await;
+/// // When the outcome matters:
+/// let delivered = service.try_dispatch("product:deleted", &serde_json::json!({ "id": 3 })).await?;
+/// println!("{} in {:?}", delivered.status, delivered.elapsed);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct WebhookService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: WebhookConfig,
+    client: reqwest::Client,
+    /// The endpoint as it may appear in logs: without user name or password.
+    log_url: String,
+}
+
+impl fmt::Debug for WebhookService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookService")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookService {
+    /// A service for `config`, with its own connection pool.
+    pub fn new(config: WebhookConfig) -> Result<Self, ConfigError> {
+        let client = build_client(&config).map_err(|reason| ConfigError::HttpClient { reason })?;
+        let log_url = redact_url(config.url());
+        Ok(WebhookService {
+            inner: Arc::new(Inner {
+                config,
+                client,
+                log_url,
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WebhookConfig {
+        &self.inner.config
+    }
+
+    /// The endpoint with any credentials removed, as it appears in logs.
+    pub fn endpoint_for_logs(&self) -> &str {
+        &self.inner.log_url
+    }
+
+    /// Sends `event` with `data` and waits for the answer. Never returns an error: a
+    /// failure is logged (event, URL, status or error kind) at `warn`, or `error` for a 401.
+    pub async fn dispatch<T: Serialize + ?Sized>(&self, event: &str, data: &T) {
+        if let Err(e) = self.try_dispatch(event, data).await {
+            self.log_failure(event, None, &e);
+        }
+    }
+
+    /// Sends `event` with `data` and returns the outcome.
+    pub async fn try_dispatch<T: Serialize + ?Sized>(
+        &self,
+        event: &str,
+        data: &T,
+    ) -> Result<Delivered, DeliveryError> {
+        let webhook = Webhook::build(event, data)?;
+        self.send(&webhook).await
+    }
+
+    /// One attempt at delivering `webhook`: signs its bytes and POSTs those same bytes.
+    pub async fn send(&self, webhook: &Webhook) -> Result<Delivered, DeliveryError> {
+        let config = &self.inner.config;
+        let bytes: Bytes = webhook.body().shared_bytes();
+        let secret = config.secret().expose();
+        let mut headers = HeaderMap::with_capacity(8);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+        headers.insert(SIGNATURE_HEADER, header_value(&signature::sign(secret, &bytes)));
+        headers.insert(ID_HEADER, header_value(webhook.id()));
+        if config.standard_headers() {
+            let ts = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            headers.insert("webhook-id", header_value(webhook.id()));
+            headers.insert("webhook-timestamp", header_value(&ts.to_string()));
+            headers.insert(
+                "webhook-signature",
+                header_value(&signature::standard_signature(secret, webhook.id(), ts, &bytes)),
+            );
+        }
+        let started = Instant::now();
+        let result = self
+            .inner
+            .client
+            .post(config.url().clone())
+            .headers(headers)
+            .body(bytes)
+            .send()
+            .await;
+        let response = match result {
+            Ok(r) => r,
+            Err(e) => return Err(classify(e, config.timeout())),
+        };
+        let elapsed = started.elapsed();
+        let status = response.status();
+        if status.is_success() {
+            return Ok(Delivered { status, elapsed });
+        }
+        let error = if status.is_redirection() {
+            DeliveryError::Redirect {
+                status,
+                location: response
+                    .headers()
+                    .get(LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            }
+        } else {
+            DeliveryError::Status {
+                status,
+                retry_after: response
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after),
+            }
+        };
+        Err(error)
+    }
+
+    /// Logs a failed attempt the way every part of the crate does.
+    pub(crate) fn log_failure(&self, event: &str, id: Option<&str>, error: &DeliveryError) {
+        let url = self.endpoint_for_logs();
+        let id = id.unwrap_or("-");
+        match error {
+            DeliveryError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => {
+                tracing::error!(event, id, url, kind = error.kind(), status = status.as_u16(), "webhook rejected: {error}")
+            }
+            DeliveryError::Status { status, .. } => {
+                tracing::warn!(event, id, url, kind = error.kind(), status = status.as_u16(), "webhook not delivered: {error}")
+            }
+            _ => tracing::warn!(event, id, url, kind = error.kind(), "webhook not delivered: {error}"),
+        }
+    }
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    // Hex, base64, digits and UUIDs are always valid header values.
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn build_client(config: &WebhookConfig) -> Result<reqwest::Client, String> {
+    use rustls_platform_verifier::BuilderVerifierExt as _;
+    // ring rather than aws-lc-rs: no C/CMake build, and TLS speed is not what limits a
+    // webhook sender. The platform verifier uses the system's trust store.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_platform_verifier()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .redirect(redirect::Policy::none())
+        .timeout(config.timeout())
+        .connect_timeout(config.connect_timeout())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .no_proxy()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn classify(e: reqwest::Error, timeout: Duration) -> DeliveryError {
+    // The URL is logged separately, redacted; reqwest's message would repeat it verbatim.
+    let e = e.without_url();
+    if e.is_timeout() {
+        DeliveryError::Timeout { after: timeout }
+    } else if e.is_connect() {
+        DeliveryError::Connect {
+            reason: error_chain(&e),
+        }
+    } else {
+        DeliveryError::Transport {
+            reason: error_chain(&e),
+        }
+    }
+}
+
+/// reqwest's top-level message is generic ("error sending request"): the cause says more.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// `Retry-After` is either delay-seconds or an HTTP-date.
+pub(crate) fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+fn redact_url(url: &Url) -> String {
+    let mut u = url.clone();
+    if !u.username().is_empty() || u.password().is_some() {
+        let _ = u.set_username("");
+        let _ = u.set_password(None);
+    }
+    u.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let d = parse_retry_after(&later).unwrap();
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn only_transient_failures_are_retryable() {
+        let status = |s: u16| DeliveryError::Status {
+            status: StatusCode::from_u16(s).unwrap(),
+            retry_after: None,
+        };
+        for s in [408, 429, 500, 502, 503, 504] {
+            assert!(status(s).is_retryable(), "{s}");
+        }
+        for s in [400, 401, 403, 404, 410, 422] {
+            assert!(!status(s).is_retryable(), "{s}");
+        }
+        assert!(DeliveryError::Timeout { after: Duration::from_secs(1) }.is_retryable());
+        assert!(!DeliveryError::Redirect { status: StatusCode::FOUND, location: None }.is_retryable());
+    }
+
+    #[test]
+    fn a_401_names_the_secret() {
+        let e = DeliveryError::Status {
+            status: StatusCode::UNAUTHORIZED,
+            retry_after: None,
+        };
+        assert!(e.to_string().contains("WEBHOOK_SECRET probably differs"), "{e}");
+    }
+
+    #[test]
+    fn credentials_never_reach_the_log_url() {
+        let u = Url::parse("https://user:pw@ws.example.com/hook").unwrap();
+        assert_eq!(redact_url(&u), "https://ws.example.com/hook");
+    }
+}
