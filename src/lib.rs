@@ -1,1 +1,6 @@
-//! Shared helpers for the POS demo and the end-to-end tests.
+//! The POS demo's entities and the parts the end-to-end tests share: a signature-checking
+//! HTTP receiver on 127.0.0.1 and database set-up for SQLite and PostgreSQL.
+
+pub mod db;
+pub mod entities;
+pub mod receiver;

@@ -85,6 +85,8 @@ pub enum ConfigError {
         /// What went wrong.
         reason: String,
     },
+    /// The observer was built outside a Tokio runtime, so it cannot start its senders.
+    NoRuntime,
     /// `.env` exists but cannot be read.
     DotEnv {
         /// What went wrong.
@@ -130,6 +132,11 @@ impl fmt::Display for ConfigError {
                 f,
                 "the HTTP client for webhooks cannot be built: {reason}; check that the \
                  system's CA certificates are installed (Debian: ca-certificates)"
+            ),
+            ConfigError::NoRuntime => write!(
+                f,
+                "the observer must be built inside a Tokio runtime (its senders are Tokio \
+                 tasks); build it in `#[tokio::main] async fn main` or after entering a runtime"
             ),
             ConfigError::DotEnv { reason } => write!(
                 f,

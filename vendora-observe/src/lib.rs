@@ -4,19 +4,61 @@
 //! SeaORM entity becomes an HMAC-signed webhook to the WebSocket server, which rebroadcasts
 //! it to every connected app.
 //!
-//! This crate is the runtime: [`WebhookConfig`] (settings, validated at start-up),
-//! [`WebhookBody`] (the exact signed bytes, JS-stable), [`signature`] (sign and verify),
-//! and [`WebhookService`] (one signed POST per event over a keep-alive client).
+//! The parts:
+//! - [`macro@Observed`]: `#[derive(Observed)]` on a SeaORM `Model` writes its
+//!   `ActiveModelBehavior`, so inserts, updates and deletes emit events;
+//! - [`Observer`]: takes those events and delivers them in the background, with retries,
+//!   per-row order and dead-lettering; installed once at start-up;
+//! - [`WebhookConfig`]: settings, validated when made; [`WebhookBody`]: the exact signed
+//!   bytes, JS-stable; [`signature`]: sign and verify; [`WebhookService`]: one signed POST;
+//! - [`quietly`] mutes a block of code; [`testing::Recorder`] captures events in tests.
 
 #![warn(missing_docs)]
 
 pub mod body;
 pub mod config;
+mod direct;
+mod hooks;
+mod observer;
+pub mod retry;
 pub mod service;
 pub mod signature;
+pub mod testing;
 
+pub use async_trait::async_trait;
 pub use body::{BodyError, WebhookBody};
 pub use config::{ConfigError, Secret, WebhookConfig, WebhookConfigBuilder};
+pub use hooks::{ActiveModelHooks, is_quiet, quietly};
+pub use observer::{DeadLetter, Observer, ObserverBuilder, Overflow, ShutdownReport, Stats};
+pub use retry::RetryPolicy;
 pub use service::{Delivered, DeliveryError, Webhook, WebhookService};
 pub use signature::{sign, verify};
+
+/// `#[derive(Observed)]`: emit signed webhooks for a SeaORM entity's writes.
 pub use vendora_observe_macros::Observed;
+
+/// What generated code names. Not public API: it may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::hooks::{
+        ActiveModelHooks, Emission, emit, key_string, object, stash, take_stash, to_value,
+        warn_delete_without_key, warn_old_value_unread,
+    };
+    pub use async_trait::async_trait;
+    pub use sea_orm;
+    pub use serde;
+    pub use serde_json;
+
+    /// Implemented by every `Serialize` type: the derive asks for it so that a model
+    /// without `Serialize` gets one clear error.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` must implement `serde::Serialize` to be observed",
+        label = "add `Serialize` to this struct's `#[derive(...)]`",
+        note = "the full-model events (`created`, `updated`) send the model's `Serialize` form"
+    )]
+    pub trait ObservedModel: serde::Serialize {}
+    impl<T: serde::Serialize> ObservedModel for T {}
+
+    /// Checks at compile time that `T` is [`ObservedModel`].
+    pub const fn assert_observed_model<T: ObservedModel>() {}
+}

@@ -1,0 +1,17 @@
+//! A category: created, updated and deleted.
+
+use sea_orm::entity::prelude::*;
+use serde::Serialize;
+use vendora_observe::Observed;
+
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize, Observed)]
+#[sea_orm(table_name = "categories")]
+#[observe(event = "category")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i32,
+    pub name: String,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}

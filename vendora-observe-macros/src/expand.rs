@@ -1,0 +1,278 @@
+//! Generation: the entity's `ActiveModelBehavior` impl.
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote, quote_spanned};
+use syn::{Data, DeriveInput, Fields};
+
+use crate::ast::Model;
+use crate::attr;
+use crate::valid::{self, Spec};
+
+/// The derive's output: the expansion, or every error plus a stub impl.
+pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
+    match expand(input) {
+        Ok(tokens) => tokens,
+        Err(error) => {
+            let errors = error.to_compile_error();
+            let stub = stub(input);
+            quote!(#errors #stub)
+        }
+    }
+}
+
+/// Expands `#[derive(Observed)]` on `input`.
+pub fn expand(input: &DeriveInput) -> syn::Result<TokenStream> {
+    // `#[sea_orm::model]` copies the Model's derives onto `ModelEx`; the impl belongs to
+    // the entity once, so the copy expands to nothing.
+    if input.ident == "ModelEx" {
+        return Ok(TokenStream::new());
+    }
+    let model = Model::from_input(input)?;
+    let mut errors = Vec::new();
+    let attrs = attr::parse(&input.attrs, &mut errors);
+    let spec = valid::check(&model, attrs, &mut errors);
+    match (spec, combine(errors)) {
+        (Some(spec), None) => Ok(generate(&spec)),
+        (_, Some(error)) => Err(error),
+        (None, None) => Err(syn::Error::new(input.ident.span(), "invalid #[observe]")),
+    }
+}
+
+fn combine(errors: Vec<syn::Error>) -> Option<syn::Error> {
+    errors.into_iter().reduce(|mut a, b| {
+        a.combine(b);
+        a
+    })
+}
+
+/// On an attribute error, an empty `ActiveModelBehavior` keeps SeaORM's own derives from
+/// adding "ActiveModelBehavior is not implemented" to the real message.
+fn stub(input: &DeriveInput) -> TokenStream {
+    let is_named_struct = matches!(&input.data, Data::Struct(s) if matches!(s.fields, Fields::Named(_)));
+    if !is_named_struct || input.ident == "ModelEx" {
+        return TokenStream::new();
+    }
+    quote! {
+        impl ::vendora_observe::__private::sea_orm::ActiveModelBehavior for ActiveModel {}
+    }
+}
+
+fn generate(spec: &Spec) -> TokenStream {
+    let krate = &spec.krate;
+    let model = spec.model.ident;
+    let entity_event = &spec.event;
+    let pk = &spec.primary_key;
+    let pk_idents: Vec<_> = pk.iter().map(|f| f.ident).collect();
+    let pk_types: Vec<_> = pk.iter().map(|f| f.ty).collect();
+    let pk_names: Vec<String> = pk.iter().map(|f| f.ident.to_string()).collect();
+
+    // The primary key of an ActiveModel (None when a part is NotSet), the ordering key of
+    // a Model, and the `{"id": …}` payload.
+    let (pk_type, active_pk, model_key, id_value) = if pk.len() == 1 {
+        let (id, ty) = (pk_idents[0], pk_types[0]);
+        (
+            quote!(#ty),
+            quote!(::core::option::Option::Some(am.#id.try_as_ref()?.clone())),
+            quote!(__vo::key_string(&model.#id)),
+            quote!(__vo::to_value(&__pk)),
+        )
+    } else {
+        let idx = (0..pk.len()).map(syn::Index::from);
+        (
+            quote!((#(#pk_types),*)),
+            quote!(::core::option::Option::Some((#(am.#pk_idents.try_as_ref()?.clone()),*))),
+            quote!(__vo::key_string(&(#(&model.#pk_idents),*))),
+            quote!(__vo::object([#((#pk_names, __vo::to_value(&__pk.#idx))),*])),
+        )
+    };
+    let model_id_value = if pk.len() == 1 {
+        let id = pk_idents[0];
+        quote!(__vo::to_value(&model.#id))
+    } else {
+        quote!(__vo::object([#((#pk_names, __vo::to_value(&model.#pk_idents))),*]))
+    };
+
+    let call_user = |hook: TokenStream| {
+        if spec.hooks {
+            hook
+        } else {
+            TokenStream::new()
+        }
+    };
+    let user_new = call_user(quote! {
+        fn new() -> Self {
+            <Self as __vo::ActiveModelHooks>::new()
+        }
+    });
+    let user_before_save = call_user(quote! {
+        let am = <Self as __vo::ActiveModelHooks>::before_save(am, db, insert).await?;
+    });
+    let user_after_save = call_user(quote! {
+        let model = <Self as __vo::ActiveModelHooks>::after_save(model, db, insert).await?;
+    });
+    let user_before_delete = call_user(quote! {
+        let am = <Self as __vo::ActiveModelHooks>::before_delete(am, db).await?;
+    });
+    let user_after_delete = call_user(quote! {
+        let am = <Self as __vo::ActiveModelHooks>::after_delete(am, db).await?;
+    });
+
+    // Watched columns: read the stored row in before_save when one of them is Set.
+    let stash_type = quote!((::core::option::Option<#model>, u64));
+    let watch_read = if spec.watch.is_empty() {
+        TokenStream::new()
+    } else {
+        let bits = spec.watch.iter().enumerate().map(|(i, w)| {
+            let f = w.field.ident;
+            quote!(if am.#f.is_set() { __mask |= 1u64 << #i; })
+        });
+        quote! {
+            if !insert {
+                let mut __mask: u64 = 0;
+                #(#bits)*
+                if __mask != 0 {
+                    if let ::core::option::Option::Some(__pk) = __active_pk(&am) {
+                        let __key = __vo::key_string(&__pk);
+                        match <Entity as __vo::sea_orm::EntityTrait>::find_by_id(__pk).one(db).await {
+                            ::core::result::Result::Ok(::core::option::Option::Some(__old)) => {
+                                __vo::stash::<Entity, #stash_type>(__key, (::core::option::Option::Some(__old), __mask));
+                            }
+                            // No such row: the update itself will fail.
+                            ::core::result::Result::Ok(::core::option::Option::None) => {}
+                            ::core::result::Result::Err(__e) => {
+                                __vo::warn_old_value_unread(#entity_event, &__key, &__e);
+                                __vo::stash::<Entity, #stash_type>(__key, (::core::option::Option::None, __mask));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let watch_events = if spec.watch.is_empty() {
+        TokenStream::new()
+    } else {
+        let id_key = &spec.id_key;
+        let checks = spec.watch.iter().enumerate().map(|(i, w)| {
+            let f = w.field.ident;
+            let event = &w.event;
+            let value_key = &w.value_key;
+            quote! {
+                if __mask & (1u64 << #i) != 0
+                    && __old.as_ref().is_none_or(|__old| __old.#f != model.#f)
+                {
+                    __events.push((#event, __vo::object([
+                        (#id_key, #model_id_value),
+                        (#value_key, __vo::to_value(&model.#f)),
+                    ])));
+                }
+            }
+        });
+        quote! {
+            if let ::core::option::Option::Some((__old, __mask)) =
+                __vo::take_stash::<Entity, #stash_type>(&__key)
+            {
+                #(#checks)*
+            }
+        }
+    };
+
+    let created_event = format!("{entity_event}:created");
+    let updated_event = format!("{entity_event}:updated");
+    let deleted_event = format!("{entity_event}:deleted");
+    let on_created = spec
+        .created
+        .then(|| quote!(__events.push((#created_event, __vo::to_value(&model)));));
+    let on_updated = spec
+        .updated
+        .then(|| quote!(__events.push((#updated_event, __vo::to_value(&model)));));
+    let on_deleted = if spec.deleted {
+        quote! {
+            match __active_pk(&am) {
+                ::core::option::Option::Some(__pk) => {
+                    let __key = __vo::key_string(&__pk);
+                    let __events: ::std::vec::Vec<__vo::Emission> =
+                        ::std::vec![(#deleted_event, __vo::object([("id", #id_value)]))];
+                    __vo::emit(db, #entity_event, &__key, __events).await?;
+                }
+                ::core::option::Option::None => __vo::warn_delete_without_key(#entity_event),
+            }
+        }
+    } else {
+        TokenStream::new()
+    };
+    let assert_serialize = quote_spanned! {model.span()=>
+        const _: () = __vo::assert_observed_model::<#model>();
+    };
+    let _ = format_ident!("unused");
+
+    quote! {
+        #[doc(hidden)]
+        #[allow(clippy::all, unused_mut, unused_variables)]
+        const _: () = {
+            use #krate::__private as __vo;
+
+            #assert_serialize
+
+            fn __active_pk(am: &ActiveModel) -> ::core::option::Option<#pk_type> {
+                #active_pk
+            }
+
+            #[automatically_derived]
+            #[__vo::async_trait]
+            impl __vo::sea_orm::ActiveModelBehavior for ActiveModel {
+                #user_new
+
+                async fn before_save<C>(self, db: &C, insert: bool)
+                    -> ::core::result::Result<Self, __vo::sea_orm::DbErr>
+                where
+                    C: __vo::sea_orm::ConnectionTrait,
+                {
+                    let am = self;
+                    #user_before_save
+                    #watch_read
+                    ::core::result::Result::Ok(am)
+                }
+
+                async fn after_save<C>(model: #model, db: &C, insert: bool)
+                    -> ::core::result::Result<#model, __vo::sea_orm::DbErr>
+                where
+                    C: __vo::sea_orm::ConnectionTrait,
+                {
+                    #user_after_save
+                    let __key = #model_key;
+                    let mut __events: ::std::vec::Vec<__vo::Emission> = ::std::vec::Vec::new();
+                    if insert {
+                        #on_created
+                    } else {
+                        #on_updated
+                        #watch_events
+                    }
+                    __vo::emit(db, #entity_event, &__key, __events).await?;
+                    ::core::result::Result::Ok(model)
+                }
+
+                async fn before_delete<C>(self, db: &C)
+                    -> ::core::result::Result<Self, __vo::sea_orm::DbErr>
+                where
+                    C: __vo::sea_orm::ConnectionTrait,
+                {
+                    let am = self;
+                    #user_before_delete
+                    ::core::result::Result::Ok(am)
+                }
+
+                async fn after_delete<C>(self, db: &C)
+                    -> ::core::result::Result<Self, __vo::sea_orm::DbErr>
+                where
+                    C: __vo::sea_orm::ConnectionTrait,
+                {
+                    let am = self;
+                    #user_after_delete
+                    #on_deleted
+                    ::core::result::Result::Ok(am)
+                }
+            }
+        };
+    }
+}

@@ -1,0 +1,259 @@
+//! What the generated `ActiveModelBehavior` impls call: the emit path, muting, the user's
+//! own hooks, and carrying old values of watched columns from `before_save` to
+//! `after_save`.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use sea_orm::{ActiveModelTrait, ConnectionTrait, DbErr, EntityTrait};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::body::WebhookBody;
+use crate::observer::{Observer, warn_not_installed};
+use crate::service::Webhook;
+use crate::testing;
+
+/// Your own lifecycle hooks on an observed entity.
+///
+/// A type has one `ActiveModelBehavior` impl, and `#[derive(Observed)]` writes it. To keep
+/// hooks of your own (timestamps, validation), add `hooks` to the attribute and implement
+/// this trait instead: the generated impl calls your `before_*` hooks first and your
+/// `after_*` hooks before it emits, and emits only when they succeed. The methods mirror
+/// `ActiveModelBehavior`'s, and like it the impl needs `#[async_trait]`.
+///
+/// ```ignore
+/// #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize, Observed)]
+/// #[sea_orm(table_name = "products")]
+/// #[observe(event = "product", hooks)]
+/// pub struct Model { /* … */ }
+///
+/// #[vendora_observe::async_trait]
+/// impl vendora_observe::ActiveModelHooks for ActiveModel {
+///     async fn before_save<C>(mut self, _db: &C, insert: bool) -> Result<Self, DbErr>
+///     where
+///         C: ConnectionTrait,
+///     {
+///         self.updated_at = Set(chrono::Utc::now());
+///         Ok(self)
+///     }
+/// }
+/// ```
+#[allow(unused_variables)]
+#[async_trait::async_trait]
+pub trait ActiveModelHooks: ActiveModelTrait + Send {
+    /// As `ActiveModelBehavior::new`.
+    fn new() -> Self {
+        <Self as ActiveModelTrait>::default()
+    }
+
+    /// Runs before `insert`, `update` and `save`, before the observer reads old values.
+    async fn before_save<C>(self, db: &C, insert: bool) -> Result<Self, DbErr>
+    where
+        C: ConnectionTrait,
+    {
+        Ok(self)
+    }
+
+    /// Runs after `insert`, `update` and `save`; the event carries the model it returns.
+    async fn after_save<C>(
+        model: <Self::Entity as EntityTrait>::Model,
+        db: &C,
+        insert: bool,
+    ) -> Result<<Self::Entity as EntityTrait>::Model, DbErr>
+    where
+        C: ConnectionTrait,
+    {
+        Ok(model)
+    }
+
+    /// Runs before `delete`.
+    async fn before_delete<C>(self, db: &C) -> Result<Self, DbErr>
+    where
+        C: ConnectionTrait,
+    {
+        Ok(self)
+    }
+
+    /// Runs after `delete`, before the deleted event is emitted.
+    async fn after_delete<C>(self, db: &C) -> Result<Self, DbErr>
+    where
+        C: ConnectionTrait,
+    {
+        Ok(self)
+    }
+}
+
+tokio::task_local! {
+    static QUIET: ();
+}
+
+/// Runs `f` with observers muted: writes inside it send nothing, as Laravel's
+/// `Model::withoutEvents` / `saveQuietly`. Only this task is muted; tasks it spawns are not.
+///
+/// ```no_run
+/// # async fn f(db: &sea_orm::DatabaseConnection) {
+/// vendora_observe::quietly(async {
+///     // bulk import: no webhook per row
+/// }).await;
+/// # }
+/// ```
+pub fn quietly<F: Future>(f: F) -> tokio::task::futures::TaskLocalFuture<(), F> {
+    QUIET.scope((), f)
+}
+
+/// Whether the current task is inside [`quietly`].
+pub fn is_quiet() -> bool {
+    QUIET.try_with(|_| ()).is_ok()
+}
+
+/// One event as the generated code hands it over: its name and its data, which may have
+/// failed to serialise.
+pub type Emission = (&'static str, Result<Value, serde_json::Error>);
+
+/// Hands the events of one write, in order, to the current observer (or the test
+/// recorder). `entity` and `key` form the ordering key. Never waits on the network; in
+/// direct mode never fails. In outbox mode the rows are written through `db`, and a
+/// failure to write them is the write's failure (the event would otherwise be lost).
+pub async fn emit<C: ConnectionTrait>(
+    db: &C,
+    entity: &'static str,
+    key: &str,
+    events: Vec<Emission>,
+) -> Result<(), DbErr> {
+    if events.is_empty() || is_quiet() {
+        return Ok(());
+    }
+    let recorder = testing::current();
+    let observer = if recorder.is_some() {
+        None
+    } else {
+        match Observer::current() {
+            Some(o) => Some(o),
+            None => {
+                warn_not_installed(events[0].0);
+                return Ok(());
+            }
+        }
+    };
+    let ordering_key = format!("{entity}:{key}");
+    let mut batch = Vec::with_capacity(events.len());
+    for (event, data) in events {
+        let data = match data {
+            Ok(d) => d,
+            Err(e) => {
+                // The write succeeded; the caller must not see an error for its webhook.
+                tracing::error!(event, key, "webhook not sent: its data cannot be serialised: {e}");
+                continue;
+            }
+        };
+        let body = WebhookBody::from_value(event, &data);
+        if let Some(recorder) = &recorder {
+            recorder.push(entity, key, body);
+            continue;
+        }
+        batch.push(Webhook::new(body));
+    }
+    match observer {
+        Some(observer) => observer.submit(db, &ordering_key, batch).await,
+        None => Ok(()),
+    }
+}
+
+/// The data of an event: the value's `Serialize` form.
+pub fn to_value<T: Serialize + ?Sized>(value: &T) -> Result<Value, serde_json::Error> {
+    serde_json::to_value(value)
+}
+
+/// An object of named parts, in order.
+pub fn object<const N: usize>(
+    entries: [(&str, Result<Value, serde_json::Error>); N],
+) -> Result<Value, serde_json::Error> {
+    let mut map = serde_json::Map::with_capacity(N);
+    for (k, v) in entries {
+        map.insert(k.to_owned(), v?);
+    }
+    Ok(Value::Object(map))
+}
+
+/// The ordering key of a row: its primary key as compact JSON (`7`, `"sku-1"`, `[1,2]`).
+pub fn key_string<T: Serialize + ?Sized>(pk: &T) -> String {
+    serde_json::to_string(pk).unwrap_or_else(|_| String::from("?"))
+}
+
+/// Which save an old value belongs to: the task (or thread) running it, the entity and
+/// the row. A save runs its `before_save` and `after_save` in the same task, one after
+/// the other.
+#[derive(Hash, PartialEq, Eq, Clone, Debug)]
+struct StashKey {
+    origin: Origin,
+    entity: TypeId,
+    key: String,
+}
+
+#[derive(Hash, PartialEq, Eq, Clone, Copy, Debug)]
+enum Origin {
+    Task(tokio::task::Id),
+    Thread(std::thread::ThreadId),
+}
+
+fn origin() -> Origin {
+    match tokio::task::try_id() {
+        Some(id) => Origin::Task(id),
+        None => Origin::Thread(std::thread::current().id()),
+    }
+}
+
+type Stash = Mutex<HashMap<StashKey, (Instant, Box<dyn Any + Send>)>>;
+
+fn stash_map() -> &'static Stash {
+    static STASH: OnceLock<Stash> = OnceLock::new();
+    STASH.get_or_init(Default::default)
+}
+
+/// Entries older than this belong to saves that failed between the hooks (so `after_save`
+/// never came): they are swept when the map grows.
+const STASH_TTL: Duration = Duration::from_secs(60);
+
+/// Keeps what `before_save` read for `after_save` of the same save.
+pub fn stash<E: 'static, T: Any + Send>(key: String, value: T) {
+    let k = StashKey {
+        origin: origin(),
+        entity: TypeId::of::<E>(),
+        key,
+    };
+    let mut map = stash_map().lock().unwrap_or_else(|p| p.into_inner());
+    if map.len() >= 1024 {
+        let now = Instant::now();
+        map.retain(|_, (at, _)| now.duration_since(*at) < STASH_TTL);
+    }
+    map.insert(k, (Instant::now(), Box::new(value)));
+}
+
+/// Takes what [`stash`] kept for this save, if anything.
+pub fn take_stash<E: 'static, T: Any>(key: &str) -> Option<T> {
+    let k = StashKey {
+        origin: origin(),
+        entity: TypeId::of::<E>(),
+        key: key.to_owned(),
+    };
+    let (_, value) = stash_map()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&k)?;
+    value.downcast::<T>().ok().map(|b| *b)
+}
+
+/// Logs that the old value of watched columns could not be read; the watch events are
+/// then sent as if the value changed (a spurious refresh beats a missed one).
+pub fn warn_old_value_unread(entity: &'static str, key: &str, error: &DbErr) {
+    tracing::warn!(entity, key, "could not read the old value of watched columns, treating them as changed: {error}");
+}
+
+/// Logs a delete whose ActiveModel carries no primary key: no event can name the row.
+pub fn warn_delete_without_key(entity: &'static str) {
+    tracing::warn!(entity, "deleted event not sent: the ActiveModel has no primary key value");
+}
