@@ -140,7 +140,10 @@ impl Receiver {
 
     /// The requests answered 2xx, in the order they arrived.
     pub fn delivered(&self) -> Vec<Request> {
-        self.requests().into_iter().filter(Request::delivered).collect()
+        self.requests()
+            .into_iter()
+            .filter(Request::delivered)
+            .collect()
     }
 
     /// Waits until at least `n` requests were answered 2xx, or panics after `timeout`

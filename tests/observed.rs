@@ -6,7 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::{WAIT, env, events};
-use sea_orm::{ActiveModelTrait, ActiveValue::NotSet, EntityTrait, IntoActiveModel, ModelTrait, Set};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::NotSet, EntityTrait, IntoActiveModel, ModelTrait, Set,
+};
 use serde_json::json;
 use vendora_pos::entities::{category, order, product};
 use vendora_pos::receiver::Reply;
@@ -86,10 +88,13 @@ async fn on_narrows_the_events_and_delete_needs_only_the_primary_key() {
     let db = &env.db;
     env.observer
         .scope(async {
-            let c = category::ActiveModel { id: NotSet, name: Set("Beverages".into()) }
-                .insert(db)
-                .await
-                .unwrap();
+            let c = category::ActiveModel {
+                id: NotSet,
+                name: Set("Beverages".into()),
+            }
+            .insert(db)
+            .await
+            .unwrap();
             let o = order::ActiveModel {
                 id: NotSet,
                 product_id: Set(1),
@@ -103,10 +108,13 @@ async fn on_narrows_the_events_and_delete_needs_only_the_primary_key() {
             // Orders have no deleted event.
             o.delete(db).await.unwrap();
             // An ActiveModel with only the key set is enough for a delete.
-            category::ActiveModel { id: Set(c.id), name: NotSet }
-                .delete(db)
-                .await
-                .unwrap();
+            category::ActiveModel {
+                id: Set(c.id),
+                name: NotSet,
+            }
+            .delete(db)
+            .await
+            .unwrap();
         })
         .await;
     let got = env.receiver.wait_delivered(3, WAIT).await;
@@ -116,15 +124,25 @@ async fn on_narrows_the_events_and_delete_needs_only_the_primary_key() {
     // check per-row order.
     let mut sorted = names.clone();
     sorted.sort();
-    assert_eq!(sorted, ["category:created", "category:deleted", "order:created"]);
-    let cat: Vec<&str> = names.iter().copied().filter(|n| n.starts_with("category")).collect();
+    assert_eq!(
+        sorted,
+        ["category:created", "category:deleted", "order:created"]
+    );
+    let cat: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| n.starts_with("category"))
+        .collect();
     assert_eq!(cat, ["category:created", "category:deleted"]);
     let order_created = ev.iter().find(|(n, _)| n == "order:created").unwrap();
     // 25.0 is sent as JavaScript prints it.
     assert!(got.iter().any(|r| r.body_str().contains(r#""total":25}"#)));
     assert_eq!(order_created.1["status"], "pending");
     let deleted = ev.iter().find(|(n, _)| n == "category:deleted").unwrap();
-    assert_eq!(deleted.1, json!({"id": ev.iter().find(|(n, _)| n == "category:created").unwrap().1["id"]}));
+    assert_eq!(
+        deleted.1,
+        json!({"id": ev.iter().find(|(n, _)| n == "category:created").unwrap().1["id"]})
+    );
     // Nothing else arrives: flush the observer, then count again.
     assert!(env.observer.flush(WAIT).await);
     assert_eq!(env.receiver.requests().len(), 3);
@@ -134,7 +152,8 @@ async fn on_narrows_the_events_and_delete_needs_only_the_primary_key() {
 async fn the_write_returns_while_the_receiver_is_still_answering() {
     let env = env().await;
     let db = &env.db;
-    env.receiver.set_reply(Reply::Delay(Duration::from_millis(1500)));
+    env.receiver
+        .set_reply(Reply::Delay(Duration::from_millis(1500)));
     let p = env
         .observer
         .scope(async { new_product("Slow", 1).insert(db).await })
@@ -142,7 +161,10 @@ async fn the_write_returns_while_the_receiver_is_still_answering() {
         .unwrap();
     // The insert has returned; the receiver records a request only once it answers, so
     // nothing can have been recorded yet if the write did not wait for it.
-    assert!(env.receiver.requests().is_empty(), "the write waited for the receiver");
+    assert!(
+        env.receiver.requests().is_empty(),
+        "the write waited for the receiver"
+    );
     assert_eq!(env.observer.stats().pending, 1);
     let got = env.receiver.wait_delivered(1, WAIT).await;
     assert_eq!(got[0].data()["id"], p.id);
@@ -195,7 +217,11 @@ async fn fifty_concurrent_writers_on_different_rows_each_get_their_own_stock_eve
         let db = db.clone();
         let observer = env.observer.clone();
         tasks.push(tokio::spawn(observer.scope(async move {
-            let p = product::Entity::find_by_id(id).one(&db).await.unwrap().unwrap();
+            let p = product::Entity::find_by_id(id)
+                .one(&db)
+                .await
+                .unwrap()
+                .unwrap();
             let mut am = p.into_active_model();
             // Even rows change stock, odd rows write the same value again.
             am.stock = Set(if i % 2 == 0 { i as i32 } else { 100 });
@@ -262,7 +288,20 @@ async fn concurrent_writers_on_one_row_report_each_real_change_in_order() {
             "stock:updated" => {
                 // Right after the product:updated of the same write, with its value.
                 assert_eq!(Some(data["newStock"].clone()), last_updated_stock);
-                assert!(seen.insert(data["newStock"].as_i64().unwrap()), "{:?}", ev.iter().map(|(n, d)| format!("{n}={}", if n == "stock:updated" { &d["newStock"] } else { &d["stock"] })).collect::<Vec<_>>());
+                assert!(
+                    seen.insert(data["newStock"].as_i64().unwrap()),
+                    "{:?}",
+                    ev.iter()
+                        .map(|(n, d)| format!(
+                            "{n}={}",
+                            if n == "stock:updated" {
+                                &d["newStock"]
+                            } else {
+                                &d["stock"]
+                            }
+                        ))
+                        .collect::<Vec<_>>()
+                );
             }
             other => panic!("unexpected {other}"),
         }

@@ -1,7 +1,7 @@
 //! A product: full-model events, and `stock:updated` when the stock really changed.
 
-use sea_orm::entity::prelude::*;
 use sea_orm::Set;
+use sea_orm::entity::prelude::*;
 use serde::Serialize;
 use vendora_observe::{ActiveModelHooks, Observed, async_trait};
 

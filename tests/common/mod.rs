@@ -24,7 +24,11 @@ pub async fn env() -> Env {
     db::create_pos_tables(&db).await.unwrap();
     let receiver = Receiver::start(SECRET).await.unwrap();
     let observer = observer_for(&receiver.url(), fast_retries());
-    Env { db, receiver, observer }
+    Env {
+        db,
+        receiver,
+        observer,
+    }
 }
 
 pub fn config(url: &str) -> WebhookConfig {

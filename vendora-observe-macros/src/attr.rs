@@ -15,6 +15,8 @@ pub(crate) const HOOKS: [&str; 3] = ["created", "updated", "deleted"];
 pub(crate) struct Attrs {
     /// The first `#[observe]`'s span, for errors about what is missing.
     pub(crate) span: Option<Span>,
+    /// Whether an `event` key was written (even with a bad value).
+    pub(crate) event_given: bool,
     pub(crate) event: Option<LitStr>,
     pub(crate) on: Option<Vec<Ident>>,
     pub(crate) watch: Vec<Watch>,
@@ -62,7 +64,7 @@ impl Parse for Watch {
 pub(crate) fn parse(attrs: &[Attribute], errors: &mut Vec<syn::Error>) -> Attrs {
     let mut out = Attrs::default();
     for attr in attrs.iter().filter(|a| a.path().is_ident("observe")) {
-        out.span.get_or_insert(attr.span());
+        out.span.get_or_insert(attr.path().span());
         if let Err(e) = attr.parse_nested_meta(|meta| parse_key(&mut out, meta, errors)) {
             errors.push(e);
         }
@@ -70,7 +72,11 @@ pub(crate) fn parse(attrs: &[Attribute], errors: &mut Vec<syn::Error>) -> Attrs 
     out
 }
 
-fn parse_key(out: &mut Attrs, meta: ParseNestedMeta, errors: &mut Vec<syn::Error>) -> syn::Result<()> {
+fn parse_key(
+    out: &mut Attrs,
+    meta: ParseNestedMeta,
+    errors: &mut Vec<syn::Error>,
+) -> syn::Result<()> {
     let path = &meta.path;
     let name = path
         .get_ident()
@@ -84,6 +90,7 @@ fn parse_key(out: &mut Attrs, meta: ParseNestedMeta, errors: &mut Vec<syn::Error
     };
     match name.as_str() {
         "event" => {
+            out.event_given = true;
             let lit = string_value(&meta, "event = \"product\"", errors)?;
             if out.event.is_some() {
                 duplicate(errors);

@@ -48,6 +48,7 @@ pub(crate) fn check<'a>(
             }
             v
         }
+        None if attrs.event_given => String::new(), // its value was already reported
         None => {
             errors.push(syn::Error::new(
                 at,
@@ -74,24 +75,42 @@ pub(crate) fn check<'a>(
     let mut watch: Vec<WatchSpec<'a>> = Vec::new();
     for w in &attrs.watch {
         let Some(field) = model.field(&w.field) else {
-            let hint = closest(&w.field, model.fields.iter().map(|f| f.ident.to_string()).collect::<Vec<_>>().iter().map(String::as_str))
-                .map(|c| format!("; did you mean `{c}`?"))
-                .unwrap_or_default();
+            let hint = closest(
+                &w.field,
+                model
+                    .fields
+                    .iter()
+                    .map(|f| f.ident.to_string())
+                    .collect::<Vec<_>>()
+                    .iter()
+                    .map(String::as_str),
+            )
+            .map(|c| format!("; did you mean `{c}`?"))
+            .unwrap_or_default();
             errors.push(syn::Error::new(
                 w.span,
-                format!("`watch` names no field of `{}`: there is no `{}`{hint}", model.ident, w.field),
+                format!(
+                    "`watch` names no field of `{}`: there is no `{}`{hint}",
+                    model.ident, w.field
+                ),
             ));
             continue;
         };
         if watch.iter().any(|x| x.field.ident == field.ident) {
-            errors.push(syn::Error::new(w.span, format!("`{}` is watched twice", w.field)));
+            errors.push(syn::Error::new(
+                w.span,
+                format!("`{}` is watched twice", w.field),
+            ));
             continue;
         }
         let event_name = match &w.event {
             Some(lit) => {
                 let v = lit.value();
                 if v.trim().is_empty() {
-                    errors.push(syn::Error::new(lit.span(), "a watch event name cannot be empty"));
+                    errors.push(syn::Error::new(
+                        lit.span(),
+                        "a watch event name cannot be empty",
+                    ));
                 }
                 v
             }
@@ -104,14 +123,19 @@ pub(crate) fn check<'a>(
         });
     }
     if watch.len() > 64 {
-        errors.push(syn::Error::new(Span::call_site(), "at most 64 fields can be watched"));
+        errors.push(syn::Error::new(
+            Span::call_site(),
+            "at most 64 fields can be watched",
+        ));
     }
     if !errors.is_empty() {
         return None;
     }
     Some(Spec {
         model,
-        krate: attrs.krate.unwrap_or_else(|| parse_quote!(::vendora_observe)),
+        krate: attrs
+            .krate
+            .unwrap_or_else(|| parse_quote!(::vendora_observe)),
         id_key: format!("{}Id", lower_camel(&event)),
         event,
         created,

@@ -316,7 +316,12 @@ pub fn write_js_f64(out: &mut Vec<u8>, v: f64) {
             out.extend_from_slice(&digits[1..]);
         }
         let e = n - 1;
-        let _ = write!(out, "e{}{}", if e >= 0 { '+' } else { '-' }, e.unsigned_abs());
+        let _ = write!(
+            out,
+            "e{}{}",
+            if e >= 0 { '+' } else { '-' },
+            e.unsigned_abs()
+        );
     }
 }
 

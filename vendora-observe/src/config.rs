@@ -377,7 +377,11 @@ mod tests {
 
     #[test]
     fn a_url_with_a_path_is_kept() {
-        let c = from(&[(ENV_URL, "https://ws.example.com/hooks/pos"), (ENV_SECRET, "k")]).unwrap();
+        let c = from(&[
+            (ENV_URL, "https://ws.example.com/hooks/pos"),
+            (ENV_SECRET, "k"),
+        ])
+        .unwrap();
         assert_eq!(c.url().as_str(), "https://ws.example.com/hooks/pos");
     }
 
@@ -399,15 +403,31 @@ mod tests {
         let msg = from(&[(ENV_URL, "not a url"), (ENV_SECRET, "k")])
             .unwrap_err()
             .to_string();
-        assert!(msg.starts_with("WEBSOCKET_SERVER_URL is not a valid URL: \"not a url\""), "{msg}");
-        assert!(msg.contains("e.g. WEBSOCKET_SERVER_URL=http://localhost:3001"), "{msg}");
+        assert!(
+            msg.starts_with("WEBSOCKET_SERVER_URL is not a valid URL: \"not a url\""),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("e.g. WEBSOCKET_SERVER_URL=http://localhost:3001"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn a_non_http_scheme_is_refused() {
-        for bad in ["ftp://example.com", "ws://localhost:3001", "file:///tmp/x", "mailto:a@b"] {
-            let msg = from(&[(ENV_URL, bad), (ENV_SECRET, "k")]).unwrap_err().to_string();
-            assert!(msg.contains("must be an http:// or https:// URL"), "{bad}: {msg}");
+        for bad in [
+            "ftp://example.com",
+            "ws://localhost:3001",
+            "file:///tmp/x",
+            "mailto:a@b",
+        ] {
+            let msg = from(&[(ENV_URL, bad), (ENV_SECRET, "k")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains("must be an http:// or https:// URL"),
+                "{bad}: {msg}"
+            );
             assert!(msg.contains(bad), "{bad}: {msg}");
         }
     }
@@ -431,7 +451,10 @@ mod tests {
         let msg = from(&[(ENV_SECRET, "k"), (ENV_TIMEOUT_MS, "5s")])
             .unwrap_err()
             .to_string();
-        assert!(msg.contains("WEBHOOK_TIMEOUT_MS is not a whole number of milliseconds: \"5s\""), "{msg}");
+        assert!(
+            msg.contains("WEBHOOK_TIMEOUT_MS is not a whole number of milliseconds: \"5s\""),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -439,8 +462,15 @@ mod tests {
         let msg = from(&[(ENV_SECRET, "k"), (ENV_STANDARD_HEADERS, "maybe")])
             .unwrap_err()
             .to_string();
-        assert!(msg.contains("WEBHOOK_STANDARD_HEADERS must be true or false"), "{msg}");
-        assert!(from(&[(ENV_SECRET, "k"), (ENV_STANDARD_HEADERS, "true")]).unwrap().standard_headers());
+        assert!(
+            msg.contains("WEBHOOK_STANDARD_HEADERS must be true or false"),
+            "{msg}"
+        );
+        assert!(
+            from(&[(ENV_SECRET, "k"), (ENV_STANDARD_HEADERS, "true")])
+                .unwrap()
+                .standard_headers()
+        );
     }
 
     #[test]

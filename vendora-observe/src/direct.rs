@@ -175,7 +175,11 @@ async fn run_lane(
     while let Some(job) = rx.recv().await {
         let aborted = *abort.borrow();
         if aborted {
-            ctx.dead(job.webhook, 0, "shutdown deadline passed before delivery".into());
+            ctx.dead(
+                job.webhook,
+                0,
+                "shutdown deadline passed before delivery".into(),
+            );
         } else {
             deliver(lane, &ctx, job.webhook, &mut failing, &mut abort).await;
         }
@@ -201,7 +205,11 @@ async fn deliver(
             Ok(_) => {
                 ctx.counters.sent();
                 if std::mem::take(failing) {
-                    tracing::info!(lane, url = ctx.service.endpoint_for_logs(), "webhook receiver reachable again");
+                    tracing::info!(
+                        lane,
+                        url = ctx.service.endpoint_for_logs(),
+                        "webhook receiver reachable again"
+                    );
                 }
                 return;
             }
@@ -210,10 +218,17 @@ async fn deliver(
         ctx.counters.failed();
         if !*failing {
             // One line when a lane starts failing, not one per attempt.
-            ctx.service.log_failure(webhook.event(), Some(webhook.id()), &error);
+            ctx.service
+                .log_failure(webhook.event(), Some(webhook.id()), &error);
             *failing = true;
         } else {
-            tracing::debug!(lane, event = webhook.event(), id = webhook.id(), attempts, "webhook attempt failed: {error}");
+            tracing::debug!(
+                lane,
+                event = webhook.event(),
+                id = webhook.id(),
+                attempts,
+                "webhook attempt failed: {error}"
+            );
         }
         if !error.is_retryable() || attempts >= ctx.policy.max_attempts {
             ctx.dead(webhook, attempts, describe(&error));

@@ -146,7 +146,11 @@ pub async fn emit<C: ConnectionTrait>(
             Ok(d) => d,
             Err(e) => {
                 // The write succeeded; the caller must not see an error for its webhook.
-                tracing::error!(event, key, "webhook not sent: its data cannot be serialised: {e}");
+                tracing::error!(
+                    event,
+                    key,
+                    "webhook not sent: its data cannot be serialised: {e}"
+                );
                 continue;
             }
         };
@@ -250,10 +254,17 @@ pub fn take_stash<E: 'static, T: Any>(key: &str) -> Option<T> {
 /// Logs that the old value of watched columns could not be read; the watch events are
 /// then sent as if the value changed (a spurious refresh beats a missed one).
 pub fn warn_old_value_unread(entity: &'static str, key: &str, error: &DbErr) {
-    tracing::warn!(entity, key, "could not read the old value of watched columns, treating them as changed: {error}");
+    tracing::warn!(
+        entity,
+        key,
+        "could not read the old value of watched columns, treating them as changed: {error}"
+    );
 }
 
 /// Logs a delete whose ActiveModel carries no primary key: no event can name the row.
 pub fn warn_delete_without_key(entity: &'static str) {
-    tracing::warn!(entity, "deleted event not sent: the ActiveModel has no primary key value");
+    tracing::warn!(
+        entity,
+        "deleted event not sent: the ActiveModel has no primary key value"
+    );
 }

@@ -59,6 +59,11 @@ pub mod __private {
     pub trait ObservedModel: serde::Serialize {}
     impl<T: serde::Serialize> ObservedModel for T {}
 
-    /// Checks at compile time that `T` is [`ObservedModel`].
-    pub const fn assert_observed_model<T: ObservedModel>() {}
+    /// The data of a full-model event. The bound is [`ObservedModel`] rather than
+    /// `Serialize` so that a model without `Serialize` gets one clear error.
+    pub fn model_value<T: ObservedModel + ?Sized>(
+        model: &T,
+    ) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::to_value(model)
+    }
 }

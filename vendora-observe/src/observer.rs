@@ -124,7 +124,10 @@ impl Counters {
             if self.pending() == 0 {
                 return true;
             }
-            if tokio::time::timeout_at(deadline.into(), idle).await.is_err() {
+            if tokio::time::timeout_at(deadline.into(), idle)
+                .await
+                .is_err()
+            {
                 return self.pending() == 0;
             }
         }
@@ -313,7 +316,11 @@ fn warn_shed(event: &str, why: &str) {
         Some((at, n)) if now.duration_since(*at) < Duration::from_secs(1) => *n += 1,
         slot => {
             let earlier = slot.map(|(_, n)| n).unwrap_or(0);
-            tracing::warn!(event, shed_since_last_report = earlier, "webhook shed: {why}");
+            tracing::warn!(
+                event,
+                shed_since_last_report = earlier,
+                "webhook shed: {why}"
+            );
             *slot = Some((now, 0));
         }
     }

@@ -166,7 +166,11 @@ impl fmt::Display for DeliveryError {
                 write!(f, "cannot connect to the receiver: {reason}")
             }
             DeliveryError::Timeout { after } => {
-                write!(f, "the receiver did not answer within {} ms", after.as_millis())
+                write!(
+                    f,
+                    "the receiver did not answer within {} ms",
+                    after.as_millis()
+                )
             }
             DeliveryError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => write!(
                 f,
@@ -297,7 +301,10 @@ impl WebhookService {
         let mut headers = HeaderMap::with_capacity(8);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
-        headers.insert(SIGNATURE_HEADER, header_value(&signature::sign(secret, &bytes)));
+        headers.insert(
+            SIGNATURE_HEADER,
+            header_value(&signature::sign(secret, &bytes)),
+        );
         headers.insert(ID_HEADER, header_value(webhook.id()));
         if config.standard_headers() {
             let ts = SystemTime::now()
@@ -308,7 +315,12 @@ impl WebhookService {
             headers.insert("webhook-timestamp", header_value(&ts.to_string()));
             headers.insert(
                 "webhook-signature",
-                header_value(&signature::standard_signature(secret, webhook.id(), ts, &bytes)),
+                header_value(&signature::standard_signature(
+                    secret,
+                    webhook.id(),
+                    ts,
+                    &bytes,
+                )),
             );
         }
         let started = Instant::now();
@@ -357,12 +369,32 @@ impl WebhookService {
         let id = id.unwrap_or("-");
         match error {
             DeliveryError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => {
-                tracing::error!(event, id, url, kind = error.kind(), status = status.as_u16(), "webhook rejected: {error}")
+                tracing::error!(
+                    event,
+                    id,
+                    url,
+                    kind = error.kind(),
+                    status = status.as_u16(),
+                    "webhook rejected: {error}"
+                )
             }
             DeliveryError::Status { status, .. } => {
-                tracing::warn!(event, id, url, kind = error.kind(), status = status.as_u16(), "webhook not delivered: {error}")
+                tracing::warn!(
+                    event,
+                    id,
+                    url,
+                    kind = error.kind(),
+                    status = status.as_u16(),
+                    "webhook not delivered: {error}"
+                )
             }
-            _ => tracing::warn!(event, id, url, kind = error.kind(), "webhook not delivered: {error}"),
+            _ => tracing::warn!(
+                event,
+                id,
+                url,
+                kind = error.kind(),
+                "webhook not delivered: {error}"
+            ),
         }
     }
 }
@@ -456,7 +488,10 @@ mod tests {
         );
         let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
         let d = parse_retry_after(&later).unwrap();
-        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 
@@ -472,8 +507,19 @@ mod tests {
         for s in [400, 401, 403, 404, 410, 422] {
             assert!(!status(s).is_retryable(), "{s}");
         }
-        assert!(DeliveryError::Timeout { after: Duration::from_secs(1) }.is_retryable());
-        assert!(!DeliveryError::Redirect { status: StatusCode::FOUND, location: None }.is_retryable());
+        assert!(
+            DeliveryError::Timeout {
+                after: Duration::from_secs(1)
+            }
+            .is_retryable()
+        );
+        assert!(
+            !DeliveryError::Redirect {
+                status: StatusCode::FOUND,
+                location: None
+            }
+            .is_retryable()
+        );
     }
 
     #[test]
@@ -482,7 +528,10 @@ mod tests {
             status: StatusCode::UNAUTHORIZED,
             retry_after: None,
         };
-        assert!(e.to_string().contains("WEBHOOK_SECRET probably differs"), "{e}");
+        assert!(
+            e.to_string().contains("WEBHOOK_SECRET probably differs"),
+            "{e}"
+        );
     }
 
     #[test]

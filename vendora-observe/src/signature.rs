@@ -86,7 +86,9 @@ fn standard_mac(secret: &[u8], id: &str, timestamp: u64, body: &[u8]) -> HmacSha
 /// assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
 /// ```
 pub fn standard_signature(secret: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
-    let tag = standard_mac(secret, id, timestamp, body).finalize().into_bytes();
+    let tag = standard_mac(secret, id, timestamp, body)
+        .finalize()
+        .into_bytes();
     format!("v1,{}", BASE64.encode(tag))
 }
 
@@ -209,7 +211,10 @@ mod tests {
         let at = UNIX_EPOCH + Duration::from_secs(1614265330 + 10);
         let tol = Duration::from_secs(300);
         let header = format!("v1,bm9wZQ== {sig}");
-        assert_eq!(verify_standard(secret, id, "1614265330", &header, body, at, tol), Ok(()));
+        assert_eq!(
+            verify_standard(secret, id, "1614265330", &header, body, at, tol),
+            Ok(())
+        );
         assert_eq!(
             verify_standard(secret, id, "1614265330", "v1,bm9wZQ==", body, at, tol),
             Err(StandardRejection::Mismatch)

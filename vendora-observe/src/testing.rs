@@ -102,7 +102,11 @@ impl Recorder {
 
     /// The captured events named `name`.
     pub fn named(&self, name: &str) -> Vec<RecordedEvent> {
-        self.lock().iter().filter(|e| e.name() == name).cloned().collect()
+        self.lock()
+            .iter()
+            .filter(|e| e.name() == name)
+            .cloned()
+            .collect()
     }
 
     /// Forgets what was captured.

@@ -1,0 +1,10 @@
+use vendora_observe::Observed;
+
+#[derive(Observed)]
+#[observe(event = "status")]
+pub enum Status {
+    Open,
+    Closed,
+}
+
+fn main() {}

@@ -1,0 +1,94 @@
+//! Expansion snapshots of the original design's three observers.
+
+use syn::{DeriveInput, parse_quote};
+
+fn pretty(input: DeriveInput) -> String {
+    let tokens = crate::expand::expand(&input).expect("expands");
+    let file: syn::File = syn::parse2(tokens).expect("the expansion is valid Rust");
+    prettyplease::unparse(&file)
+}
+
+#[test]
+fn product_with_watched_stock_and_own_hooks() {
+    insta::assert_snapshot!(pretty(parse_quote! {
+        #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize, Observed)]
+        #[sea_orm(table_name = "products")]
+        #[observe(event = "product", watch = "stock", hooks)]
+        pub struct Model {
+            #[sea_orm(primary_key)]
+            pub id: i32,
+            pub name: String,
+            pub price: f64,
+            pub stock: i32,
+        }
+    }));
+}
+
+#[test]
+fn order_without_deleted() {
+    insta::assert_snapshot!(pretty(parse_quote! {
+        #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize, Observed)]
+        #[sea_orm(table_name = "orders")]
+        #[observe(event = "order", on(created, updated))]
+        pub struct Model {
+            #[sea_orm(primary_key)]
+            pub id: i32,
+            pub status: String,
+            pub total: f64,
+        }
+    }));
+}
+
+#[test]
+fn category_with_every_event() {
+    insta::assert_snapshot!(pretty(parse_quote! {
+        #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize, Observed)]
+        #[sea_orm(table_name = "categories")]
+        #[observe(event = "category")]
+        pub struct Model {
+            #[sea_orm(primary_key)]
+            pub id: i32,
+            pub name: String,
+        }
+    }));
+}
+
+#[test]
+fn composite_key_and_renamed_crate() {
+    insta::assert_snapshot!(pretty(parse_quote! {
+        #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize, Observed)]
+        #[sea_orm(table_name = "order_lines")]
+        #[observe(event = "order_line", watch(quantity = "line:quantity"), crate = "vo")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub order_id: i32,
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub line_no: i32,
+            pub quantity: i32,
+        }
+    }));
+}
+
+#[test]
+fn model_ex_expands_to_nothing() {
+    let input: DeriveInput = parse_quote! {
+        #[observe(event = "product")]
+        pub struct ModelEx { pub id: i32 }
+    };
+    assert!(crate::expand::expand(&input).unwrap().is_empty());
+}
+
+#[test]
+fn errors_are_all_collected() {
+    let input: DeriveInput = parse_quote! {
+        #[observe(evnt = "x", on(made), watch = "nope")]
+        pub struct Model { #[sea_orm(primary_key)] pub id: i32 }
+    };
+    let err = crate::expand::expand(&input).unwrap_err();
+    let messages: Vec<String> = err.into_iter().map(|e| e.to_string()).collect();
+    assert_eq!(messages.len(), 4, "{messages:#?}");
+    assert!(messages[0].starts_with("unknown `observe` attribute `evnt`"));
+    assert!(messages[1].starts_with("unknown event `made` in on(...)"));
+    assert!(messages[2].starts_with("missing `event`"));
+    assert!(messages[3].starts_with("`watch` names no field of `Model`: there is no `nope`"));
+}
