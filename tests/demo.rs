@@ -10,7 +10,10 @@ fn the_pos_demo_delivers_its_eleven_events() {
     let exe = deps
         .parent()
         .and_then(|d| d.parent())
-        .map(|d| d.join("examples").join(format!("pos{}", std::env::consts::EXE_SUFFIX)))
+        .map(|d| {
+            d.join("examples")
+                .join(format!("pos{}", std::env::consts::EXE_SUFFIX))
+        })
         .unwrap();
     assert!(exe.exists(), "{} was not built", exe.display());
     let out = Command::new(&exe)
@@ -21,8 +24,18 @@ fn the_pos_demo_delivers_its_eleven_events() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}\n{stdout}\n{stderr}", out.status);
-    assert!(stdout.contains("exactly the 11 expected events, in order, every signature valid"), "{stdout}");
-    assert!(stdout.contains(r#"app <- stock:updated     {"productId":1,"newStock":7}"#), "{stdout}");
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("exactly the 11 expected events, in order, every signature valid"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(r#"app <- stock:updated     {"productId":1,"newStock":7}"#),
+        "{stdout}"
+    );
     assert_eq!(stdout.matches("(signature ok)").count(), 11, "{stdout}");
 }

@@ -69,7 +69,11 @@ mod order_line {
     pub enum Relation {}
 }
 
-async fn setup() -> (sea_orm::DatabaseConnection, Receiver, vendora_observe::Observer) {
+async fn setup() -> (
+    sea_orm::DatabaseConnection,
+    Receiver,
+    vendora_observe::Observer,
+) {
     let db = db::connect("sqlite::memory:").await.unwrap();
     db::create_table(&db, author::Entity).await.unwrap();
     db::create_table(&db, book::Entity).await.unwrap();
@@ -84,10 +88,13 @@ async fn the_dense_model_format_is_observed_once() {
     let (db, receiver, observer) = setup().await;
     observer
         .scope(async {
-            let a = author::ActiveModel { id: NotSet, name: Set("Ada".into()) }
-                .insert(&db)
-                .await
-                .unwrap();
+            let a = author::ActiveModel {
+                id: NotSet,
+                name: Set("Ada".into()),
+            }
+            .insert(&db)
+            .await
+            .unwrap();
             let b = book::ActiveModel {
                 id: NotSet,
                 author_id: Set(a.id),
@@ -114,7 +121,10 @@ async fn the_dense_model_format_is_observed_once() {
             ("author:created".into(), json!({"id": 1, "name": "Ada"})),
             ("author:updated".into(), json!({"id": 1, "name": "Ada L."})),
             ("book:deleted".into(), json!({"id": 1})),
-            ("name:updated".into(), json!({"authorId": 1, "newName": "Ada L."})),
+            (
+                "name:updated".into(),
+                json!({"authorId": 1, "newName": "Ada L."})
+            ),
         ]
     );
 }
@@ -149,13 +159,22 @@ async fn composite_keys_name_the_row_by_every_key_column() {
     assert_eq!(
         events(&got),
         [
-            ("order_line:created".into(), json!({"order_id": 7, "line_no": 2, "quantity": 1})),
-            ("order_line:updated".into(), json!({"order_id": 7, "line_no": 2, "quantity": 3})),
+            (
+                "order_line:created".into(),
+                json!({"order_id": 7, "line_no": 2, "quantity": 1})
+            ),
+            (
+                "order_line:updated".into(),
+                json!({"order_id": 7, "line_no": 2, "quantity": 3})
+            ),
             (
                 "line:quantity".into(),
                 json!({"orderLineId": {"order_id": 7, "line_no": 2}, "newQuantity": 3})
             ),
-            ("order_line:deleted".into(), json!({"id": {"order_id": 7, "line_no": 2}})),
+            (
+                "order_line:deleted".into(),
+                json!({"id": {"order_id": 7, "line_no": 2}})
+            ),
         ]
     );
 }
@@ -189,7 +208,10 @@ async fn own_hooks_run_beside_the_observer() {
     assert_eq!(created.created_at, updated.created_at);
     assert!(updated.updated_at > created.updated_at);
     let names = recorder.names();
-    assert_eq!(names, ["product:created", "product:updated", "stock:updated"]);
+    assert_eq!(
+        names,
+        ["product:created", "product:updated", "stock:updated"]
+    );
     // The event carries what the hooks stored.
     let sent = recorder.events()[1].data();
     assert_eq!(sent["updatedAt"], json!(updated.updated_at));

@@ -34,17 +34,26 @@ async fn writes_work_and_one_warning_explains_how_to_install_an_observer() {
     let db = db::connect("sqlite::memory:").await.unwrap();
     db::create_pos_tables(&db).await.unwrap();
     for i in 0..3 {
-        let c = category::ActiveModel { id: NotSet, name: Set(format!("c{i}")) }
-            .insert(&db)
-            .await
-            .unwrap();
+        let c = category::ActiveModel {
+            id: NotSet,
+            name: Set(format!("c{i}")),
+        }
+        .insert(&db)
+        .await
+        .unwrap();
         let mut am = c.into_active_model();
         am.name = Set(format!("c{i}'"));
         am.update(&db).await.unwrap();
     }
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("no observer is installed")).collect();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("no observer is installed"))
+        .collect();
     assert_eq!(warnings.len(), 1, "{text}");
     assert!(warnings[0].contains("WARN"), "{text}");
-    assert!(warnings[0].contains("Observer::from_env()?.install()"), "{text}");
+    assert!(
+        warnings[0].contains("Observer::from_env()?.install()"),
+        "{text}"
+    );
 }

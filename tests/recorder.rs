@@ -13,10 +13,13 @@ use vendora_pos::entities::{category, product};
 use vendora_pos::receiver::Receiver;
 
 async fn insert_and_rename(db: &sea_orm::DatabaseConnection, name: &str) -> category::Model {
-    let c = category::ActiveModel { id: NotSet, name: Set(name.into()) }
-        .insert(db)
-        .await
-        .unwrap();
+    let c = category::ActiveModel {
+        id: NotSet,
+        name: Set(name.into()),
+    }
+    .insert(db)
+    .await
+    .unwrap();
     let mut am = c.into_active_model();
     am.name = Set(format!("{name}!"));
     am.update(db).await.unwrap()
@@ -43,14 +46,25 @@ async fn parallel_recordings_see_only_their_own_events_and_nothing_is_sent() {
     }
     for t in tasks {
         let (i, c, recorder) = t.await.unwrap();
-        assert_eq!(recorder.names(), ["category:created", "category:updated"], "task {i}");
+        assert_eq!(
+            recorder.names(),
+            ["category:created", "category:updated"],
+            "task {i}"
+        );
         let events = recorder.events();
         assert_eq!(events[0].data()["name"], format!("cat-{i}"));
         assert_eq!(events[1].data()["name"], format!("cat-{i}!"));
-        assert!(events.iter().all(|e| e.key == c.id.to_string() && e.entity == "category"));
+        assert!(
+            events
+                .iter()
+                .all(|e| e.key == c.id.to_string() && e.entity == "category")
+        );
         assert_eq!(
             events[1].body.as_str(),
-            format!(r#"{{"event":"category:updated","data":{{"id":{},"name":"cat-{i}!"}}}}"#, c.id)
+            format!(
+                r#"{{"event":"category:updated","data":{{"id":{},"name":"cat-{i}!"}}}}"#,
+                c.id
+            )
         );
     }
     // Outside any recording the installed observer sends: one marker write, then check

@@ -12,7 +12,7 @@ pub(crate) fn lower_camel(s: &str) -> String {
 
 /// `unit_price` → `UnitPrice`.
 pub(crate) fn upper_camel(s: &str) -> String {
-    s.split(|c: char| c == '_' || c == '-' || c == ' ' || c == '.')
+    s.split(['_', '-', ' ', '.'])
         .filter(|w| !w.is_empty())
         .map(|w| {
             let mut c = w.chars();

@@ -244,7 +244,7 @@ fn array_index(key: &str) -> Option<u32> {
         return None;
     }
     let n: u64 = key.parse().ok()?;
-    (n <= u64::from(u32::MAX) - 1).then_some(n as u32)
+    (n < u64::from(u32::MAX)).then_some(n as u32)
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {

@@ -1,0 +1,254 @@
+//! `WebhookService` against a real HTTP receiver on 127.0.0.1: headers and signature, a
+//! closed port, a receiver slower than the timeout, a redirect, 401 and 500.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use common::SECRET;
+use serde_json::json;
+use vendora_observe::signature::verify_standard;
+use vendora_observe::{DeliveryError, WebhookConfig, WebhookService};
+use vendora_pos::receiver::{Blackhole, Receiver, Reply, closed_port_url};
+
+fn service(url: &str, timeout: Duration) -> WebhookService {
+    WebhookService::new(
+        WebhookConfig::builder()
+            .url(url)
+            .secret(SECRET)
+            .timeout(timeout)
+            .build()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn dispatch_posts_the_signed_body_with_the_protocol_headers() {
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let s = service(&receiver.url(), Duration::from_secs(5));
+    s.dispatch("product:deleted", &json!({"id": 3})).await;
+    s.dispatch("product:deleted", &json!({"id": 3})).await;
+    let got = receiver.wait_delivered(2, common::WAIT).await;
+    let r = &got[0];
+    assert_eq!(r.method, "POST");
+    assert_eq!(r.path, "/webhook");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(
+        r.header("user-agent"),
+        Some(concat!("vendora-observe/", "0.1.0"))
+    );
+    assert_eq!(
+        r.body_str(),
+        r#"{"event":"product:deleted","data":{"id":3}}"#
+    );
+    let sig = r.header("x-webhook-signature").unwrap();
+    assert_eq!(sig.len(), 64);
+    assert!(
+        sig.chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    );
+    assert!(vendora_observe::verify(SECRET.as_bytes(), &r.body, sig));
+    assert!(r.signature_ok);
+    // Ids are unique per event (a UUID), not per body.
+    assert_eq!(r.id().len(), 36);
+    assert_ne!(got[0].id(), got[1].id());
+    // No Standard Webhooks headers unless switched on.
+    assert!(r.header("webhook-signature").is_none());
+}
+
+#[tokio::test]
+async fn the_signature_matches_an_independent_implementation() {
+    // Expected hex from python3: hmac.new(b"test-secret-0123456789", body, hashlib.sha256).
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let s = service(&receiver.url(), Duration::from_secs(5));
+    s.try_dispatch("stock:updated", &json!({"productId": 1, "newStock": 7}))
+        .await
+        .unwrap();
+    let r = &receiver.delivered()[0];
+    assert_eq!(
+        r.body_str(),
+        r#"{"event":"stock:updated","data":{"productId":1,"newStock":7}}"#
+    );
+    assert_eq!(
+        r.header("x-webhook-signature").unwrap(),
+        "13004f0914d15d409662f514ede0c6e8c4cc3ec737d67204c626a134ece93ecc"
+    );
+}
+
+#[tokio::test]
+async fn standard_webhooks_headers_verify_when_switched_on() {
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let s = WebhookService::new(
+        WebhookConfig::builder()
+            .url(receiver.url())
+            .secret(SECRET)
+            .standard_headers(true)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    s.try_dispatch("category:created", &json!({"id": 1, "name": "Tea"}))
+        .await
+        .unwrap();
+    let r = &receiver.delivered()[0];
+    assert_eq!(r.header("webhook-id"), Some(r.id()));
+    let verdict = verify_standard(
+        SECRET.as_bytes(),
+        r.header("webhook-id").unwrap(),
+        r.header("webhook-timestamp").unwrap(),
+        r.header("webhook-signature").unwrap(),
+        &r.body,
+        SystemTime::now(),
+        Duration::from_secs(300),
+    );
+    assert_eq!(verdict, Ok(()));
+}
+
+#[tokio::test]
+async fn a_closed_port_fails_fast_with_a_connect_error() {
+    let url = closed_port_url().await;
+    let s = service(&url, Duration::from_secs(30));
+    // Well before the 30 s timeout: the connection is refused at once.
+    let result = tokio::time::timeout(Duration::from_secs(10), s.try_dispatch("x:y", &json!({})))
+        .await
+        .expect("dispatch to a closed port hung");
+    assert!(
+        matches!(result, Err(DeliveryError::Connect { .. })),
+        "{result:?}"
+    );
+    // And dispatch neither panics nor hangs.
+    tokio::time::timeout(Duration::from_secs(10), s.dispatch("x:y", &json!({})))
+        .await
+        .expect("dispatch hung");
+}
+
+#[tokio::test]
+async fn a_receiver_slower_than_the_timeout_is_abandoned_at_the_timeout() {
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.set_reply(Reply::Delay(Duration::from_secs(30)));
+    let s = service(&receiver.url(), Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(10), s.try_dispatch("x:y", &json!({})))
+        .await
+        .expect("the timeout was not applied");
+    assert!(
+        matches!(result, Err(DeliveryError::Timeout { .. })),
+        "{result:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // A blackhole (accepts, never answers) is the same.
+    let hole = Blackhole::start().await.unwrap();
+    let s = service(&hole.url(), Duration::from_millis(300));
+    let result = tokio::time::timeout(Duration::from_secs(10), s.try_dispatch("x:y", &json!({})))
+        .await
+        .expect("the timeout was not applied");
+    assert!(
+        matches!(result, Err(DeliveryError::Timeout { .. })),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_redirect_is_a_failure_and_is_not_followed() {
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.set_reply(Reply::Redirect);
+    let s = service(&receiver.url(), Duration::from_secs(5));
+    let err = s.try_dispatch("x:y", &json!({})).await.unwrap_err();
+    match &err {
+        DeliveryError::Redirect { status, location } => {
+            assert_eq!(status.as_u16(), 302);
+            assert_eq!(location.as_deref(), Some("/elsewhere"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!err.is_retryable());
+    // Only the one request: nothing went to /elsewhere.
+    let all = receiver.requests();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].path, "/webhook");
+}
+
+#[tokio::test]
+async fn status_errors_are_reported_and_a_401_names_the_secret() {
+    let receiver = Receiver::start("the-server-has-another-secret")
+        .await
+        .unwrap();
+    let s = service(&receiver.url(), Duration::from_secs(5));
+    let err = s.try_dispatch("x:y", &json!({})).await.unwrap_err();
+    assert!(
+        matches!(&err, DeliveryError::Status { status, .. } if status.as_u16() == 401),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+    assert!(
+        err.to_string().contains("WEBHOOK_SECRET probably differs"),
+        "{err}"
+    );
+
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.set_reply(Reply::Status(500, None));
+    let s = service(&receiver.url(), Duration::from_secs(5));
+    let err = s.try_dispatch("x:y", &json!({})).await.unwrap_err();
+    assert!(
+        matches!(&err, DeliveryError::Status { status, .. } if status.as_u16() == 500),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+
+    receiver.set_reply(Reply::Status(503, Some(7)));
+    let err = s.try_dispatch("x:y", &json!({})).await.unwrap_err();
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
+}
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn dispatch_logs_failures_without_the_secret() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let receiver = Receiver::start("another-secret").await.unwrap();
+    let s = service(&receiver.url(), Duration::from_secs(5));
+    s.dispatch("product:created", &json!({"id": 1})).await;
+    let closed = closed_port_url().await;
+    service(&closed, Duration::from_secs(5))
+        .dispatch("product:updated", &json!({"id": 1}))
+        .await;
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("ERROR") && lines[0].contains("event=\"product:created\""),
+        "{text}"
+    );
+    assert!(
+        lines[0].contains("status=401") && lines[0].contains("WEBHOOK_SECRET probably differs"),
+        "{text}"
+    );
+    assert!(lines[0].contains(&receiver.url()), "{text}");
+    assert!(
+        lines[1].contains("WARN") && lines[1].contains("kind=\"connect\""),
+        "{text}"
+    );
+    assert!(!text.contains(SECRET), "{text}");
+    assert!(!format!("{s:?}").contains(SECRET));
+}
