@@ -74,7 +74,7 @@ async fn run() -> Result<(), Error> {
         }
     };
     println!("sending to {}", config.url());
-    let observer = Observer::builder(config).build()?;
+    let observer = Observer::builder(config).build().await?;
     observer.install();
 
     let db = db::connect("sqlite::memory:").await?;

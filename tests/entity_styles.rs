@@ -79,7 +79,7 @@ async fn setup() -> (
     db::create_table(&db, book::Entity).await.unwrap();
     db::create_table(&db, order_line::Entity).await.unwrap();
     let receiver = Receiver::start(common::SECRET).await.unwrap();
-    let observer = common::observer_for(&receiver.url(), common::fast_retries());
+    let observer = common::observer_for(&receiver.url(), common::fast_retries()).await;
     (db, receiver, observer)
 }
 

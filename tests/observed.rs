@@ -224,7 +224,7 @@ async fn fifty_concurrent_writers_on_different_rows_each_get_their_own_stock_eve
                 .unwrap();
             let mut am = p.into_active_model();
             // Even rows change stock, odd rows write the same value again.
-            am.stock = Set(if i % 2 == 0 { i as i32 } else { 100 });
+            am.stock = Set(if i.is_multiple_of(2) { i as i32 } else { 100 });
             am.update(&db).await.unwrap();
         })));
     }
@@ -243,7 +243,7 @@ async fn fifty_concurrent_writers_on_different_rows_each_get_their_own_stock_eve
     assert_eq!(stock.len(), 25);
     for (i, id) in ids.iter().enumerate() {
         let mine: Vec<_> = stock.iter().filter(|d| d["productId"] == *id).collect();
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             assert_eq!(mine, [&json!({"productId": id, "newStock": i})], "row {id}");
         } else {
             assert!(mine.is_empty(), "row {id} did not change but got {mine:?}");

@@ -28,7 +28,7 @@ async fn insert_and_rename(db: &sea_orm::DatabaseConnection, name: &str) -> cate
 #[tokio::test(flavor = "multi_thread")]
 async fn parallel_recordings_see_only_their_own_events_and_nothing_is_sent() {
     let receiver = Receiver::start(common::SECRET).await.unwrap();
-    let observer = common::observer_for(&receiver.url(), common::fast_retries());
+    let observer = common::observer_for(&receiver.url(), common::fast_retries()).await;
     // Installed for the whole process: the recordings must still send nothing.
     observer.install();
     let db = db::connect("sqlite::memory:").await.unwrap();

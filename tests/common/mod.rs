@@ -23,7 +23,7 @@ pub async fn env() -> Env {
     let db = db::connect("sqlite::memory:").await.unwrap();
     db::create_pos_tables(&db).await.unwrap();
     let receiver = Receiver::start(SECRET).await.unwrap();
-    let observer = observer_for(&receiver.url(), fast_retries());
+    let observer = observer_for(&receiver.url(), fast_retries()).await;
     Env {
         db,
         receiver,
@@ -40,8 +40,12 @@ pub fn config(url: &str) -> WebhookConfig {
         .unwrap()
 }
 
-pub fn observer_for(url: &str, retry: RetryPolicy) -> Observer {
-    Observer::builder(config(url)).retry(retry).build().unwrap()
+pub async fn observer_for(url: &str, retry: RetryPolicy) -> Observer {
+    Observer::builder(config(url))
+        .retry(retry)
+        .build()
+        .await
+        .unwrap()
 }
 
 pub fn fast_retries() -> RetryPolicy {
@@ -56,4 +60,85 @@ pub fn fast_retries() -> RetryPolicy {
 /// `(event, data)` of each delivered request, in arrival order.
 pub fn events(requests: &[vendora_pos::receiver::Request]) -> Vec<(String, serde_json::Value)> {
     requests.iter().map(|r| (r.event(), r.data())).collect()
+}
+
+/// A fresh SQLite file (WAL) in the temp directory, with the POS tables.
+pub async fn sqlite_file() -> (DatabaseConnection, String) {
+    let path = std::env::temp_dir().join(format!(
+        "vendora-test-{}-{}.sqlite",
+        std::process::id(),
+        uuid_like()
+    ));
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let db = db::connect(&url).await.unwrap();
+    db::create_pos_tables(&db).await.unwrap();
+    (db, url)
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{t:x}-{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A fresh PostgreSQL database (created through `DATABASE_URL`) with the POS tables, or
+/// `None` with a loud message when `DATABASE_URL` is not set. Under `CI=true` a missing
+/// `DATABASE_URL` is a failure: CI starts PostgreSQL.
+pub async fn postgres() -> Option<(DatabaseConnection, String)> {
+    let Ok(admin_url) = std::env::var("DATABASE_URL") else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("DATABASE_URL is not set under CI: .ci/run starts PostgreSQL and sets it");
+        }
+        eprintln!(
+            "\n*** PostgreSQL tests DID NOT RUN: set DATABASE_URL=postgres://user:pass@127.0.0.1/db \
+             (bash .ci/run installs and starts PostgreSQL and sets it) ***\n"
+        );
+        return None;
+    };
+    use sea_orm::ConnectionTrait;
+    let admin = db::connect(&admin_url)
+        .await
+        .expect("DATABASE_URL does not connect");
+    let name = format!("vendora_t_{}", uuid_like().replace('-', "_"));
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap();
+    let url = format!("{base}/{name}");
+    let db = db::connect(&url).await.unwrap();
+    db::create_pos_tables(&db).await.unwrap();
+    Some((db, url))
+}
+
+/// An outbox-mode observer on `db`, polling fast.
+pub async fn outbox_observer(db: &DatabaseConnection, url: &str, retry: RetryPolicy) -> Observer {
+    let mut options = vendora_observe::OutboxOptions::new(db.clone());
+    options.poll_interval = Duration::from_millis(50);
+    // Longer than a request may take (2 s), short enough for the crash test.
+    options.lease = Duration::from_secs(3);
+    Observer::builder(config(url))
+        .retry(retry)
+        .outbox_options(options)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Checks per-row order: for each ordering key (the data's id), the events' sequence
+/// numbers (`seq` in the data) strictly increase.
+pub fn assert_per_row_order(requests: &[vendora_pos::receiver::Request]) {
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    for r in requests {
+        let data = r.data();
+        let key = data["id"].to_string();
+        let seq = data["stock"].as_i64().unwrap_or(-1);
+        if let Some(prev) = last.insert(key.clone(), seq) {
+            assert!(seq > prev, "row {key}: stock {seq} arrived after {prev}");
+        }
+    }
 }

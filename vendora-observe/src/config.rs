@@ -85,6 +85,18 @@ pub enum ConfigError {
         /// What went wrong.
         reason: String,
     },
+    /// The outbox table could not be created or read.
+    Outbox {
+        /// What the database said.
+        reason: String,
+    },
+    /// The outbox's claim lease is not longer than the request timeout.
+    OutboxLease {
+        /// `OutboxOptions::lease`.
+        lease: Duration,
+        /// The whole-request timeout.
+        timeout: Duration,
+    },
     /// The observer was built outside a Tokio runtime, so it cannot start its senders.
     NoRuntime,
     /// `.env` exists but cannot be read.
@@ -132,6 +144,20 @@ impl fmt::Display for ConfigError {
                 f,
                 "the HTTP client for webhooks cannot be built: {reason}; check that the \
                  system's CA certificates are installed (Debian: ca-certificates)"
+            ),
+            ConfigError::Outbox { reason } => write!(
+                f,
+                "the outbox table vendora_outbox cannot be created in the database given to \
+                 ObserverBuilder::outbox ({reason}); check that the connection may create \
+                 tables, or create it beforehand with vendora_observe::outbox::create_table"
+            ),
+            ConfigError::OutboxLease { lease, timeout } => write!(
+                f,
+                "OutboxOptions::lease ({} ms) must be longer than {ENV_TIMEOUT_MS} ({} ms), or a \
+                 slow delivery could be claimed again and sent twice; raise the lease or lower \
+                 the timeout",
+                lease.as_millis(),
+                timeout.as_millis()
             ),
             ConfigError::NoRuntime => write!(
                 f,

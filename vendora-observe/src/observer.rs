@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use crate::config::{ConfigError, WebhookConfig};
 use crate::direct::{DirectQueue, LaneContext, Refused};
+use crate::outbox::{Outbox, OutboxOptions};
 use crate::retry::RetryPolicy;
 use crate::service::{Webhook, WebhookService};
 
@@ -87,6 +88,11 @@ impl Counters {
             self.idle.notify_waiters();
         }
     }
+    pub(crate) fn set_pending(&self, n: u64) {
+        if self.pending.swap(n, Ordering::AcqRel) != 0 && n == 0 {
+            self.idle.notify_waiters();
+        }
+    }
     pub(crate) fn pending(&self) -> u64 {
         self.pending.load(Ordering::Acquire)
     }
@@ -148,6 +154,7 @@ pub struct ShutdownReport {
 
 pub(crate) enum Sink {
     Direct(Arc<DirectQueue>),
+    Outbox(Outbox),
 }
 
 pub(crate) struct ObserverInner {
@@ -165,7 +172,7 @@ pub(crate) struct ObserverInner {
 ///
 /// # async fn start() -> Result<(), vendora_observe::ConfigError> {
 /// // WEBSOCKET_SERVER_URL, WEBHOOK_SECRET, WEBHOOK_TIMEOUT_MS from the environment or .env
-/// let observer = Observer::from_env()?;
+/// let observer = Observer::from_env().await?;
 /// observer.install();
 /// // … run the application; on the way out:
 /// observer.shutdown(std::time::Duration::from_secs(5)).await;
@@ -180,6 +187,7 @@ impl fmt::Debug for Observer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mode = match &self.inner.sink {
             Sink::Direct(_) => "direct",
+            Sink::Outbox(_) => "outbox",
         };
         f.debug_struct("Observer")
             .field("mode", &mode)
@@ -197,8 +205,8 @@ tokio::task_local! {
 
 impl Observer {
     /// A direct-mode observer configured from the environment and `.env`.
-    pub fn from_env() -> Result<Observer, ConfigError> {
-        Self::builder(WebhookConfig::from_env()?).build()
+    pub async fn from_env() -> Result<Observer, ConfigError> {
+        Self::builder(WebhookConfig::from_env()?).build().await
     }
 
     /// Starts building an observer for `config`.
@@ -210,6 +218,7 @@ impl Observer {
             overflow: Overflow::Shed,
             retry: RetryPolicy::default(),
             dead_letter: None,
+            outbox: None,
         }
     }
 
@@ -258,6 +267,7 @@ impl Observer {
         let deadline = Instant::now() + timeout;
         match &self.inner.sink {
             Sink::Direct(_) => self.inner.counters.wait_idle(deadline).await,
+            Sink::Outbox(outbox) => outbox.flush(deadline).await,
         }
     }
 
@@ -267,6 +277,7 @@ impl Observer {
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let abandoned = match &self.inner.sink {
             Sink::Direct(queue) => queue.shutdown(deadline).await,
+            Sink::Outbox(outbox) => outbox.shutdown(deadline).await,
         };
         let stats = self.stats();
         ShutdownReport {
@@ -303,6 +314,15 @@ impl Observer {
                 let _ = db;
                 Ok(())
             }
+            Sink::Outbox(outbox) => outbox.insert(db, key, &webhooks).await,
+        }
+    }
+
+    /// The outbox, in outbox mode: pending count, dead rows, requeue.
+    pub fn outbox(&self) -> Option<&Outbox> {
+        match &self.inner.sink {
+            Sink::Outbox(o) => Some(o),
+            Sink::Direct(_) => None,
         }
     }
 }
@@ -335,6 +355,7 @@ pub struct ObserverBuilder {
     overflow: Overflow,
     retry: RetryPolicy,
     dead_letter: Option<DeadLetterHandler>,
+    outbox: Option<OutboxOptions>,
 }
 
 impl fmt::Debug for ObserverBuilder {
@@ -381,8 +402,22 @@ impl ObserverBuilder {
         self
     }
 
-    /// Starts the observer's background tasks.
-    pub fn build(self) -> Result<Observer, ConfigError> {
+    /// Outbox mode: events are written to the `vendora_outbox` table of `db` in the
+    /// hook's own transaction, and a relay delivers them once committed. `db` must be the
+    /// database the observed entities live in (SQLite or PostgreSQL).
+    pub fn outbox(self, db: sea_orm::DatabaseConnection) -> Self {
+        self.outbox_options(OutboxOptions::new(db))
+    }
+
+    /// Outbox mode with explicit [`OutboxOptions`].
+    pub fn outbox_options(mut self, options: OutboxOptions) -> Self {
+        self.outbox = Some(options);
+        self
+    }
+
+    /// Starts the observer's background tasks (and, in outbox mode, creates the outbox
+    /// table when missing).
+    pub async fn build(self) -> Result<Observer, ConfigError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(ConfigError::NoRuntime);
         }
@@ -394,6 +429,16 @@ impl ObserverBuilder {
             counters: counters.clone(),
             dead_letter: self.dead_letter,
         };
+        if let Some(options) = self.outbox {
+            let outbox = Outbox::start(options, ctx, self.lanes).await?;
+            return Ok(Observer {
+                inner: Arc::new(ObserverInner {
+                    service,
+                    sink: Sink::Outbox(outbox),
+                    counters,
+                }),
+            });
+        }
         let queue = DirectQueue::start(self.lanes, self.capacity, self.overflow, ctx);
         Ok(Observer {
             inner: Arc::new(ObserverInner {
@@ -412,7 +457,7 @@ pub(crate) fn warn_not_installed(event: &str) {
         tracing::warn!(
             event,
             "vendora-observe: no observer is installed, so this and later entity events are \
-             dropped; install one at start-up: `vendora_observe::Observer::from_env()?.install()`"
+             dropped; install one at start-up: `vendora_observe::Observer::from_env().await?.install()`"
         );
     }
 }

@@ -1,0 +1,393 @@
+//! Outbox mode against a real SQLite file and a real PostgreSQL (`DATABASE_URL`): rollback,
+//! a receiver that is down, answers 503 or 401, or is slow; several relays.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{SECRET, WAIT, fast_retries, outbox_observer, postgres, sqlite_file};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::NotSet, DatabaseConnection, IntoActiveModel, Set,
+    TransactionTrait,
+};
+use vendora_observe::{Observer, RetryPolicy};
+use vendora_pos::entities::product;
+use vendora_pos::receiver::{Receiver, Reply, Request};
+
+fn product_am(name: &str, stock: i32) -> product::ActiveModel {
+    product::ActiveModel {
+        id: NotSet,
+        name: Set(name.to_owned()),
+        price: Set(1.5),
+        stock: Set(stock),
+        category_id: Set(None),
+        ..Default::default()
+    }
+}
+
+/// Waits for `cond` to hold, polling, or panics after `timeout` with `what`.
+async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn rollback_case(db: DatabaseConnection) {
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    observer
+        .scope(async {
+            for i in 0..500 {
+                let txn = db.begin().await.unwrap();
+                product_am(&format!("rolled back {i}"), i)
+                    .insert(&txn)
+                    .await
+                    .unwrap();
+                txn.rollback().await.unwrap();
+            }
+            let txn = db.begin().await.unwrap();
+            let kept = product_am("committed", 1).insert(&txn).await.unwrap();
+            txn.commit().await.unwrap();
+            kept
+        })
+        .await;
+    let got = receiver.wait_delivered(1, WAIT).await;
+    assert!(observer.flush(WAIT).await);
+    assert_eq!(receiver.requests().len(), 1);
+    assert_eq!(got[0].data()["name"], "committed");
+    assert_eq!(observer.outbox().unwrap().pending().await.unwrap(), 0);
+    observer.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_rolled_back_transactions_send_nothing() {
+    let (db, _) = sqlite_file().await;
+    rollback_case(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_rolled_back_transactions_send_nothing() {
+    let Some((db, _)) = postgres().await else {
+        return;
+    };
+    rollback_case(db).await;
+}
+
+/// The product events of each row arrive with strictly increasing stock (each write sets
+/// a higher one), and every delivered X-Webhook-Id is unique.
+fn assert_complete_and_ordered(delivered: &[Request], expected_events: usize) {
+    let ids: HashSet<&str> = delivered.iter().map(Request::id).collect();
+    assert_eq!(ids.len(), delivered.len(), "a duplicate delivery");
+    assert_eq!(delivered.len(), expected_events);
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    for r in delivered
+        .iter()
+        .filter(|r| r.event().starts_with("product:"))
+    {
+        let d = r.data();
+        let (id, stock) = (d["id"].as_i64().unwrap(), d["stock"].as_i64().unwrap());
+        if let Some(prev) = last.insert(id, stock) {
+            assert!(stock > prev, "row {id}: stock {stock} arrived after {prev}");
+        }
+    }
+}
+
+async fn write_rows(observer: &Observer, db: &DatabaseConnection, rows: i32, updates: i32) {
+    observer
+        .scope(async {
+            for r in 0..rows {
+                let p = product_am(&format!("row {r}"), 0).insert(db).await.unwrap();
+                let mut p = p;
+                for s in 1..=updates {
+                    let mut am = p.into_active_model();
+                    am.stock = Set(s);
+                    p = am.update(db).await.unwrap();
+                }
+            }
+        })
+        .await;
+}
+
+async fn down_then_up_case(db: DatabaseConnection) {
+    // Reserve a port, leave it closed while writing.
+    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = probe.local_addr().unwrap();
+    drop(probe);
+    let url = format!("http://{addr}/webhook");
+    let retry = RetryPolicy {
+        max_attempts: 10_000,
+        base_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(300),
+        max_retry_after: Duration::from_secs(1),
+    };
+    let observer = outbox_observer(&db, &url, retry).await;
+    // 200 rows x (created + 5 x (updated + stock:updated)) = 2,200 events.
+    write_rows(&observer, &db, 200, 5).await;
+    assert!(observer.stats().sent == 0);
+    let receiver = Receiver::start_on(addr, SECRET).await.unwrap();
+    let delivered = receiver
+        .wait_delivered(2200, Duration::from_secs(120))
+        .await;
+    assert!(observer.flush(WAIT).await);
+    assert_complete_and_ordered(&receiver.delivered(), 2200);
+    assert!(delivered.iter().all(|r| r.signature_ok));
+    observer.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_receiver_down_during_writes_then_up_gets_every_event_in_order() {
+    let (db, _) = sqlite_file().await;
+    down_then_up_case(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_receiver_down_during_writes_then_up_gets_every_event_in_order() {
+    let Some((db, _)) = postgres().await else {
+        return;
+    };
+    down_then_up_case(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_503s_then_200_delivers_once_with_one_id() {
+    let (db, _) = sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.queue_replies([
+        Reply::Status(503, Some(0)),
+        Reply::Status(503, None),
+        Reply::Status(503, None),
+    ]);
+    let observer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    observer
+        .scope(product_am("retry me", 1).insert(&db))
+        .await
+        .unwrap();
+    receiver.wait_delivered(1, WAIT).await;
+    assert!(observer.flush(WAIT).await);
+    let all = receiver.requests();
+    assert_eq!(
+        all.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [503, 503, 503, 200]
+    );
+    assert!(
+        all.iter().all(|r| r.id() == all[0].id()),
+        "retries keep the X-Webhook-Id"
+    );
+    let stats = observer.stats();
+    assert_eq!(
+        (stats.sent, stats.retried, stats.failed, stats.dead),
+        (1, 3, 3, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receiver_slower_than_the_timeout_is_retried() {
+    let (db, _) = sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    // The common config's timeout is 2 s.
+    receiver.queue_replies([Reply::Delay(Duration::from_secs(4))]);
+    let observer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    observer
+        .scope(product_am("slow", 1).insert(&db))
+        .await
+        .unwrap();
+    receiver.wait_delivered(1, WAIT).await;
+    assert!(observer.flush(WAIT).await);
+    let stats = observer.stats();
+    assert_eq!(stats.sent, 1);
+    assert!(stats.failed >= 1 && stats.retried >= 1, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_401_is_dead_lettered_at_once_kept_and_can_be_requeued() {
+    let (db, _) = sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.set_reply(Reply::Status(401, None));
+    let dead = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = dead.clone();
+    let mut options = vendora_observe::OutboxOptions::new(db.clone());
+    options.poll_interval = Duration::from_millis(50);
+    let observer = Observer::builder(common::config(&receiver.url()))
+        .retry(fast_retries())
+        .outbox_options(options)
+        .on_dead_letter(move |d| seen.lock().unwrap().push(d))
+        .build()
+        .await
+        .unwrap();
+    observer
+        .scope(product_am("unauthorised", 1).insert(&db))
+        .await
+        .unwrap();
+    let outbox = observer.outbox().unwrap().clone();
+    eventually(WAIT, "the row is dead", || {
+        let outbox = outbox.clone();
+        async move { !outbox.dead(10).await.unwrap().is_empty() }
+    })
+    .await;
+    let rows = outbox.dead(10).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].attempts, 1, "a 401 is not retried");
+    assert!(
+        rows[0].last_error.as_deref().unwrap().contains("401"),
+        "{rows:?}"
+    );
+    assert_eq!(receiver.requests().len(), 1);
+    assert_eq!(dead.lock().unwrap().len(), 1);
+    assert_eq!(dead.lock().unwrap()[0].webhook.id(), rows[0].event_id);
+    // The server is fixed; requeue: delivered with the same id.
+    receiver.set_reply(Reply::Ok);
+    assert_eq!(outbox.requeue(None).await.unwrap(), 1);
+    let got = receiver.wait_delivered(1, WAIT).await;
+    assert_eq!(got[0].id(), rows[0].event_id);
+    assert!(outbox.dead(10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_relays_on_one_postgres_send_no_duplicates_and_keep_order() {
+    let Some((db, url)) = postgres().await else {
+        return;
+    };
+    let db2 = vendora_pos::db::connect(&url).await.unwrap();
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let a = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    let b = outbox_observer(&db2, &receiver.url(), fast_retries()).await;
+    // Both instances write, interleaved, to the same rows.
+    let mut ids = Vec::new();
+    for r in 0..40 {
+        let p = a
+            .scope(product_am(&format!("r{r}"), 0).insert(&db))
+            .await
+            .unwrap();
+        ids.push(p.id);
+    }
+    for s in 1..=10 {
+        for (i, id) in ids.iter().enumerate() {
+            let (obs, conn) = if (i + s as usize).is_multiple_of(2) {
+                (&a, &db)
+            } else {
+                (&b, &db2)
+            };
+            let am = product::ActiveModel {
+                id: sea_orm::ActiveValue::Unchanged(*id),
+                stock: Set(s),
+                ..Default::default()
+            };
+            obs.scope(am.update(conn)).await.unwrap();
+        }
+    }
+    let total = 40 + 40 * 10 * 2;
+    receiver
+        .wait_delivered(total, Duration::from_secs(60))
+        .await;
+    assert!(a.flush(WAIT).await && b.flush(WAIT).await);
+    assert_complete_and_ordered(&receiver.delivered(), total);
+    assert_eq!(a.stats().sent + b.stats().sent, total as u64);
+}
+
+/// The child of the crash test: writes products in outbox mode, printing each commit,
+/// until it is killed. Runs only when the crash test starts it.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "child process of crash_mid_stream_then_restart_delivers_every_committed_event"]
+async fn crash_child_writer() {
+    let db_url = std::env::var("VENDORA_CHILD_DB").expect("run by the crash test");
+    let hook_url = std::env::var("VENDORA_CHILD_HOOK").unwrap();
+    let db = vendora_pos::db::connect(&db_url).await.unwrap();
+    let observer = outbox_observer(&db, &hook_url, fast_retries()).await;
+    observer.install();
+    for i in 0.. {
+        product_am(&format!("crash {i}"), i)
+            .insert(&db)
+            .await
+            .unwrap();
+        println!("committed {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_mid_stream_then_restart_delivers_every_committed_event() {
+    use sea_orm::EntityTrait;
+    use tokio::io::AsyncBufReadExt;
+    let (db, db_url) = sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    // The receiver answers slowly so that the child dies with events still queued.
+    receiver.set_reply(Reply::Delay(Duration::from_millis(20)));
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "crash_child_writer",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("VENDORA_CHILD_DB", &db_url)
+        .env("VENDORA_CHILD_HOOK", receiver.url())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut committed = 0;
+    while committed < 300 {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("the child stopped writing")
+            .unwrap()
+            .expect("the child exited");
+        if let Some(n) = line.strip_prefix("committed ") {
+            committed = n.parse::<i32>().unwrap() + 1;
+        }
+    }
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    let before_restart = receiver.delivered().len();
+    let rows = product::Entity::find().all(&db).await.unwrap();
+    assert!(rows.len() >= 300);
+    assert!(
+        before_restart < rows.len(),
+        "the crash should leave events undelivered"
+    );
+    // Restart: a new relay on the same file takes up what was committed.
+    receiver.set_reply(Reply::Ok);
+    let observer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    let outbox = observer.outbox().unwrap().clone();
+    eventually(
+        Duration::from_secs(90),
+        "every committed event delivered",
+        || {
+            let outbox = outbox.clone();
+            async move { outbox.pending().await.unwrap() == 0 }
+        },
+    )
+    .await;
+    // Rows claimed by the dead relay wait for their lease (60 s by default): the check
+    // above covers them. Every committed row's created event arrived, duplicates only
+    // with the same id.
+    let delivered = receiver.delivered();
+    let by_id: HashMap<i64, HashSet<String>> = delivered.iter().fold(HashMap::new(), |mut m, r| {
+        m.entry(r.data()["id"].as_i64().unwrap())
+            .or_default()
+            .insert(r.id().to_owned());
+        m
+    });
+    for row in &rows {
+        let ids = by_id
+            .get(&(row.id as i64))
+            .unwrap_or_else(|| panic!("row {} never sent", row.id));
+        assert_eq!(ids.len(), 1, "row {} sent under different ids", row.id);
+    }
+    assert_eq!(
+        by_id.len(),
+        rows.len(),
+        "an event for a row that was not committed"
+    );
+}

@@ -1,0 +1,691 @@
+//! Outbox mode: events are rows of a table in the application's own database, written by
+//! the hook through the hook's own connection, so they commit and roll back with the
+//! change. A relay delivers committed rows.
+//!
+//! # The table
+//!
+//! `vendora_outbox` is created when the observer starts (idempotently, SQLite or
+//! PostgreSQL): `id` (insertion order), `event_id` (the `X-Webhook-Id`), `ordering_key`
+//! (entity and primary key), `event` and `body` (the exact bytes to sign and send),
+//! `status` (`pending`, `delivered`, `dead`), `attempts`, `next_attempt_at`, `last_error`,
+//! `created_at`, `delivered_at`, and the claim `claimed_by` / `claimed_until`. Times are
+//! Unix milliseconds.
+//!
+//! # Order and several relays
+//!
+//! A relay claims only the *head* of each ordering key: the oldest pending row of its key.
+//! The next row of that key becomes claimable once the head is delivered or dead, so
+//! events of one row leave in insertion order, across retries and across relays. On
+//! PostgreSQL the claim uses `FOR UPDATE SKIP LOCKED`, so concurrent relays never claim
+//! the same row; a claim is a lease, and the rows of a relay that died are claimed again
+//! once their lease runs out.
+//!
+//! # Wake-ups
+//!
+//! The hook wakes the relay of its own process at once; on PostgreSQL a trigger sends
+//! `NOTIFY vendora_outbox` at commit, which wakes every relay (`LISTEN`), also for
+//! transactions. Otherwise the relay polls (`poll_interval`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, Value};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::body::WebhookBody;
+use crate::config::ConfigError;
+use crate::direct::LaneContext;
+use crate::observer::DeadLetter;
+use crate::service::Webhook;
+
+/// The outbox table's name.
+pub const TABLE: &str = "vendora_outbox";
+const CHANNEL: &str = "vendora_outbox";
+
+/// Settings of outbox mode, given to [`ObserverBuilder::outbox`](crate::ObserverBuilder::outbox).
+#[derive(Debug, Clone)]
+pub struct OutboxOptions {
+    pub(crate) db: DatabaseConnection,
+    /// How often the relay looks for work when nothing woke it (default 250 ms).
+    pub poll_interval: Duration,
+    /// How long a claim lasts before another relay may take the row (default 60 s).
+    pub lease: Duration,
+    /// How long delivered rows are kept before they are deleted (default 24 h).
+    pub retention: Duration,
+    /// Rows claimed at once (default 128).
+    pub batch: usize,
+}
+
+impl OutboxOptions {
+    /// The defaults, for events stored in `db`.
+    pub fn new(db: DatabaseConnection) -> Self {
+        OutboxOptions {
+            db,
+            poll_interval: Duration::from_millis(250),
+            lease: Duration::from_secs(60),
+            retention: Duration::from_secs(24 * 3600),
+            batch: 128,
+        }
+    }
+}
+
+/// One row of the outbox, as [`Outbox::dead`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Insertion order.
+    pub id: i64,
+    /// The `X-Webhook-Id`.
+    pub event_id: String,
+    /// Entity and primary key.
+    pub ordering_key: String,
+    /// The event name.
+    pub event: String,
+    /// The exact body.
+    pub body: String,
+    /// `pending`, `delivered` or `dead`.
+    pub status: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+}
+
+/// The outbox of an observer in outbox mode: its relay, and the dead-letter API.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("relay", &self.inner.relay_id)
+            .field("backend", &self.inner.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    options: OutboxOptions,
+    backend: DbBackend,
+    ctx: LaneContext,
+    lanes: usize,
+    relay_id: String,
+    wake: Notify,
+    progress: Notify,
+    stopping: AtomicBool,
+    relay: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
+}
+
+/// `?` placeholders become `$1, $2, …` on PostgreSQL.
+fn sql(backend: DbBackend, text: &str) -> String {
+    if backend != DbBackend::Postgres {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut n = 0;
+    for c in text.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn stmt(backend: DbBackend, text: &str, values: Vec<Value>) -> Statement {
+    Statement::from_sql_and_values(backend, sql(backend, text), values)
+}
+
+/// Creates the outbox table, its indexes and (PostgreSQL) its NOTIFY trigger, when missing.
+pub async fn create_table<C: ConnectionTrait>(db: &C) -> Result<(), DbErr> {
+    let backend = db.get_database_backend();
+    let id = match backend {
+        DbBackend::Postgres => "id BIGSERIAL PRIMARY KEY",
+        DbBackend::Sqlite => "id INTEGER PRIMARY KEY AUTOINCREMENT",
+        _ => {
+            return Err(DbErr::Custom(
+                "the vendora-observe outbox supports SQLite and PostgreSQL".into(),
+            ));
+        }
+    };
+    let ddl = [
+        format!(
+            "CREATE TABLE IF NOT EXISTS {TABLE} ({id}, event_id VARCHAR(64) NOT NULL UNIQUE, \
+             ordering_key TEXT NOT NULL, event TEXT NOT NULL, body TEXT NOT NULL, \
+             status VARCHAR(16) NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0, \
+             next_attempt_at BIGINT NOT NULL, last_error TEXT, created_at BIGINT NOT NULL, \
+             delivered_at BIGINT, claimed_by VARCHAR(64), claimed_until BIGINT)"
+        ),
+        format!("CREATE INDEX IF NOT EXISTS {TABLE}_by_key ON {TABLE} (status, ordering_key, id)"),
+        format!("CREATE INDEX IF NOT EXISTS {TABLE}_by_time ON {TABLE} (status, delivered_at)"),
+    ];
+    for statement in &ddl {
+        if let Err(e) = db.execute_unprepared(statement).await {
+            // Two instances starting at once may race on CREATE ... IF NOT EXISTS in
+            // PostgreSQL; what matters is that the table is there afterwards.
+            if !table_exists(db).await? {
+                return Err(e);
+            }
+        }
+    }
+    if backend == DbBackend::Postgres {
+        let function = format!(
+            "CREATE OR REPLACE FUNCTION {TABLE}_notify() RETURNS trigger AS $$ \
+             BEGIN PERFORM pg_notify('{CHANNEL}', ''); RETURN NULL; END; $$ LANGUAGE plpgsql"
+        );
+        let exists = db
+            .query_one_raw(stmt(
+                backend,
+                "SELECT 1 AS one FROM pg_trigger WHERE tgname = ?",
+                vec![format!("{TABLE}_notify").into()],
+            ))
+            .await?
+            .is_some();
+        if !exists {
+            let trigger = format!(
+                "CREATE TRIGGER {TABLE}_notify AFTER INSERT ON {TABLE} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION {TABLE}_notify()"
+            );
+            let created = async {
+                db.execute_unprepared(&function).await?;
+                db.execute_unprepared(&trigger).await
+            }
+            .await;
+            if let Err(e) = created {
+                let exists = db
+                    .query_one_raw(stmt(
+                        backend,
+                        "SELECT 1 AS one FROM pg_trigger WHERE tgname = ?",
+                        vec![format!("{TABLE}_notify").into()],
+                    ))
+                    .await?
+                    .is_some();
+                if !exists {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn table_exists<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
+    let backend = db.get_database_backend();
+    let q = match backend {
+        DbBackend::Postgres => "SELECT 1 AS one FROM pg_tables WHERE tablename = ?",
+        _ => "SELECT 1 AS one FROM sqlite_master WHERE type = 'table' AND name = ?",
+    };
+    Ok(db
+        .query_one_raw(stmt(backend, q, vec![TABLE.into()]))
+        .await?
+        .is_some())
+}
+
+struct Claimed {
+    id: i64,
+    webhook: Webhook,
+    attempts: i32,
+}
+
+impl Outbox {
+    pub(crate) async fn start(
+        options: OutboxOptions,
+        ctx: LaneContext,
+        lanes: usize,
+    ) -> Result<Outbox, ConfigError> {
+        let timeout = ctx.service.config().timeout();
+        if options.lease <= timeout {
+            return Err(ConfigError::OutboxLease {
+                lease: options.lease,
+                timeout,
+            });
+        }
+        let backend = options.db.get_database_backend();
+        create_table(&options.db)
+            .await
+            .map_err(|e| ConfigError::Outbox {
+                reason: e.to_string(),
+            })?;
+        let inner = Arc::new(Inner {
+            options,
+            backend,
+            ctx,
+            lanes: lanes.max(1),
+            relay_id: uuid::Uuid::now_v7().to_string(),
+            wake: Notify::new(),
+            progress: Notify::new(),
+            stopping: AtomicBool::new(false),
+            relay: Mutex::new(None),
+        });
+        let outbox = Outbox { inner };
+        outbox.refresh_pending().await;
+        let listener = listen(&outbox.inner.options.db).await;
+        let task = tokio::spawn(run_relay(outbox.clone(), listener));
+        *outbox.inner.relay.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(outbox)
+    }
+
+    /// Writes the events of one write through the hook's `db`: they commit or roll back
+    /// with the change.
+    pub(crate) async fn insert<C: ConnectionTrait>(
+        &self,
+        db: &C,
+        key: &str,
+        webhooks: &[Webhook],
+    ) -> Result<(), DbErr> {
+        let backend = db.get_database_backend();
+        let now = now_ms();
+        let mut text = format!(
+            "INSERT INTO {TABLE} (event_id, ordering_key, event, body, next_attempt_at, created_at) VALUES "
+        );
+        let mut values: Vec<Value> = Vec::with_capacity(webhooks.len() * 6);
+        for (i, w) in webhooks.iter().enumerate() {
+            if i > 0 {
+                text.push_str(", ");
+            }
+            text.push_str("(?, ?, ?, ?, ?, ?)");
+            values.push(w.id().into());
+            values.push(key.into());
+            values.push(w.event().into());
+            values.push(w.body().as_str().into());
+            values.push(now.into());
+            values.push(now.into());
+        }
+        db.execute_raw(stmt(backend, &text, values)).await?;
+        // Wakes this process's relay now; an uncommitted row is simply not seen yet, and
+        // PostgreSQL's trigger wakes every relay at commit.
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Rows not yet delivered nor dead.
+    pub async fn pending(&self) -> Result<u64, DbErr> {
+        let inner = &self.inner;
+        let row = inner
+            .options
+            .db
+            .query_one_raw(stmt(
+                inner.backend,
+                &format!("SELECT COUNT(*) AS n FROM {TABLE} WHERE status = 'pending'"),
+                vec![],
+            ))
+            .await?;
+        Ok(row
+            .map(|r| r.try_get::<i64>("", "n"))
+            .transpose()?
+            .unwrap_or(0) as u64)
+    }
+
+    async fn refresh_pending(&self) -> u64 {
+        match self.pending().await {
+            Ok(n) => {
+                self.inner.ctx.counters.set_pending(n);
+                n
+            }
+            Err(_) => self.inner.ctx.counters.pending(),
+        }
+    }
+
+    /// Dead rows (given up on after their last attempt), oldest first, with their last
+    /// error.
+    pub async fn dead(&self, limit: u64) -> Result<Vec<OutboxRow>, DbErr> {
+        let inner = &self.inner;
+        let rows = inner
+            .options
+            .db
+            .query_all_raw(stmt(
+                inner.backend,
+                &format!(
+                    "SELECT id, event_id, ordering_key, event, body, status, attempts, last_error \
+                     FROM {TABLE} WHERE status = 'dead' ORDER BY id LIMIT ?"
+                ),
+                vec![(limit as i64).into()],
+            ))
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(OutboxRow {
+                    id: r.try_get("", "id")?,
+                    event_id: r.try_get("", "event_id")?,
+                    ordering_key: r.try_get("", "ordering_key")?,
+                    event: r.try_get("", "event")?,
+                    body: r.try_get("", "body")?,
+                    status: r.try_get("", "status")?,
+                    attempts: r.try_get("", "attempts")?,
+                    last_error: r.try_get("", "last_error")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Puts dead rows back in the queue (all of them with `None`), attempts reset; returns
+    /// how many. They keep their `X-Webhook-Id`, so receivers can still dedupe.
+    pub async fn requeue(&self, id: Option<i64>) -> Result<u64, DbErr> {
+        let inner = &self.inner;
+        let (filter, mut values) = match id {
+            Some(id) => (" AND id = ?", vec![Value::from(id)]),
+            None => ("", vec![]),
+        };
+        let mut all = vec![Value::from(now_ms())];
+        all.append(&mut values);
+        let res = inner
+            .options
+            .db
+            .execute_raw(stmt(
+                inner.backend,
+                &format!(
+                    "UPDATE {TABLE} SET status = 'pending', attempts = 0, next_attempt_at = ?, \
+                     claimed_by = NULL, claimed_until = NULL WHERE status = 'dead'{filter}"
+                ),
+                all,
+            ))
+            .await?;
+        inner.wake.notify_one();
+        Ok(res.rows_affected())
+    }
+
+    /// Deletes delivered rows older than `older_than`; returns how many.
+    pub async fn purge_delivered(&self, older_than: Duration) -> Result<u64, DbErr> {
+        let inner = &self.inner;
+        let cutoff = now_ms() - older_than.as_millis() as i64;
+        let res = inner
+            .options
+            .db
+            .execute_raw(stmt(
+                inner.backend,
+                &format!("DELETE FROM {TABLE} WHERE status = 'delivered' AND delivered_at < ?"),
+                vec![cutoff.into()],
+            ))
+            .await?;
+        Ok(res.rows_affected())
+    }
+
+    pub(crate) async fn flush(&self, deadline: Instant) -> bool {
+        loop {
+            let progress = self.inner.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            if self.refresh_pending().await == 0 {
+                return true;
+            }
+            self.inner.wake.notify_one();
+            let wait =
+                Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
+            if wait.is_zero() {
+                return false;
+            }
+            let _ = tokio::time::timeout(wait, progress).await;
+        }
+    }
+
+    pub(crate) async fn shutdown(&self, deadline: Duration) -> u64 {
+        self.inner.stopping.store(true, Ordering::Release);
+        self.inner.wake.notify_one();
+        let task = self
+            .inner
+            .relay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut task) = task
+            && tokio::time::timeout(deadline, &mut task).await.is_err()
+        {
+            // Rows it had claimed are taken up again after their lease.
+            task.abort();
+        }
+        self.refresh_pending().await
+    }
+
+    async fn claim(&self) -> Result<Vec<Claimed>, DbErr> {
+        let inner = &self.inner;
+        let now = now_ms();
+        let lock = if inner.backend == DbBackend::Postgres {
+            " FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
+        let text = format!(
+            "UPDATE {TABLE} SET claimed_by = ?, claimed_until = ? WHERE id IN (\
+               SELECT o.id FROM {TABLE} o \
+               WHERE o.status = 'pending' AND o.next_attempt_at <= ? \
+                 AND (o.claimed_until IS NULL OR o.claimed_until < ?) \
+                 AND NOT EXISTS (SELECT 1 FROM {TABLE} p WHERE p.ordering_key = o.ordering_key \
+                                 AND p.status = 'pending' AND p.id < o.id) \
+               ORDER BY o.id LIMIT ?{lock}) \
+             RETURNING id, event_id, event, body, attempts"
+        );
+        let rows = inner
+            .options
+            .db
+            .query_all_raw(stmt(
+                inner.backend,
+                &text,
+                vec![
+                    inner.relay_id.clone().into(),
+                    (now + inner.options.lease.as_millis() as i64).into(),
+                    now.into(),
+                    now.into(),
+                    (inner.options.batch as i64).into(),
+                ],
+            ))
+            .await?;
+        let mut claimed = rows
+            .into_iter()
+            .map(|r| {
+                let event: String = r.try_get("", "event")?;
+                let body: String = r.try_get("", "body")?;
+                Ok(Claimed {
+                    id: r.try_get("", "id")?,
+                    webhook: Webhook::with_id(
+                        r.try_get("", "event_id")?,
+                        WebhookBody::from_stored(&event, body.into_bytes()),
+                    ),
+                    attempts: r.try_get("", "attempts")?,
+                })
+            })
+            .collect::<Result<Vec<_>, DbErr>>()?;
+        claimed.sort_by_key(|c| c.id);
+        Ok(claimed)
+    }
+
+    /// One attempt at one claimed row, and its outcome written back.
+    async fn deliver(&self, row: Claimed) {
+        let inner = &self.inner;
+        let ctx = &inner.ctx;
+        let attempts = row.attempts + 1;
+        let result = ctx.service.send(&row.webhook).await;
+        let now = now_ms();
+        let (text, values): (String, Vec<Value>) = match result {
+            Ok(_) => {
+                ctx.counters.sent();
+                (
+                    format!(
+                        "UPDATE {TABLE} SET status = 'delivered', delivered_at = ?, attempts = ?, \
+                         last_error = NULL, claimed_by = NULL, claimed_until = NULL WHERE id = ?"
+                    ),
+                    vec![now.into(), attempts.into(), row.id.into()],
+                )
+            }
+            Err(error) => {
+                ctx.counters.failed();
+                let described = format!("{}: {error}", error.kind());
+                if attempts == 1 || !error.is_retryable() {
+                    ctx.service
+                        .log_failure(row.webhook.event(), Some(row.webhook.id()), &error);
+                }
+                if error.is_retryable() && (attempts as u32) < ctx.policy.max_attempts {
+                    ctx.counters.retried();
+                    let delay = ctx.policy.delay(attempts as u32, error.retry_after());
+                    (
+                        format!(
+                            "UPDATE {TABLE} SET attempts = ?, next_attempt_at = ?, last_error = ?, \
+                             claimed_by = NULL, claimed_until = NULL WHERE id = ?"
+                        ),
+                        vec![
+                            attempts.into(),
+                            (now + delay.as_millis() as i64).into(),
+                            described.into(),
+                            row.id.into(),
+                        ],
+                    )
+                } else {
+                    ctx.counters.dead();
+                    tracing::error!(
+                        event = row.webhook.event(),
+                        id = row.webhook.id(),
+                        attempts,
+                        "webhook dead-lettered in the outbox (requeue with Outbox::requeue): {described}"
+                    );
+                    if let Some(handler) = &ctx.dead_letter {
+                        handler(DeadLetter {
+                            webhook: row.webhook.clone(),
+                            attempts: attempts as u32,
+                            last_error: described.clone(),
+                        });
+                    }
+                    (
+                        format!(
+                            "UPDATE {TABLE} SET status = 'dead', attempts = ?, last_error = ?, \
+                             claimed_by = NULL, claimed_until = NULL WHERE id = ?"
+                        ),
+                        vec![attempts.into(), described.into(), row.id.into()],
+                    )
+                }
+            }
+        };
+        // The outcome must be written; retry briefly if the database is busy.
+        for attempt in 0..5 {
+            match inner
+                .options
+                .db
+                .execute_raw(stmt(inner.backend, &text, values.clone()))
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if attempt < 4 => {
+                    tracing::debug!("outbox: writing an outcome failed, retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+                }
+                Err(e) => tracing::error!(
+                    id = row.webhook.id(),
+                    "outbox: the outcome of a delivery could not be written ({e}); the row \
+                     will be sent again after its lease"
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+type Listener = Option<sqlx::postgres::PgListener>;
+#[cfg(not(feature = "postgres"))]
+type Listener = Option<()>;
+
+#[cfg(feature = "postgres")]
+async fn listen(db: &DatabaseConnection) -> Listener {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return None;
+    }
+    let pool = db.get_postgres_connection_pool();
+    match sqlx::postgres::PgListener::connect_with(pool).await {
+        Ok(mut l) => match l.listen(CHANNEL).await {
+            Ok(()) => Some(l),
+            Err(e) => {
+                tracing::warn!("outbox: LISTEN {CHANNEL} failed, polling instead: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!("outbox: no LISTEN connection, polling instead: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn listen(_db: &DatabaseConnection) -> Listener {
+    None
+}
+
+/// Waits for a NOTIFY, or forever without a listener.
+async fn notified(listener: &mut Listener) {
+    #[cfg(feature = "postgres")]
+    if let Some(l) = listener {
+        if l.recv().await.is_err() {
+            // The listener reconnects by itself on the next recv; do not spin meanwhile.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        return;
+    }
+    let _ = listener;
+    std::future::pending::<()>().await
+}
+
+async fn run_relay(outbox: Outbox, mut listener: Listener) {
+    let inner = outbox.inner.clone();
+    let limit = Arc::new(Semaphore::new(inner.lanes));
+    let mut last_prune = Instant::now();
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        if inner.stopping.load(Ordering::Acquire) {
+            break;
+        }
+        let claimed = match outbox.claim().await {
+            Ok(c) => {
+                failing_since = None;
+                c
+            }
+            Err(e) => {
+                if failing_since.is_none() {
+                    tracing::warn!("outbox: claiming rows failed (will keep trying): {e}");
+                    failing_since = Some(Instant::now());
+                }
+                Vec::new()
+            }
+        };
+        if claimed.is_empty() {
+            outbox.refresh_pending().await;
+            inner.progress.notify_waiters();
+            if last_prune.elapsed() > Duration::from_secs(60) {
+                last_prune = Instant::now();
+                if let Err(e) = outbox.purge_delivered(inner.options.retention).await {
+                    tracing::warn!("outbox: pruning delivered rows failed: {e}");
+                }
+            }
+            tokio::select! {
+                _ = inner.wake.notified() => {}
+                _ = notified(&mut listener) => {}
+                _ = tokio::time::sleep(inner.options.poll_interval) => {}
+            }
+            continue;
+        }
+        // Heads of distinct keys: deliver them concurrently.
+        let mut set = JoinSet::new();
+        for row in claimed {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
+            let outbox = outbox.clone();
+            set.spawn(async move {
+                outbox.deliver(row).await;
+                drop(permit);
+            });
+        }
+        while set.join_next().await.is_some() {}
+        outbox.refresh_pending().await;
+        inner.progress.notify_waiters();
+    }
+}
