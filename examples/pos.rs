@@ -3,8 +3,13 @@
 //!
 //! ```text
 //! cargo run --example pos                  # starts its own receiver on 127.0.0.1
+//! cargo run --example pos -- --outbox      # outbox mode on a SQLite file (pos-outbox.sqlite)
+//! cargo run --example pos -- --outbox my.sqlite
 //! WEBSOCKET_SERVER_URL=http://localhost:3001 WEBHOOK_SECRET=… cargo run --example pos
 //! ```
+//!
+//! In outbox mode one more step creates a product inside a transaction and rolls it back:
+//! its webhook is never sent, and the delivered sequence is the same.
 //!
 //! Without `WEBSOCKET_SERVER_URL` it starts a receiver that verifies every signature and
 //! prints each event as an app would see it, then checks that exactly the scenario's 11
@@ -13,7 +18,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use sea_orm::{ActiveModelTrait, ActiveValue::NotSet, IntoActiveModel, ModelTrait, Set};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::NotSet, IntoActiveModel, ModelTrait, Set, TransactionTrait,
+};
 use vendora_observe::{Observer, WebhookConfig};
 use vendora_pos::db;
 use vendora_pos::entities::{category, order, product};
@@ -74,11 +81,29 @@ async fn run() -> Result<(), Error> {
         }
     };
     println!("sending to {}", config.url());
-    let observer = Observer::builder(config).build().await?;
-    observer.install();
-
-    let db = db::connect("sqlite::memory:").await?;
+    let outbox_file = outbox_file()?;
+    let db = match &outbox_file {
+        Some(path) => {
+            // A fresh file each run, so the scenario's ids and events are the same.
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+            db::connect(&format!("sqlite://{}?mode=rwc", path.display())).await?
+        }
+        None => db::connect("sqlite::memory:").await?,
+    };
     db::create_pos_tables(&db).await?;
+    let observer = match &outbox_file {
+        Some(path) => {
+            println!("mode: outbox in {}", path.display());
+            Observer::builder(config).outbox(db.clone()).build().await?
+        }
+        None => {
+            println!("mode: direct (in-memory queue)");
+            Observer::builder(config).build().await?
+        }
+    };
+    observer.install();
     let mut shown = 0;
     let step = |n: u32, what: &str| println!("\n{n:>2}. {what}");
 
@@ -103,6 +128,22 @@ async fn run() -> Result<(), Error> {
     .insert(&db)
     .await?;
     show(&receiver, &mut shown, 1).await;
+
+    if outbox_file.is_some() {
+        println!("\n 2b. create a product inside a transaction, then roll back (nothing is sent)");
+        let txn = db.begin().await?;
+        product::ActiveModel {
+            id: NotSet,
+            name: Set("Never sold".into()),
+            price: Set(1.0),
+            stock: Set(1),
+            category_id: Set(None),
+            ..Default::default()
+        }
+        .insert(&txn)
+        .await?;
+        txn.rollback().await?;
+    }
 
     step(3, "rename the product");
     let mut am = beans.into_active_model();
@@ -197,6 +238,22 @@ async fn show(receiver: &Option<Receiver>, shown: &mut usize, n: usize) {
         println!("    app <- {:<17} {}  ({sig})", r.event(), r.data());
     }
     *shown = got.len();
+}
+
+/// `--outbox [FILE]`: the SQLite file of outbox mode.
+fn outbox_file() -> Result<Option<std::path::PathBuf>, Error> {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        None => Ok(None),
+        Some("--outbox") => Ok(Some(
+            args.next()
+                .map(Into::into)
+                .unwrap_or_else(|| "pos-outbox.sqlite".into()),
+        )),
+        Some(other) => {
+            Err(format!("unknown argument {other:?}; usage: pos [--outbox [FILE]]").into())
+        }
+    }
 }
 
 /// Whether a WebSocket server is configured, in the environment or in `.env`.

@@ -3,8 +3,7 @@
 
 use std::process::Command;
 
-#[test]
-fn the_pos_demo_delivers_its_eleven_events() {
+fn run_demo(args: &[&str]) -> String {
     // cargo builds examples for `cargo test`; they sit beside the test binaries' folder.
     let deps = std::env::current_exe().unwrap();
     let exe = deps
@@ -17,6 +16,7 @@ fn the_pos_demo_delivers_its_eleven_events() {
         .unwrap();
     assert!(exe.exists(), "{} was not built", exe.display());
     let out = Command::new(&exe)
+        .args(args)
         .env_remove("WEBSOCKET_SERVER_URL")
         .env_remove("WEBHOOK_SECRET")
         .current_dir(std::env::temp_dir())
@@ -38,4 +38,23 @@ fn the_pos_demo_delivers_its_eleven_events() {
         "{stdout}"
     );
     assert_eq!(stdout.matches("(signature ok)").count(), 11, "{stdout}");
+    stdout.into_owned()
+}
+
+#[test]
+fn the_pos_demo_delivers_its_eleven_events() {
+    let out = run_demo(&[]);
+    assert!(out.contains("mode: direct"), "{out}");
+}
+
+#[test]
+fn the_outbox_demo_never_sends_the_rolled_back_product() {
+    let file = std::env::temp_dir().join(format!("pos-outbox-{}.sqlite", std::process::id()));
+    let out = run_demo(&["--outbox", file.to_str().unwrap()]);
+    assert!(out.contains("mode: outbox"), "{out}");
+    assert!(out.contains("then roll back (nothing is sent)"), "{out}");
+    assert!(!out.contains("Never sold"), "{out}");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+    }
 }

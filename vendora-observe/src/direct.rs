@@ -200,7 +200,13 @@ async fn deliver(
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let result = ctx.service.send(&webhook).await;
+        let result = tokio::select! {
+            r = ctx.service.send(&webhook) => r,
+            _ = abort.wait_for(|a| *a) => {
+                ctx.dead(webhook, attempts, "shutdown deadline passed during delivery".into());
+                return;
+            }
+        };
         let error = match result {
             Ok(_) => {
                 ctx.counters.sent();

@@ -1,0 +1,267 @@
+//! Direct mode under faults, against a real receiver on 127.0.0.1: down then up, 503s,
+//! 401, a full queue, a blackholed receiver, shutdown with work left.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{SECRET, WAIT, fast_retries};
+use sea_orm::{ActiveModelTrait, ActiveValue::NotSet, DatabaseConnection, IntoActiveModel, Set};
+use vendora_observe::{Observer, Overflow, RetryPolicy, WebhookConfig};
+use vendora_pos::db;
+use vendora_pos::entities::product;
+use vendora_pos::receiver::{Blackhole, Receiver, Reply};
+
+fn product_am(name: &str, stock: i32) -> product::ActiveModel {
+    product::ActiveModel {
+        id: NotSet,
+        name: Set(name.to_owned()),
+        price: Set(1.5),
+        stock: Set(stock),
+        category_id: Set(None),
+        ..Default::default()
+    }
+}
+
+async fn memory_db() -> DatabaseConnection {
+    let db = db::connect("sqlite::memory:").await.unwrap();
+    db::create_pos_tables(&db).await.unwrap();
+    db
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn receiver_down_then_up_gets_every_event_in_per_row_order() {
+    let db = memory_db().await;
+    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = probe.local_addr().unwrap();
+    drop(probe);
+    let retry = RetryPolicy {
+        max_attempts: 10_000,
+        base_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(300),
+        max_retry_after: Duration::from_secs(1),
+    };
+    let observer = common::observer_for(&format!("http://{addr}/webhook"), retry).await;
+    // 100 rows x (created + 4 x (updated + stock:updated)) = 900 events.
+    observer
+        .scope(async {
+            for r in 0..100 {
+                let mut p = product_am(&format!("r{r}"), 0).insert(&db).await.unwrap();
+                for s in 1..=4 {
+                    let mut am = p.into_active_model();
+                    am.stock = Set(s);
+                    p = am.update(&db).await.unwrap();
+                }
+            }
+        })
+        .await;
+    let receiver = Receiver::start_on(addr, SECRET).await.unwrap();
+    receiver.wait_delivered(900, Duration::from_secs(60)).await;
+    assert!(observer.flush(WAIT).await);
+    let delivered = receiver.delivered();
+    assert_eq!(delivered.len(), 900);
+    let ids: HashSet<&str> = delivered.iter().map(|r| r.id()).collect();
+    assert_eq!(ids.len(), 900, "a duplicate delivery");
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    for r in delivered
+        .iter()
+        .filter(|r| r.event().starts_with("product:"))
+    {
+        let d = r.data();
+        let (id, stock) = (d["id"].as_i64().unwrap(), d["stock"].as_i64().unwrap());
+        if let Some(prev) = last.insert(id, stock) {
+            assert!(stock > prev, "row {id}: stock {stock} after {prev}");
+        }
+    }
+    let stats = observer.stats();
+    assert_eq!((stats.sent, stats.dead, stats.pending), (900, 0, 0));
+    assert!(stats.retried > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_503s_then_200_and_retry_after_is_honoured() {
+    let db = memory_db().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.queue_replies([
+        Reply::Status(503, Some(1)),
+        Reply::Status(503, None),
+        Reply::Status(429, Some(0)),
+    ]);
+    let observer = common::observer_for(&receiver.url(), fast_retries()).await;
+    observer
+        .scope(product_am("x", 1).insert(&db))
+        .await
+        .unwrap();
+    receiver.wait_delivered(1, WAIT).await;
+    assert!(observer.flush(WAIT).await);
+    let all = receiver.requests();
+    assert_eq!(
+        all.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [503, 503, 429, 200]
+    );
+    assert!(all.iter().all(|r| r.id() == all[0].id()));
+    // Retry-After: 1 s between the first and second attempt (fast_retries would wait at
+    // most 10 ms otherwise).
+    assert!(all[1].received_at.duration_since(all[0].received_at) >= Duration::from_millis(900));
+    let s = observer.stats();
+    assert_eq!((s.sent, s.retried, s.failed, s.dead), (1, 3, 3, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_401_is_dead_lettered_once_and_handed_to_the_callback() {
+    let db = memory_db().await;
+    let receiver = Receiver::start("a-different-secret").await.unwrap();
+    let dead = Arc::new(Mutex::new(Vec::new()));
+    let seen = dead.clone();
+    let observer = Observer::builder(common::config(&receiver.url()))
+        .retry(fast_retries())
+        .on_dead_letter(move |d| seen.lock().unwrap().push(d))
+        .build()
+        .await
+        .unwrap();
+    observer
+        .scope(product_am("x", 1).insert(&db))
+        .await
+        .unwrap();
+    assert!(observer.flush(WAIT).await);
+    assert_eq!(receiver.requests().len(), 1, "a 401 is not retried");
+    let dead = dead.lock().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 1);
+    assert!(
+        dead[0]
+            .last_error
+            .contains("WEBHOOK_SECRET probably differs"),
+        "{}",
+        dead[0].last_error
+    );
+    assert_eq!(dead[0].webhook.event(), "product:created");
+    assert_eq!(observer.stats().dead, 1);
+}
+
+fn blackhole_config(url: &str, timeout: Duration) -> WebhookConfig {
+    WebhookConfig::builder()
+        .url(url)
+        .secret(SECRET)
+        .timeout(timeout)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_sheds_exactly_the_excess_and_writes_do_not_wait() {
+    let db = memory_db().await;
+    let hole = Blackhole::start().await.unwrap();
+    let observer = Observer::builder(blackhole_config(&hole.url(), Duration::from_secs(30)))
+        .lanes(1)
+        .queue_capacity(10)
+        .build()
+        .await
+        .unwrap();
+    let mut slowest = Duration::ZERO;
+    observer
+        .scope(async {
+            for i in 0..50 {
+                let started = Instant::now();
+                product_am(&format!("p{i}"), i).insert(&db).await.unwrap();
+                slowest = slowest.max(started.elapsed());
+            }
+        })
+        .await;
+    let s = observer.stats();
+    assert_eq!((s.pending, s.shed), (10, 40), "{s:?}");
+    // Far below the 30 s request timeout: no write waited on the hung receiver.
+    assert!(
+        slowest < Duration::from_secs(2),
+        "slowest write {slowest:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overflow_wait_sheds_nothing() {
+    let db = memory_db().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.set_reply(Reply::Delay(Duration::from_millis(5)));
+    let observer = Observer::builder(common::config(&receiver.url()))
+        .lanes(1)
+        .queue_capacity(2)
+        .overflow(Overflow::Wait)
+        .build()
+        .await
+        .unwrap();
+    observer
+        .scope(async {
+            for i in 0..30 {
+                product_am(&format!("p{i}"), i).insert(&db).await.unwrap();
+            }
+        })
+        .await;
+    receiver.wait_delivered(30, WAIT).await;
+    assert_eq!(observer.stats().shed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blackholed_receiver_does_not_slow_writes() {
+    let db = memory_db().await;
+    let hole = Blackhole::start().await.unwrap();
+    let observer = Observer::builder(blackhole_config(&hole.url(), Duration::from_secs(5)))
+        .build()
+        .await
+        .unwrap();
+    let mut observed = Vec::new();
+    observer
+        .scope(async {
+            for i in 0..40 {
+                let started = Instant::now();
+                product_am(&format!("p{i}"), i).insert(&db).await.unwrap();
+                observed.push(started.elapsed());
+            }
+        })
+        .await;
+    observed.sort();
+    // The generous bound of the issue: a write never waits for the (5 s) request.
+    assert!(
+        observed[20] < Duration::from_millis(50),
+        "p50 {:?}",
+        observed[20]
+    );
+    assert!(
+        observed[39] < Duration::from_secs(1),
+        "max {:?}",
+        observed[39]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_dead_letters_what_is_left_at_the_deadline() {
+    let db = memory_db().await;
+    let hole = Blackhole::start().await.unwrap();
+    let dead = Arc::new(Mutex::new(0u32));
+    let seen = dead.clone();
+    let observer = Observer::builder(blackhole_config(&hole.url(), Duration::from_secs(30)))
+        .lanes(2)
+        .on_dead_letter(move |_| *seen.lock().unwrap() += 1)
+        .build()
+        .await
+        .unwrap();
+    observer
+        .scope(async {
+            for i in 0..12 {
+                product_am(&format!("p{i}"), i).insert(&db).await.unwrap();
+            }
+        })
+        .await;
+    let report = observer.shutdown(Duration::from_millis(300)).await;
+    assert!(!report.drained);
+    assert_eq!(report.abandoned, 12);
+    assert_eq!(report.stats.pending, 0);
+    assert_eq!(*dead.lock().unwrap(), 12);
+    // After shutdown, new events are refused and counted, writes still succeed.
+    observer
+        .scope(product_am("late", 1).insert(&db))
+        .await
+        .unwrap();
+    assert_eq!(observer.stats().shed, 1);
+}
