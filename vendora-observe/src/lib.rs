@@ -12,6 +12,61 @@
 //! - [`WebhookConfig`]: settings, validated when made; [`WebhookBody`]: the exact signed
 //!   bytes, JS-stable; [`signature`]: sign and verify; [`WebhookService`]: one signed POST;
 //! - [`quietly`] mutes a block of code; [`testing::Recorder`] captures events in tests.
+//!
+//! # Example
+//!
+//! An observed entity on in-memory SQLite, with the events captured by the test recorder
+//! (an installed [`Observer`] would send them as signed webhooks instead):
+//!
+//! ```
+//! use sea_orm::entity::prelude::*;
+//! use sea_orm::{ActiveValue::NotSet, ConnectionTrait, Database, Schema, Set};
+//! use vendora_observe::{Observed, testing::Recorder};
+//!
+//! mod product {
+//!     use sea_orm::entity::prelude::*;
+//!     use vendora_observe::Observed;
+//!
+//!     #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Serialize, Observed)]
+//!     #[sea_orm(table_name = "products")]
+//!     #[observe(event = "product", watch = "stock")]
+//!     pub struct Model {
+//!         #[sea_orm(primary_key)]
+//!         pub id: i32,
+//!         pub name: String,
+//!         pub stock: i32,
+//!     }
+//!
+//!     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+//!     pub enum Relation {}
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let db = Database::connect("sqlite::memory:").await?;
+//! db.execute(&Schema::new(db.get_database_backend()).create_table_from_entity(product::Entity))
+//!     .await?;
+//!
+//! let recorder = Recorder::new();
+//! recorder
+//!     .scope(async {
+//!         let beans = product::ActiveModel { id: NotSet, name: Set("Beans".into()), stock: Set(10) }
+//!             .insert(&db)
+//!             .await?;
+//!         let mut am: product::ActiveModel = beans.into();
+//!         am.stock = Set(7);
+//!         am.update(&db).await?;
+//!         Ok::<_, DbErr>(())
+//!     })
+//!     .await?;
+//!
+//! assert_eq!(recorder.names(), ["product:created", "product:updated", "stock:updated"]);
+//! assert_eq!(
+//!     recorder.events()[2].body.as_str(),
+//!     r#"{"event":"stock:updated","data":{"productId":1,"newStock":7}}"#
+//! );
+//! # Ok(()) }
+//! ```
 
 #![warn(missing_docs)]
 
