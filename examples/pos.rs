@@ -18,27 +18,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::NotSet, IntoActiveModel, ModelTrait, Set, TransactionTrait,
-};
 use vendora_observe::{Observer, WebhookConfig};
 use vendora_pos::db;
-use vendora_pos::entities::{category, order, product};
+use vendora_pos::scenario::{self, EXPECTED, Step};
 use vendora_pos::receiver::{Receiver, Request};
 
-const EXPECTED: [&str; 11] = [
-    "category:created",
-    "product:created",
-    "product:updated",
-    "product:updated",
-    "stock:updated",
-    "product:updated",
-    "order:created",
-    "order:updated",
-    "category:updated",
-    "product:deleted",
-    "category:deleted",
-];
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -105,95 +89,13 @@ async fn run() -> Result<(), Error> {
     };
     observer.install();
     let mut shown = 0;
-    let step = |n: u32, what: &str| println!("\n{n:>2}. {what}");
-
-    step(1, "create category \"Beverages\"");
-    let beverages = category::ActiveModel {
-        id: NotSet,
-        name: Set("Beverages".into()),
-    }
-    .insert(&db)
+    let mut n = 0;
+    scenario::run(&db, outbox_file.is_some(), async |step: Step| {
+        n += 1;
+        println!("\n{n:>2}. {}", step.label);
+        show(&receiver, &mut shown, step.events).await;
+    })
     .await?;
-    show(&receiver, &mut shown, 1).await;
-
-    step(2, "create product \"Espresso beans\", stock 10, price 12.5");
-    let beans = product::ActiveModel {
-        id: NotSet,
-        name: Set("Espresso beans".into()),
-        price: Set(12.5),
-        stock: Set(10),
-        category_id: Set(Some(beverages.id)),
-        ..Default::default()
-    }
-    .insert(&db)
-    .await?;
-    show(&receiver, &mut shown, 1).await;
-
-    if outbox_file.is_some() {
-        println!("\n 2b. create a product inside a transaction, then roll back (nothing is sent)");
-        let txn = db.begin().await?;
-        product::ActiveModel {
-            id: NotSet,
-            name: Set("Never sold".into()),
-            price: Set(1.0),
-            stock: Set(1),
-            category_id: Set(None),
-            ..Default::default()
-        }
-        .insert(&txn)
-        .await?;
-        txn.rollback().await?;
-    }
-
-    step(3, "rename the product");
-    let mut am = beans.into_active_model();
-    am.name = Set("Espresso beans 1 kg".into());
-    let beans = am.update(&db).await?;
-    show(&receiver, &mut shown, 1).await;
-
-    step(4, "sell three: stock 10 -> 7");
-    let mut am = beans.into_active_model();
-    am.stock = Set(7);
-    let beans = am.update(&db).await?;
-    show(&receiver, &mut shown, 2).await;
-
-    step(5, "set stock to 7 again (not a change)");
-    let mut am = beans.into_active_model();
-    am.stock = Set(7);
-    let beans = am.update(&db).await?;
-    show(&receiver, &mut shown, 1).await;
-
-    step(6, "create an order for it");
-    let sale = order::ActiveModel {
-        id: NotSet,
-        product_id: Set(beans.id),
-        quantity: Set(3),
-        status: Set("pending".into()),
-        total: Set(37.5),
-    }
-    .insert(&db)
-    .await?;
-    show(&receiver, &mut shown, 1).await;
-
-    step(7, "mark the order paid");
-    let mut am = sale.into_active_model();
-    am.status = Set("paid".into());
-    am.update(&db).await?;
-    show(&receiver, &mut shown, 1).await;
-
-    step(8, "rename the category");
-    let mut am = beverages.into_active_model();
-    am.name = Set("Hot beverages".into());
-    let beverages = am.update(&db).await?;
-    show(&receiver, &mut shown, 1).await;
-
-    step(9, "delete the product");
-    beans.delete(&db).await?;
-    show(&receiver, &mut shown, 1).await;
-
-    step(10, "delete the category");
-    beverages.delete(&db).await?;
-    show(&receiver, &mut shown, 1).await;
 
     let delivered = observer.flush(Duration::from_secs(15)).await;
     let stats = observer.shutdown(Duration::from_secs(5)).await.stats;
@@ -226,6 +128,9 @@ async fn run() -> Result<(), Error> {
 /// Prints the next `n` events the receiver got, as an app would see them.
 async fn show(receiver: &Option<Receiver>, shown: &mut usize, n: usize) {
     let Some(receiver) = receiver else { return };
+    if n == 0 {
+        return;
+    }
     let got = receiver
         .wait_delivered(*shown + n, Duration::from_secs(10))
         .await;

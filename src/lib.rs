@@ -4,3 +4,4 @@
 pub mod db;
 pub mod entities;
 pub mod receiver;
+pub mod scenario;

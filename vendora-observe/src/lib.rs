@@ -76,6 +76,7 @@ mod direct;
 mod hooks;
 mod observer;
 pub mod outbox;
+pub mod receiver;
 pub mod retry;
 pub mod service;
 pub mod signature;
