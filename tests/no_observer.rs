@@ -53,7 +53,7 @@ async fn writes_work_and_one_warning_explains_how_to_install_an_observer() {
     assert_eq!(warnings.len(), 1, "{text}");
     assert!(warnings[0].contains("WARN"), "{text}");
     assert!(
-        warnings[0].contains("Observer::from_env()?.install()"),
+        warnings[0].contains("Observer::from_env().await?.install()"),
         "{text}"
     );
 }
