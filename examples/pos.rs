@@ -20,9 +20,8 @@ use std::time::Duration;
 
 use vendora_observe::{Observer, WebhookConfig};
 use vendora_pos::db;
-use vendora_pos::scenario::{self, EXPECTED, Step};
 use vendora_pos::receiver::{Receiver, Request};
-
+use vendora_pos::scenario::{self, EXPECTED, Step};
 
 #[tokio::main]
 async fn main() -> ExitCode {

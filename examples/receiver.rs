@@ -28,7 +28,11 @@ struct App {
     io: SocketIo,
 }
 
-async fn webhook(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
+async fn webhook(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let event = match verify_request(
         &app.secret,
@@ -40,7 +44,8 @@ async fn webhook(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
         Ok(e) => e,
         Err(rejection) => {
             eprintln!("refused: {rejection}");
-            let status = StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            let status =
+                StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
             return (status, format!("{{\"error\":\"{rejection}\"}}"));
         }
     };
@@ -52,7 +57,10 @@ async fn webhook(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
     println!("broadcast {} {}", event.event, event.data);
     if let Err(e) = app.io.emit(event.event.as_str(), &event.data).await {
         eprintln!("broadcast failed: {e}");
-        return (StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"broadcast failed"}"#.to_owned());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"error":"broadcast failed"}"#.to_owned(),
+        );
     }
     (StatusCode::OK, r#"{"ok":true}"#.to_owned())
 }

@@ -2,8 +2,8 @@
 //! (eleven webhooks), plus, in outbox mode, a rolled-back step that must send nothing.
 
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::NotSet, DatabaseConnection, DbErr, IntoActiveModel,
-    ModelTrait, Set, TransactionTrait,
+    ActiveModelTrait, ActiveValue::NotSet, DatabaseConnection, DbErr, IntoActiveModel, ModelTrait,
+    Set, TransactionTrait,
 };
 
 use crate::entities::{category, order, product};
@@ -39,9 +39,12 @@ pub async fn run(
 ) -> Result<(), DbErr> {
     let step = |label, events| Step { label, events };
 
-    let beverages = category::ActiveModel { id: NotSet, name: Set("Beverages".into()) }
-        .insert(db)
-        .await?;
+    let beverages = category::ActiveModel {
+        id: NotSet,
+        name: Set("Beverages".into()),
+    }
+    .insert(db)
+    .await?;
     after(step("create category \"Beverages\"", 1)).await;
 
     let beans = product::ActiveModel {
@@ -54,7 +57,11 @@ pub async fn run(
     }
     .insert(db)
     .await?;
-    after(step("create product \"Espresso beans\", stock 10, price 12.5", 1)).await;
+    after(step(
+        "create product \"Espresso beans\", stock 10, price 12.5",
+        1,
+    ))
+    .await;
 
     if rollback_step {
         let txn = db.begin().await?;
@@ -69,7 +76,11 @@ pub async fn run(
         .insert(&txn)
         .await?;
         txn.rollback().await?;
-        after(step("create a product inside a transaction, then roll back (nothing is sent)", 0)).await;
+        after(step(
+            "create a product inside a transaction, then roll back (nothing is sent)",
+            0,
+        ))
+        .await;
     }
 
     let mut am = beans.into_active_model();

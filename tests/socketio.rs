@@ -26,7 +26,10 @@ fn node_dir() -> PathBuf {
 /// where node is absent, a failure under CI.
 fn npm_ready() -> Option<()> {
     if Command::new("node").arg("--version").output().is_err() {
-        assert!(std::env::var_os("CI").is_none(), "node is required under CI");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "node is required under CI"
+        );
         eprintln!("SKIPPED: node not found; install Node.js to run the socket.io tests");
         return None;
     }
@@ -151,7 +154,9 @@ async fn run_scenario_to(url: &str) -> Observer {
 }
 
 fn assert_scenario(app: &Peer) {
-    let got: Vec<(String, Value)> = (0..scenario::EXPECTED.len()).map(|_| next_event(app)).collect();
+    let got: Vec<(String, Value)> = (0..scenario::EXPECTED.len())
+        .map(|_| next_event(app))
+        .collect();
     let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, scenario::EXPECTED);
     assert_eq!(got[0].1, json!({"id": 1, "name": "Beverages"}));
@@ -189,12 +194,24 @@ async fn the_scenario_reaches_a_socket_io_app_through_the_rust_twin() {
     // What the twin refuses.
     let url = format!("{base}/webhook");
     let forged = b"{\"event\":\"x\",\"data\":1}".to_vec();
-    assert_eq!(raw_post(&url, "application/json", Some("0".repeat(64)), forged).await, 401);
-    assert_eq!(raw_post(&url, "text/plain", None, b"hello".to_vec()).await, 415);
-    assert_eq!(raw_post(&url, "application/json", None, vec![b' '; 2 << 20]).await, 413);
+    assert_eq!(
+        raw_post(&url, "application/json", Some("0".repeat(64)), forged).await,
+        401
+    );
+    assert_eq!(
+        raw_post(&url, "text/plain", None, b"hello".to_vec()).await,
+        415
+    );
+    assert_eq!(
+        raw_post(&url, "application/json", None, vec![b' '; 2 << 20]).await,
+        413
+    );
     let not_event = b"[1,2]".to_vec();
     let sig = vendora_observe::sign(common::SECRET.as_bytes(), &not_event);
-    assert_eq!(raw_post(&url, "application/json", Some(sig), not_event).await, 400);
+    assert_eq!(
+        raw_post(&url, "application/json", Some(sig), not_event).await,
+        400
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -229,5 +246,8 @@ async fn raw_post(url: &str, content_type: &str, signature: Option<String>, body
     let mut answer = Vec::new();
     let _ = s.read_to_end(&mut answer).await;
     let text = String::from_utf8_lossy(&answer);
-    text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }

@@ -222,7 +222,8 @@ pub async fn create_table<C: ConnectionTrait>(db: &C) -> Result<(), DbErr> {
     Ok(())
 }
 
-async fn table_exists<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
+/// Whether `db` has the outbox table.
+pub async fn table_exists<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
     let backend = db.get_database_backend();
     let q = match backend {
         DbBackend::Postgres => "SELECT 1 AS one FROM pg_tables WHERE tablename = ?",
@@ -232,6 +233,114 @@ async fn table_exists<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
         .query_one_raw(stmt(backend, q, vec![TABLE.into()]))
         .await?
         .is_some())
+}
+
+/// How many rows the outbox holds, by status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Waiting for delivery (or retrying).
+    pub pending: u64,
+    /// Delivered, kept until the retention passes.
+    pub delivered: u64,
+    /// Given up on; see [`dead`] and [`requeue`].
+    pub dead: u64,
+}
+
+/// Counts the rows of the outbox in `db` by status. Works without a running relay (the
+/// CLI's `outbox status`).
+pub async fn counts<C: ConnectionTrait>(db: &C) -> Result<Counts, DbErr> {
+    let backend = db.get_database_backend();
+    let rows = db
+        .query_all_raw(stmt(
+            backend,
+            &format!("SELECT status, COUNT(*) AS n FROM {TABLE} GROUP BY status"),
+            vec![],
+        ))
+        .await?;
+    let mut counts = Counts::default();
+    for r in rows {
+        let status: String = r.try_get("", "status")?;
+        let n = r.try_get::<i64>("", "n")? as u64;
+        match status.as_str() {
+            "pending" => counts.pending = n,
+            "delivered" => counts.delivered = n,
+            "dead" => counts.dead = n,
+            _ => {}
+        }
+    }
+    Ok(counts)
+}
+
+/// Dead rows of the outbox in `db`, oldest first, with their last error.
+pub async fn dead<C: ConnectionTrait>(db: &C, limit: u64) -> Result<Vec<OutboxRow>, DbErr> {
+    let backend = db.get_database_backend();
+    let rows = db
+        .query_all_raw(stmt(
+            backend,
+            &format!(
+                "SELECT id, event_id, ordering_key, event, body, status, attempts, last_error \
+                 FROM {TABLE} WHERE status = 'dead' ORDER BY id LIMIT ?"
+            ),
+            vec![(limit.min(i64::MAX as u64) as i64).into()],
+        ))
+        .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(OutboxRow {
+                id: r.try_get("", "id")?,
+                event_id: r.try_get("", "event_id")?,
+                ordering_key: r.try_get("", "ordering_key")?,
+                event: r.try_get("", "event")?,
+                body: r.try_get("", "body")?,
+                status: r.try_get("", "status")?,
+                attempts: r.try_get("", "attempts")?,
+                last_error: r.try_get("", "last_error")?,
+            })
+        })
+        .collect()
+}
+
+/// Puts dead rows of the outbox in `db` back in the queue (one by `id`, or all with
+/// `None`), attempts reset; returns how many. A running relay picks them up at its next
+/// poll.
+pub async fn requeue<C: ConnectionTrait>(db: &C, id: Option<i64>) -> Result<u64, DbErr> {
+    let backend = db.get_database_backend();
+    let mut values = vec![Value::from(now_ms())];
+    let filter = match id {
+        Some(id) => {
+            values.push(id.into());
+            " AND id = ?"
+        }
+        None => "",
+    };
+    let res = db
+        .execute_raw(stmt(
+            backend,
+            &format!(
+                "UPDATE {TABLE} SET status = 'pending', attempts = 0, next_attempt_at = ?, \
+                 claimed_by = NULL, claimed_until = NULL WHERE status = 'dead'{filter}"
+            ),
+            values,
+        ))
+        .await?;
+    Ok(res.rows_affected())
+}
+
+/// Deletes delivered rows of the outbox in `db` older than `older_than`; returns how many.
+pub async fn purge_delivered<C: ConnectionTrait>(
+    db: &C,
+    older_than: Duration,
+) -> Result<u64, DbErr> {
+    let backend = db.get_database_backend();
+    let cutoff = now_ms() - older_than.as_millis() as i64;
+    let res = db
+        .execute_raw(stmt(
+            backend,
+            &format!("DELETE FROM {TABLE} WHERE status = 'delivered' AND delivered_at < ?"),
+            vec![cutoff.into()],
+        ))
+        .await?;
+    Ok(res.rows_affected())
 }
 
 struct Claimed {
@@ -313,20 +422,7 @@ impl Outbox {
 
     /// Rows not yet delivered nor dead.
     pub async fn pending(&self) -> Result<u64, DbErr> {
-        let inner = &self.inner;
-        let row = inner
-            .options
-            .db
-            .query_one_raw(stmt(
-                inner.backend,
-                &format!("SELECT COUNT(*) AS n FROM {TABLE} WHERE status = 'pending'"),
-                vec![],
-            ))
-            .await?;
-        Ok(row
-            .map(|r| r.try_get::<i64>("", "n"))
-            .transpose()?
-            .unwrap_or(0) as u64)
+        Ok(counts(&self.inner.options.db).await?.pending)
     }
 
     async fn refresh_pending(&self) -> u64 {
@@ -342,75 +438,20 @@ impl Outbox {
     /// Dead rows (given up on after their last attempt), oldest first, with their last
     /// error.
     pub async fn dead(&self, limit: u64) -> Result<Vec<OutboxRow>, DbErr> {
-        let inner = &self.inner;
-        let rows = inner
-            .options
-            .db
-            .query_all_raw(stmt(
-                inner.backend,
-                &format!(
-                    "SELECT id, event_id, ordering_key, event, body, status, attempts, last_error \
-                     FROM {TABLE} WHERE status = 'dead' ORDER BY id LIMIT ?"
-                ),
-                vec![(limit as i64).into()],
-            ))
-            .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(OutboxRow {
-                    id: r.try_get("", "id")?,
-                    event_id: r.try_get("", "event_id")?,
-                    ordering_key: r.try_get("", "ordering_key")?,
-                    event: r.try_get("", "event")?,
-                    body: r.try_get("", "body")?,
-                    status: r.try_get("", "status")?,
-                    attempts: r.try_get("", "attempts")?,
-                    last_error: r.try_get("", "last_error")?,
-                })
-            })
-            .collect()
+        dead(&self.inner.options.db, limit).await
     }
 
     /// Puts dead rows back in the queue (all of them with `None`), attempts reset; returns
     /// how many. They keep their `X-Webhook-Id`, so receivers can still dedupe.
     pub async fn requeue(&self, id: Option<i64>) -> Result<u64, DbErr> {
-        let inner = &self.inner;
-        let (filter, mut values) = match id {
-            Some(id) => (" AND id = ?", vec![Value::from(id)]),
-            None => ("", vec![]),
-        };
-        let mut all = vec![Value::from(now_ms())];
-        all.append(&mut values);
-        let res = inner
-            .options
-            .db
-            .execute_raw(stmt(
-                inner.backend,
-                &format!(
-                    "UPDATE {TABLE} SET status = 'pending', attempts = 0, next_attempt_at = ?, \
-                     claimed_by = NULL, claimed_until = NULL WHERE status = 'dead'{filter}"
-                ),
-                all,
-            ))
-            .await?;
-        inner.wake.notify_one();
-        Ok(res.rows_affected())
+        let n = requeue(&self.inner.options.db, id).await?;
+        self.inner.wake.notify_one();
+        Ok(n)
     }
 
     /// Deletes delivered rows older than `older_than`; returns how many.
     pub async fn purge_delivered(&self, older_than: Duration) -> Result<u64, DbErr> {
-        let inner = &self.inner;
-        let cutoff = now_ms() - older_than.as_millis() as i64;
-        let res = inner
-            .options
-            .db
-            .execute_raw(stmt(
-                inner.backend,
-                &format!("DELETE FROM {TABLE} WHERE status = 'delivered' AND delivered_at < ?"),
-                vec![cutoff.into()],
-            ))
-            .await?;
-        Ok(res.rows_affected())
+        purge_delivered(&self.inner.options.db, older_than).await
     }
 
     pub(crate) async fn flush(&self, deadline: Instant) -> bool {

@@ -106,7 +106,10 @@ pub fn verify_request(
         .and_then(Value::as_str)
         .ok_or(Rejection::Malformed)?
         .to_owned();
-    let data = value.get_mut("data").map(Value::take).unwrap_or(Value::Null);
+    let data = value
+        .get_mut("data")
+        .map(Value::take)
+        .unwrap_or(Value::Null);
     Ok(IncomingEvent { event, data })
 }
 
@@ -159,14 +162,44 @@ mod tests {
     fn each_rejection_has_its_status() {
         let s = sig();
         let ok = Some("application/json; charset=utf-8");
-        assert_eq!(verify_request(b"k", ok, Some(&s), BODY, 10).unwrap_err().status(), 413);
-        assert_eq!(verify_request(b"k", Some("text/plain"), Some(&s), BODY, 1000).unwrap_err().status(), 415);
-        assert_eq!(verify_request(b"k", None, Some(&s), BODY, 1000).unwrap_err().status(), 415);
-        assert_eq!(verify_request(b"k", ok, None, BODY, 1000).unwrap_err().status(), 401);
-        assert_eq!(verify_request(b"x", ok, Some(&s), BODY, 1000).unwrap_err().status(), 401);
+        assert_eq!(
+            verify_request(b"k", ok, Some(&s), BODY, 10)
+                .unwrap_err()
+                .status(),
+            413
+        );
+        assert_eq!(
+            verify_request(b"k", Some("text/plain"), Some(&s), BODY, 1000)
+                .unwrap_err()
+                .status(),
+            415
+        );
+        assert_eq!(
+            verify_request(b"k", None, Some(&s), BODY, 1000)
+                .unwrap_err()
+                .status(),
+            415
+        );
+        assert_eq!(
+            verify_request(b"k", ok, None, BODY, 1000)
+                .unwrap_err()
+                .status(),
+            401
+        );
+        assert_eq!(
+            verify_request(b"x", ok, Some(&s), BODY, 1000)
+                .unwrap_err()
+                .status(),
+            401
+        );
         let bad = b"{\"data\":1}";
         let bad_sig = crate::sign(b"k", bad);
-        assert_eq!(verify_request(b"k", ok, Some(&bad_sig), bad, 1000).unwrap_err().status(), 400);
+        assert_eq!(
+            verify_request(b"k", ok, Some(&bad_sig), bad, 1000)
+                .unwrap_err()
+                .status(),
+            400
+        );
         let e = verify_request(b"k", ok, Some(&s), BODY, 1000).unwrap();
         assert_eq!(e.event, "product:deleted");
         assert_eq!(e.data, serde_json::json!({"id": 3}));

@@ -1,0 +1,209 @@
+//! The `vendora-observe` command line, run as a process: `listen` as a real receiver on
+//! 127.0.0.1, `send` to it, `verify`, and `outbox` against a real SQLite file.
+#![cfg(feature = "cli")]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::channel;
+use std::time::Duration;
+
+use sea_orm::ConnectionTrait;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vendora-observe");
+
+fn run(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> (bool, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("WEBSOCKET_SERVER_URL")
+        .env_remove("WEBHOOK_SECRET")
+        .env_remove("DATABASE_URL")
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn verify_reads_a_file_or_stdin_and_says_valid_or_invalid() {
+    let body = br#"{"event":"product:deleted","data":{"id":3}}"#;
+    let sig = vendora_observe::sign(b"k", body);
+    let path = std::env::temp_dir().join(format!("vo-body-{}.json", std::process::id()));
+    std::fs::write(&path, body).unwrap();
+    let (ok, out, _) = run(
+        &[
+            "verify",
+            "--secret",
+            "k",
+            "--signature",
+            &sig,
+            path.to_str().unwrap(),
+        ],
+        &[],
+        None,
+    );
+    assert!(ok, "{out}");
+    assert!(out.starts_with("valid"), "{out}");
+    let (ok, out, _) = run(
+        &["verify", "--secret", "k", "--signature", &sig, "-"],
+        &[],
+        Some(body),
+    );
+    assert!(ok && out.starts_with("valid"), "{out}");
+    let (ok, out, _) = run(
+        &["verify", "--secret", "wrong", "--signature", &sig],
+        &[],
+        Some(body),
+    );
+    assert!(!ok && out.starts_with("invalid"), "{out}");
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn usage_errors_read_like_cargo() {
+    let (ok, _, err) = run(&["sned"], &[], None);
+    assert!(!ok);
+    assert!(
+        err.starts_with("error: unrecognized subcommand 'sned'"),
+        "{err}"
+    );
+    assert!(
+        err.contains("similar subcommand") && err.contains("send"),
+        "{err}"
+    );
+    let (ok, _, err) = run(
+        &["send", "x:y", "{not json"],
+        &[("WEBHOOK_SECRET", "k")],
+        None,
+    );
+    assert!(!ok);
+    assert!(
+        err.starts_with("error: the data is not valid JSON"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["send", "x:y", "{}"], &[], None);
+    assert!(!ok);
+    assert!(err.contains("WEBHOOK_SECRET is not set or empty"), "{err}");
+}
+
+#[test]
+fn send_to_listen_verifies_and_prints_and_a_wrong_secret_gets_the_hint() {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = probe.local_addr().unwrap().port().to_string();
+    drop(probe);
+    let mut listener = Command::new(BIN)
+        .args(["listen", "--port", &port, "--secret", "shared"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = channel();
+    let stdout = listener.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        first.starts_with("listening on http://127.0.0.1:"),
+        "{first}"
+    );
+    let url = format!("http://127.0.0.1:{port}/webhook");
+
+    let (ok, out, err) = run(
+        &[
+            "send",
+            "stock:updated",
+            r#"{"productId": 1, "newStock": 7}"#,
+        ],
+        &[("WEBSOCKET_SERVER_URL", &url), ("WEBHOOK_SECRET", "shared")],
+        None,
+    );
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("200 OK in "), "{out}");
+    let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        line.starts_with("✓ stock:updated  id=") && line.ends_with("signature ok"),
+        "{line}"
+    );
+    let mut pretty = String::new();
+    while !pretty.trim_end().ends_with('}') {
+        pretty.push_str(&rx.recv_timeout(Duration::from_secs(20)).unwrap());
+        pretty.push('\n');
+    }
+    assert!(pretty.contains("\"newStock\": 7"), "{pretty}");
+
+    let (ok, _, err) = run(
+        &["send", "stock:updated", "{}"],
+        &[("WEBSOCKET_SERVER_URL", &url), ("WEBHOOK_SECRET", "other")],
+        None,
+    );
+    assert!(!ok);
+    assert!(err.contains("401 Unauthorized"), "{err}");
+    assert!(
+        err.contains("hint: the server rejected the signature"),
+        "{err}"
+    );
+    let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        line.starts_with("✗ invalid or missing X-Webhook-Signature (answered 401)"),
+        "{line}"
+    );
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+}
+
+#[tokio::test]
+async fn outbox_status_dead_retry_and_purge() {
+    let path = std::env::temp_dir().join(format!("vo-cli-{}.sqlite", std::process::id()));
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let db = sea_orm::Database::connect(&url).await.unwrap();
+    let env = [("DATABASE_URL", url.as_str())];
+    let (ok, _, err) = run(&["outbox", "status"], &env, None);
+    assert!(!ok && err.contains("has no vendora_outbox table"), "{err}");
+
+    vendora_observe::outbox::create_table(&db).await.unwrap();
+    db.execute_unprepared(
+        "INSERT INTO vendora_outbox (event_id, ordering_key, event, body, status, attempts, \
+         next_attempt_at, created_at, delivered_at, last_error) VALUES \
+         ('e1', 'product:1', 'product:created', '{\"event\":\"product:created\",\"data\":{}}', 'dead', 10, 0, 0, NULL, 'status: the receiver answered 500'), \
+         ('e2', 'product:2', 'product:created', '{}', 'delivered', 1, 0, 0, 0, NULL), \
+         ('e3', 'product:3', 'product:created', '{}', 'pending', 0, 0, 0, NULL, NULL)",
+    )
+    .await
+    .unwrap();
+    let (ok, out, _) = run(&["outbox", "status"], &env, None);
+    assert!(ok);
+    assert_eq!(out, "pending    1\ndelivered  1\ndead       1\n");
+    let (ok, out, _) = run(&["outbox", "dead"], &env, None);
+    assert!(
+        ok && out.contains("product:created  e1  attempts=10  status: the receiver answered 500"),
+        "{out}"
+    );
+    let (ok, _, err) = run(&["outbox", "retry", "99"], &env, None);
+    assert!(!ok && err.contains("no dead row with id 99"), "{err}");
+    let (ok, out, _) = run(&["outbox", "retry", "1"], &env, None);
+    assert!(ok && out.contains("requeued 1 row(s)"), "{out}");
+    let (ok, out, _) = run(&["outbox", "purge"], &env, None);
+    assert!(ok && out.contains("deleted 1 delivered row(s)"), "{out}");
+    let (_, out, _) = run(&["outbox", "status"], &env, None);
+    assert_eq!(out, "pending    2\ndelivered  0\ndead       0\n");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
