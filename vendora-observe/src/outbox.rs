@@ -542,8 +542,48 @@ impl Outbox {
         Ok(claimed)
     }
 
-    /// One attempt at one claimed row, and its outcome written back.
-    async fn deliver(&self, row: Claimed) {
+    /// Marks rows delivered, in one statement per 500 rows: per-row commits would cap the
+    /// relay at the database's commit rate.
+    async fn mark_delivered(&self, ids: &[i64]) {
+        for chunk in ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let text = format!(
+                "UPDATE {TABLE} SET status = 'delivered', delivered_at = ?, attempts = attempts + 1, \
+                 last_error = NULL, claimed_by = NULL, claimed_until = NULL WHERE id IN ({marks})"
+            );
+            let mut values: Vec<Value> = Vec::with_capacity(chunk.len() + 1);
+            values.push(now_ms().into());
+            values.extend(chunk.iter().map(|id| Value::from(*id)));
+            self.write_outcome(&text, values, "delivered rows").await;
+        }
+    }
+
+    /// Writes an outcome, retrying briefly if the database is busy.
+    async fn write_outcome(&self, text: &str, values: Vec<Value>, what: &str) {
+        let inner = &self.inner;
+        for attempt in 0..5 {
+            match inner
+                .options
+                .db
+                .execute_raw(stmt(inner.backend, text, values.clone()))
+                .await
+            {
+                Ok(_) => return,
+                Err(e) if attempt < 4 => {
+                    tracing::debug!("outbox: writing {what} failed, retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+                }
+                Err(e) => tracing::error!(
+                    "outbox: the outcome of a delivery ({what}) could not be written ({e}); \
+                     the rows will be sent again after their lease, with the same X-Webhook-Id"
+                ),
+            }
+        }
+    }
+
+    /// One attempt at one claimed row. A success returns the row's id, to be marked with
+    /// the batch; a failure's outcome is written at once.
+    async fn deliver(&self, row: Claimed) -> Option<i64> {
         let inner = &self.inner;
         let ctx = &inner.ctx;
         let attempts = row.attempts + 1;
@@ -552,13 +592,7 @@ impl Outbox {
         let (text, values): (String, Vec<Value>) = match result {
             Ok(_) => {
                 ctx.counters.sent();
-                (
-                    format!(
-                        "UPDATE {TABLE} SET status = 'delivered', delivered_at = ?, attempts = ?, \
-                         last_error = NULL, claimed_by = NULL, claimed_until = NULL WHERE id = ?"
-                    ),
-                    vec![now.into(), attempts.into(), row.id.into()],
-                )
+                return Some(row.id);
             }
             Err(error) => {
                 ctx.counters.failed();
@@ -607,26 +641,8 @@ impl Outbox {
                 }
             }
         };
-        // The outcome must be written; retry briefly if the database is busy.
-        for attempt in 0..5 {
-            match inner
-                .options
-                .db
-                .execute_raw(stmt(inner.backend, &text, values.clone()))
-                .await
-            {
-                Ok(_) => break,
-                Err(e) if attempt < 4 => {
-                    tracing::debug!("outbox: writing an outcome failed, retrying: {e}");
-                    tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
-                }
-                Err(e) => tracing::error!(
-                    id = row.webhook.id(),
-                    "outbox: the outcome of a delivery could not be written ({e}); the row \
-                     will be sent again after its lease"
-                ),
-            }
-        }
+        self.write_outcome(&text, values, "a failed attempt").await;
+        None
     }
 }
 
@@ -721,11 +737,18 @@ async fn run_relay(outbox: Outbox, mut listener: Listener) {
             };
             let outbox = outbox.clone();
             set.spawn(async move {
-                outbox.deliver(row).await;
+                let delivered = outbox.deliver(row).await;
                 drop(permit);
+                delivered
             });
         }
-        while set.join_next().await.is_some() {}
+        let mut delivered = Vec::new();
+        while let Some(done) = set.join_next().await {
+            if let Ok(Some(id)) = done {
+                delivered.push(id);
+            }
+        }
+        outbox.mark_delivered(&delivered).await;
         outbox.refresh_pending().await;
         inner.progress.notify_waiters();
     }

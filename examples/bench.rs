@@ -1,0 +1,1034 @@
+//! Benchmarks, side by side in one run: what observing costs a write, how fast events
+//! arrive, memory under a burst, and compile time. Prints every figure as it is measured,
+//! then writes `BENCHMARKS.md` and `benchmarks-latency.svg`. Asserts nothing.
+//!
+//! ```text
+//! cargo run --release --example bench            # DATABASE_URL=postgres://… adds PostgreSQL
+//! cargo run --release --example bench -- --quick # fewer iterations
+//! ```
+//! The delivery-rate comparison needs `wrk` (Debian: `apt-get install wrk`).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::NotSet, ActiveValue::Unchanged, DatabaseConnection, Set,
+    TransactionTrait,
+};
+use tokio::sync::watch;
+use vendora_observe::{Observer, OutboxOptions, RetryPolicy, WebhookConfig, WebhookService};
+use vendora_pos::db;
+use vendora_pos::receiver::{Blackhole, closed_port_url};
+
+const SECRET: &str = "bench-secret";
+
+/// The same table three ways: observed by the derive, not observed, and the original
+/// design's observer that awaits the POST inside the hook.
+mod observed {
+    use sea_orm::entity::prelude::*;
+    use serde::Serialize;
+    use vendora_observe::Observed;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize, Observed)]
+    #[sea_orm(table_name = "bench_observed")]
+    #[observe(event = "product", watch = "stock")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i32,
+        pub name: String,
+        pub price: f64,
+        pub stock: i32,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+}
+
+mod plain {
+    use sea_orm::entity::prelude::*;
+    use serde::Serialize;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize)]
+    #[sea_orm(table_name = "bench_plain")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i32,
+        pub name: String,
+        pub price: f64,
+        pub stock: i32,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+mod inline {
+    use sea_orm::entity::prelude::*;
+    use serde::Serialize;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize)]
+    #[sea_orm(table_name = "bench_inline")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i32,
+        pub name: String,
+        pub price: f64,
+        pub stock: i32,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    /// The Laravel design: the observer posts inline and waits for the answer.
+    #[vendora_observe::async_trait]
+    impl ActiveModelBehavior for ActiveModel {
+        async fn after_save<C>(model: Model, _db: &C, insert: bool) -> Result<Model, DbErr>
+        where
+            C: ConnectionTrait,
+        {
+            if let Some(service) = super::INLINE.get() {
+                let event = if insert {
+                    "product:created"
+                } else {
+                    "product:updated"
+                };
+                service.dispatch(event, &model).await;
+            }
+            Ok(model)
+        }
+    }
+}
+
+static INLINE: OnceLock<WebhookService> = OnceLock::new();
+
+// ---------------------------------------------------------------------------------------
+// A counting receiver with a gate, so that delivery can be measured from a full queue.
+
+#[derive(Default)]
+struct Counter {
+    received: AtomicU64,
+    arrivals: Mutex<HashMap<i64, Instant>>,
+}
+
+struct Sink {
+    addr: SocketAddr,
+    counter: Arc<Counter>,
+    gate: watch::Sender<bool>,
+}
+
+async fn sink_handler(
+    State((counter, gate)): State<(Arc<Counter>, watch::Receiver<bool>)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let mut gate = gate;
+    let _ = gate.wait_for(|open| *open).await;
+    let sig = headers
+        .get("x-webhook-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !vendora_observe::verify(SECRET.as_bytes(), &body, sig) {
+        return StatusCode::UNAUTHORIZED;
+    }
+    let now = Instant::now();
+    counter.received.fetch_add(1, Ordering::Relaxed);
+    // `"id":N` of full-model events, for commit-to-received latency.
+    if let Some(pos) = body.windows(5).position(|w| w == b"\"id\":") {
+        let digits: String = body[pos + 5..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .map(|b| *b as char)
+            .collect();
+        if let Ok(id) = digits.parse::<i64>() {
+            counter.arrivals.lock().unwrap().entry(id).or_insert(now);
+        }
+    }
+    StatusCode::OK
+}
+
+impl Sink {
+    async fn start() -> Sink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counter = Arc::new(Counter::default());
+        let (gate, rx) = watch::channel(true);
+        let app = Router::new()
+            .fallback(sink_handler)
+            .with_state((counter.clone(), rx));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Sink {
+            addr,
+            counter,
+            gate,
+        }
+    }
+    fn url(&self) -> String {
+        format!("http://{}/webhook", self.addr)
+    }
+    fn received(&self) -> u64 {
+        self.counter.received.load(Ordering::Relaxed)
+    }
+    async fn wait_received(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.received() < n {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        true
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Measurement helpers.
+
+#[derive(Clone, Copy, Debug)]
+struct Summary {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn summarize(mut samples: Vec<Duration>) -> Summary {
+    samples.sort();
+    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    Summary {
+        p50: at(0.5),
+        p99: at(0.99),
+    }
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+struct OverheadRow {
+    backend: &'static str,
+    case: String,
+    op: &'static str,
+    base: Summary,
+    observed: Summary,
+}
+
+impl OverheadRow {
+    fn ratio(&self) -> f64 {
+        self.observed.p50.as_secs_f64() / self.base.p50.as_secs_f64()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Insert,
+    Update,
+    InsertInTxn,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::InsertInTxn => "insert in txn",
+        }
+    }
+}
+
+async fn write_plain(db: &DatabaseConnection, op: Op, i: i32, id: i32) -> Duration {
+    let started = Instant::now();
+    match op {
+        Op::Insert => {
+            plain::ActiveModel {
+                id: NotSet,
+                name: Set(format!("p{i}")),
+                price: Set(1.5),
+                stock: Set(i),
+            }
+            .insert(db)
+            .await
+            .unwrap();
+        }
+        Op::Update => {
+            plain::ActiveModel {
+                id: Unchanged(id),
+                name: NotSet,
+                price: NotSet,
+                stock: Set(i),
+            }
+            .update(db)
+            .await
+            .unwrap();
+        }
+        Op::InsertInTxn => {
+            let txn = db.begin().await.unwrap();
+            plain::ActiveModel {
+                id: NotSet,
+                name: Set(format!("p{i}")),
+                price: Set(1.5),
+                stock: Set(i),
+            }
+            .insert(&txn)
+            .await
+            .unwrap();
+            txn.commit().await.unwrap();
+        }
+    }
+    started.elapsed()
+}
+
+async fn write_observed(db: &DatabaseConnection, op: Op, i: i32, id: i32) -> Duration {
+    let started = Instant::now();
+    match op {
+        Op::Insert => {
+            observed::ActiveModel {
+                id: NotSet,
+                name: Set(format!("p{i}")),
+                price: Set(1.5),
+                stock: Set(i),
+            }
+            .insert(db)
+            .await
+            .unwrap();
+        }
+        Op::Update => {
+            observed::ActiveModel {
+                id: Unchanged(id),
+                name: NotSet,
+                price: NotSet,
+                stock: Set(i),
+            }
+            .update(db)
+            .await
+            .unwrap();
+        }
+        Op::InsertInTxn => {
+            let txn = db.begin().await.unwrap();
+            observed::ActiveModel {
+                id: NotSet,
+                name: Set(format!("p{i}")),
+                price: Set(1.5),
+                stock: Set(i),
+            }
+            .insert(&txn)
+            .await
+            .unwrap();
+            txn.commit().await.unwrap();
+        }
+    }
+    started.elapsed()
+}
+
+async fn write_inline(db: &DatabaseConnection, op: Op, i: i32, id: i32) -> Duration {
+    let started = Instant::now();
+    match op {
+        Op::Insert | Op::InsertInTxn => {
+            inline::ActiveModel {
+                id: NotSet,
+                name: Set(format!("p{i}")),
+                price: Set(1.5),
+                stock: Set(i),
+            }
+            .insert(db)
+            .await
+            .unwrap();
+        }
+        Op::Update => {
+            inline::ActiveModel {
+                id: Unchanged(id),
+                name: NotSet,
+                price: NotSet,
+                stock: Set(i),
+            }
+            .update(db)
+            .await
+            .unwrap();
+        }
+    }
+    started.elapsed()
+}
+
+/// Interleaves `n` plain and `n` observed writes (A, B, A, B, …) so that both see the same
+/// machine.
+async fn side_by_side(
+    db: &DatabaseConnection,
+    observer: Option<&Observer>,
+    op: Op,
+    n: usize,
+    inline_baseline: bool,
+) -> (Summary, Summary) {
+    let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    // Rows to update: id 1 of each table exists.
+    for i in 0..(n + n / 10) as i32 {
+        let base = write_plain(db, op, i, 1).await;
+        let obs = if inline_baseline {
+            write_inline(db, op, i, 1).await
+        } else {
+            match observer {
+                Some(o) => o.scope(write_observed(db, op, i, 1)).await,
+                None => write_observed(db, op, i, 1).await,
+            }
+        };
+        if i as usize >= n / 10 {
+            // the first tenth warms up
+            a.push(base);
+            b.push(obs);
+        }
+    }
+    (summarize(a), summarize(b))
+}
+
+fn config(url: &str) -> WebhookConfig {
+    WebhookConfig::builder()
+        .url(url)
+        .secret(SECRET)
+        .build()
+        .unwrap()
+}
+
+async fn prepare(db: &DatabaseConnection) {
+    use sea_orm::{ConnectionTrait, EntityTrait};
+    for drop in [
+        "bench_observed",
+        "bench_plain",
+        "bench_inline",
+        vendora_observe::outbox::TABLE,
+    ] {
+        let _ = db
+            .execute_unprepared(&format!("DROP TABLE IF EXISTS {drop}"))
+            .await;
+    }
+    db::create_table(db, observed::Entity).await.unwrap();
+    db::create_table(db, plain::Entity).await.unwrap();
+    db::create_table(db, inline::Entity).await.unwrap();
+    // Row 1 of each, for updates.
+    vendora_observe::quietly(async {
+        write_plain(db, Op::Insert, 0, 0).await;
+        write_observed(db, Op::Insert, 0, 0).await;
+    })
+    .await;
+    inline::ActiveModel {
+        id: NotSet,
+        name: Set("p".into()),
+        price: Set(1.0),
+        stock: Set(0),
+    }
+    .insert(db)
+    .await
+    .unwrap();
+    let _ = observed::Entity::find().all(db).await;
+}
+
+async fn overhead(backend: &'static str, url: &str, n: usize, rows: &mut Vec<OverheadRow>) {
+    let db = db::connect(url).await.unwrap();
+    if url.starts_with("sqlite://") {
+        use sea_orm::ConnectionTrait;
+        db.execute_unprepared("PRAGMA journal_mode=WAL")
+            .await
+            .unwrap();
+    }
+    prepare(&db).await;
+    let sink = Sink::start().await;
+    let hole = Blackhole::start().await.unwrap();
+    let down = closed_port_url().await;
+
+    let mut push = |case: &str, op: Op, (base, observed): (Summary, Summary)| {
+        let row = OverheadRow {
+            backend,
+            case: case.to_owned(),
+            op: op.name(),
+            base,
+            observed,
+        };
+        println!(
+            "  {backend:<14} {case:<34} {:<13} plain p50 {:>7} p99 {:>7} | observed p50 {:>7} p99 {:>7} | {:.2}x",
+            row.op,
+            us(base.p50),
+            us(base.p99),
+            us(observed.p50),
+            us(observed.p99),
+            row.ratio()
+        );
+        rows.push(row);
+    };
+
+    for (label, target) in [
+        ("direct, receiver up", sink.url()),
+        ("direct, receiver blackholed", hole.url()),
+        ("direct, receiver down", down.clone()),
+    ] {
+        let observer = Observer::builder(config(&target))
+            .retry(RetryPolicy::default())
+            .queue_capacity(100_000)
+            .build()
+            .await
+            .unwrap();
+        for op in [Op::Insert, Op::Update] {
+            push(
+                label,
+                op,
+                side_by_side(&db, Some(&observer), op, n, false).await,
+            );
+        }
+        observer.shutdown(Duration::from_millis(200)).await;
+    }
+    // The original design: await the POST inside the hook.
+    for op in [Op::Insert, Op::Update] {
+        push(
+            "inline POST in the hook (original)",
+            op,
+            side_by_side(&db, None, op, n, true).await,
+        );
+    }
+    if !url.contains("memory") {
+        let mut options = OutboxOptions::new(db.clone());
+        options.poll_interval = Duration::from_millis(100);
+        let observer = Observer::builder(config(&sink.url()))
+            .outbox_options(options)
+            .build()
+            .await
+            .unwrap();
+        for op in [Op::Insert, Op::Update] {
+            push(
+                "outbox, autocommit",
+                op,
+                side_by_side(&db, Some(&observer), op, n, false).await,
+            );
+        }
+        push(
+            "outbox, inside a transaction",
+            Op::InsertInTxn,
+            side_by_side(&db, Some(&observer), Op::InsertInTxn, n, false).await,
+        );
+        observer.flush(Duration::from_secs(60)).await;
+        observer.shutdown(Duration::from_secs(5)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Delivery rate and commit-to-received latency.
+
+struct DeliveryRow {
+    case: String,
+    rate: f64,
+    wrk: Option<f64>,
+    latency: Option<Summary>,
+}
+
+fn wrk_rate(url: &str, connections: usize, seconds: u64) -> Option<f64> {
+    let body = r#"{"event":"stock:updated","data":{"productId":1,"newStock":7}}"#;
+    let sig = vendora_observe::sign(SECRET.as_bytes(), body.as_bytes());
+    let script = std::env::temp_dir().join(format!("vendora-wrk-{}.lua", std::process::id()));
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
+             wrk.headers[\"X-Webhook-Signature\"] = \"{sig}\"\nwrk.headers[\"X-Webhook-Id\"] = \"bench\"\n"
+        ),
+    )
+    .ok()?;
+    let out = std::process::Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "-s",
+            script.to_str()?,
+            url,
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let non2xx = text.contains("Non-2xx");
+    let rate = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok());
+    if non2xx {
+        eprintln!("wrk saw non-2xx answers:\n{text}");
+    }
+    rate
+}
+
+async fn delivery(
+    name: &str,
+    db_url: Option<&str>,
+    n: usize,
+    lanes: usize,
+    rows: &mut Vec<DeliveryRow>,
+) {
+    let sink = Sink::start().await;
+    let (db, outbox) = match db_url {
+        None => (db::connect("sqlite::memory:").await.unwrap(), false),
+        Some(url) => (db::connect(url).await.unwrap(), true),
+    };
+    prepare(&db).await;
+    let builder = Observer::builder(config(&sink.url()))
+        .lanes(lanes)
+        .queue_capacity(n * 4);
+    let observer = if outbox {
+        let mut options = OutboxOptions::new(db.clone());
+        options.poll_interval = Duration::from_millis(100);
+        options.batch = 512;
+        builder.outbox_options(options).build().await.unwrap()
+    } else {
+        builder.build().await.unwrap()
+    };
+    // Rate: fill the queue behind a closed gate, then open it and time the drain.
+    sink.gate.send_replace(false);
+    observer
+        .scope(async {
+            for i in 0..n as i32 {
+                write_observed(&db, Op::Insert, i, 1).await;
+            }
+        })
+        .await;
+    let before = sink.received();
+    let started = Instant::now();
+    sink.gate.send_replace(true);
+    let all = sink
+        .wait_received(before + n as u64, Duration::from_secs(300))
+        .await;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    assert!(all, "{name}: not everything arrived");
+    // Latency: paced writes, commit (the write returned) to received.
+    let mut commits = Vec::new();
+    observer
+        .scope(async {
+            for i in 0..1000 {
+                let m = observed::ActiveModel {
+                    id: NotSet,
+                    name: Set(format!("l{i}")),
+                    price: Set(1.0),
+                    stock: Set(i),
+                }
+                .insert(&db)
+                .await
+                .unwrap();
+                commits.push((m.id as i64, Instant::now()));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+    observer.flush(Duration::from_secs(60)).await;
+    sink.wait_received(before + n as u64 + 1000, Duration::from_secs(60))
+        .await;
+    let arrivals = sink.counter.arrivals.lock().unwrap().clone();
+    let latencies: Vec<Duration> = commits
+        .iter()
+        .filter_map(|(id, at)| arrivals.get(id).map(|r| r.saturating_duration_since(*at)))
+        .collect();
+    let latency = (!latencies.is_empty()).then(|| summarize(latencies));
+    let wrk = wrk_rate(&sink.url(), lanes, 5);
+    observer.shutdown(Duration::from_secs(5)).await;
+    println!(
+        "  {name:<32} {:>8.0} events/s | wrk {:>8} req/s ({} connections) | {} | commit→received p50 {} p99 {}",
+        rate,
+        wrk.map(|w| format!("{w:.0}"))
+            .unwrap_or_else(|| "n/a".into()),
+        lanes,
+        wrk.map(|w| format!("{:.0}% of wrk", rate / w * 100.0))
+            .unwrap_or_default(),
+        latency.map(|l| us(l.p50)).unwrap_or_default(),
+        latency.map(|l| us(l.p99)).unwrap_or_default(),
+    );
+    rows.push(DeliveryRow {
+        case: name.to_owned(),
+        rate,
+        wrk,
+        latency,
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory under a burst, in child processes so that each peak RSS is its own.
+
+fn peak_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn memory_child(mode: &str, n: usize) {
+    let down = closed_port_url().await;
+    let path =
+        std::env::temp_dir().join(format!("vendora-bench-mem-{}.sqlite", std::process::id()));
+    let db = db::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+        .await
+        .unwrap();
+    {
+        use sea_orm::ConnectionTrait;
+        db.execute_unprepared("PRAGMA journal_mode=WAL")
+            .await
+            .unwrap();
+    }
+    prepare(&db).await;
+    let observer = match mode {
+        "direct" => Some(Observer::builder(config(&down)).build().await.unwrap()),
+        "outbox" => Some(
+            Observer::builder(config(&down))
+                .outbox(db.clone())
+                .build()
+                .await
+                .unwrap(),
+        ),
+        _ => None,
+    };
+    let before = peak_rss_kb();
+    for i in 0..n as i32 {
+        match &observer {
+            Some(o) => {
+                o.scope(write_observed(&db, Op::Insert, i, 1)).await;
+            }
+            None => {
+                write_plain(&db, Op::Insert, i, 1).await;
+            }
+        }
+    }
+    let shed = observer.as_ref().map(|o| o.stats().shed).unwrap_or(0);
+    println!(
+        "peak_rss_kb={} before_kb={before} shed={shed}",
+        peak_rss_kb()
+    );
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
+fn memory(n: usize) -> Vec<(String, u64, u64)> {
+    let exe = std::env::current_exe().unwrap();
+    let mut out = Vec::new();
+    for mode in ["plain", "direct", "outbox"] {
+        let o = std::process::Command::new(&exe)
+            .args(["memory-child", mode, &n.to_string()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        let field = |k: &str| {
+            text.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (peak, shed) = (field("peak_rss_kb="), field("shed="));
+        println!(
+            "  {mode:<8} {n} events, receiver down: peak RSS {:.1} MiB, shed {shed}",
+            peak as f64 / 1024.0
+        );
+        out.push((mode.to_owned(), peak, shed));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Compile time of the POS entities with and without the derive.
+
+fn compile_time() -> Option<(Duration, Duration)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |name: &str| std::fs::read_to_string(root.join("src/entities").join(name)).ok();
+    let (category, order) = (read("category.rs")?, read("order.rs")?);
+    let unobserved = |src: &str| {
+        let kept: Vec<&str> = src
+            .lines()
+            .filter(|l| !l.starts_with("#[observe(") && *l != "use vendora_observe::Observed;")
+            .collect();
+        kept.join("\n").replace(", Observed)]", ")]")
+            + "\n\nimpl ActiveModelBehavior for ActiveModel {}\n"
+    };
+    let mut times = Vec::new();
+    for (name, observed) in [("plain", false), ("observed", true)] {
+        let dir = root.join("target/bench-compile").join(name);
+        std::fs::create_dir_all(dir.join("src")).ok()?;
+        let body = |src: &str| {
+            if observed {
+                src.to_owned()
+            } else {
+                unobserved(src)
+            }
+        };
+        let main = format!(
+            "#![allow(dead_code)]\nmod category {{\n{}\n}}\nmod order {{\n{}\n}}\nfn main() {{}}\n",
+            body(&category),
+            body(&order)
+        );
+        std::fs::write(dir.join("src/main.rs"), &main).ok()?;
+        std::fs::write(
+            dir.join("Cargo.toml"),
+            format!(
+                "[package]\nname = \"bench-compile-{name}\"\nversion = \"0.0.0\"\nedition = \"2024\"\npublish = false\n\n[workspace]\n\n\
+                 [dependencies]\nvendora-observe = {{ path = \"{}\" }}\n\
+                 sea-orm = {{ version = \"2.0.4\", default-features = false, features = [\"macros\", \"with-json\"] }}\n\
+                 serde = {{ version = \"1\", features = [\"derive\"] }}\n",
+                root.join("vendora-observe").display()
+            ),
+        )
+        .ok()?;
+        let build = || {
+            let started = Instant::now();
+            let ok = std::process::Command::new("cargo")
+                .args(["build", "--quiet", "--offline"])
+                .env("CARGO_TARGET_DIR", root.join("target/bench-compile/target"))
+                .current_dir(&dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then(|| started.elapsed())
+        };
+        build()?; // the dependencies, once
+        let mut samples = Vec::new();
+        for i in 0..3 {
+            // A changed source (a comment) forces the crate itself to rebuild.
+            std::fs::write(dir.join("src/main.rs"), format!("{main}// {i}\n")).ok()?;
+            samples.push(build()?);
+        }
+        samples.sort();
+        times.push(samples[1]);
+        println!(
+            "  {name:<8} POS entities (category, order): {:.2} s (median of 3 rebuilds)",
+            samples[1].as_secs_f64()
+        );
+    }
+    Some((times[0], times[1]))
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn svg(rows: &[OverheadRow], path: &std::path::Path) {
+    // Horizontal bars: p50 and p99 of each observed case, in µs on a log scale.
+    let bar_h = 14.0;
+    let gap = 10.0;
+    let left = 430.0;
+    let width = 980.0;
+    let max_us = rows
+        .iter()
+        .map(|r| r.observed.p99.max(r.base.p99).as_secs_f64() * 1e6)
+        .fold(1.0, f64::max);
+    let scale = |v: f64| (v.max(1.0).log10() / max_us.log10()) * (width - left - 40.0);
+    let height = 40.0 + rows.len() as f64 * (2.0 * bar_h + gap) + 30.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">Write latency, p50 (dark) and p99 (light), µs, log scale: plain write (grey) vs observed (blue)</text>\n"
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let y = 40.0 + i as f64 * (2.0 * bar_h + gap);
+        let label = format!("{} · {} · {}", r.backend, r.case, r.op);
+        let _ = writeln!(
+            s,
+            "<text x=\"10\" y=\"{:.1}\">{label}</text>",
+            y + bar_h + 3.0
+        );
+        for (j, (sum, dark, light)) in
+            [(r.base, "#555", "#bbb"), (r.observed, "#1f5fa8", "#9cc0ea")]
+                .iter()
+                .enumerate()
+        {
+            let yy = y + j as f64 * bar_h;
+            let p99 = scale(sum.p99.as_secs_f64() * 1e6);
+            let p50 = scale(sum.p50.as_secs_f64() * 1e6);
+            let _ = writeln!(
+                s,
+                "<rect x=\"{left}\" y=\"{yy:.1}\" width=\"{p99:.1}\" height=\"{:.1}\" fill=\"{light}\"/>",
+                bar_h - 2.0
+            );
+            let _ = writeln!(
+                s,
+                "<rect x=\"{left}\" y=\"{yy:.1}\" width=\"{p50:.1}\" height=\"{:.1}\" fill=\"{dark}\"/>",
+                bar_h - 2.0
+            );
+            let _ = writeln!(
+                s,
+                "<text x=\"{:.1}\" y=\"{:.1}\">{:.0} / {:.0}</text>",
+                left + p99 + 4.0,
+                yy + bar_h - 4.0,
+                sum.p50.as_secs_f64() * 1e6,
+                sum.p99.as_secs_f64() * 1e6
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    let _ = std::fs::write(path, s);
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("memory-child") {
+        let n = args.get(3).and_then(|v| v.parse().ok()).unwrap_or(100_000);
+        memory_child(&args[2], n).await;
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let n = if quick { 300 } else { 2000 };
+    let started = Instant::now();
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let machine = format!(
+        "{} cores, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c.lines().find_map(|l| l
+                .strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))
+            .unwrap_or_else(|| "unknown CPU".into())
+    );
+    // The inline baseline posts to a receiver that answers at once.
+    let inline_sink = Sink::start().await;
+    let _ = INLINE.set(WebhookService::new(config(&inline_sink.url())).unwrap());
+
+    let pg = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| u.starts_with("postgres"));
+    let file = std::env::temp_dir().join(format!("vendora-bench-{}.sqlite", std::process::id()));
+    let file_url = format!("sqlite://{}?mode=rwc", file.display());
+
+    println!("1. Write overhead: observed vs plain, p50/p99 ({n} writes each, interleaved)");
+    let mut rows = Vec::new();
+    overhead("SQLite memory", "sqlite::memory:", n, &mut rows).await;
+    overhead("SQLite file WAL", &file_url, n, &mut rows).await;
+    match &pg {
+        Some(url) => overhead("PostgreSQL", url, n / 2, &mut rows).await,
+        None => println!("  PostgreSQL: skipped (set DATABASE_URL=postgres://…)"),
+    }
+
+    println!("\n2. Delivery rate and commit-to-received latency");
+    let events = if quick { 2000 } else { 20_000 };
+    let mut deliveries = Vec::new();
+    delivery("direct (SQLite memory)", None, events, 8, &mut deliveries).await;
+    let file2 = std::env::temp_dir().join(format!("vendora-bench-d-{}.sqlite", std::process::id()));
+    delivery(
+        "outbox (SQLite file)",
+        Some(&format!("sqlite://{}?mode=rwc", file2.display())),
+        events,
+        8,
+        &mut deliveries,
+    )
+    .await;
+    if let Some(url) = &pg {
+        delivery("outbox (PostgreSQL)", Some(url), events, 8, &mut deliveries).await;
+    }
+
+    println!("\n3. Memory under a burst (receiver down)");
+    let burst = if quick { 20_000 } else { 100_000 };
+    let mem = memory(burst);
+
+    println!("\n4. Compile time");
+    let compile = compile_time();
+    if compile.is_none() {
+        println!("  skipped: the compile benchmark could not build offline");
+    }
+
+    // BENCHMARKS.md
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# Benchmarks\n\nMeasured {date} on {machine}, with `cargo run --release --example bench`{} ({:.0} s). Every ratio compares two things measured side by side in the same run. Nothing here is asserted by the tests.\n",
+        if pg.is_some() {
+            " and `DATABASE_URL` pointing at a local PostgreSQL"
+        } else {
+            ""
+        },
+        started.elapsed().as_secs_f64()
+    );
+    let _ = writeln!(
+        md,
+        "## 1. Write overhead\n\nLatency of a SeaORM write of an observed entity vs the same entity unobserved (interleaved, {n} each; PostgreSQL {}), p50 and p99. Ratio = observed p50 / plain p50. The original design's baseline awaits the POST inside the hook.\n",
+        n / 2
+    );
+    let _ = writeln!(
+        md,
+        "| database | case | write | plain p50 / p99 | observed p50 / p99 | ratio |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    for r in &rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} / {} | {} / {} | {:.2}× |",
+            r.backend,
+            r.case,
+            r.op,
+            us(r.base.p50),
+            us(r.base.p99),
+            us(r.observed.p50),
+            us(r.observed.p99),
+            r.ratio()
+        );
+    }
+    let _ = writeln!(md, "\n![write latency](benchmarks-latency.svg)\n");
+    let _ = writeln!(
+        md,
+        "## 2. Delivery\n\n{events} events queued behind a closed gate, then released: events per second until the last arrived, vs `wrk` posting the same kind of signed body to the same receiver with the same number of connections (8). Then 1,000 writes 2 ms apart: from the write's return (commit) to the receiver's arrival.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| mode | delivered/s | wrk req/s | share of wrk | commit→received p50 | p99 |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    for d in &deliveries {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {} | {} | {} | {} |",
+            d.case,
+            d.rate,
+            d.wrk
+                .map(|w| format!("{w:.0}"))
+                .unwrap_or_else(|| "n/a (install wrk)".into()),
+            d.wrk
+                .map(|w| format!("{:.0}%", d.rate / w * 100.0))
+                .unwrap_or_default(),
+            d.latency.map(|l| us(l.p50)).unwrap_or_default(),
+            d.latency.map(|l| us(l.p99)).unwrap_or_default()
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n## 3. Memory under a burst\n\n{burst} inserts with the receiver down, each in its own process; peak RSS (VmHWM).\n\n| writer | peak RSS | shed |\n| --- | --- | --- |"
+    );
+    for (mode, peak, shed) in &mem {
+        let _ = writeln!(md, "| {mode} | {:.1} MiB | {shed} |", *peak as f64 / 1024.0);
+    }
+    let _ = writeln!(md, "\n## 4. Compile time\n");
+    match compile {
+        Some((plain, observed)) => {
+            let _ = writeln!(
+                md,
+                "Rebuilding a crate holding the POS Category and Order entities (dev profile, dependencies built, median of 3):\n\n| entities | time |\n| --- | --- |\n| without `#[derive(Observed)]` | {:.2} s |\n| with it | {:.2} s ({:.2}×) |",
+                plain.as_secs_f64(),
+                observed.as_secs_f64(),
+                observed.as_secs_f64() / plain.as_secs_f64()
+            );
+        }
+        None => {
+            let _ = writeln!(
+                md,
+                "Not measured in this run (the temporary crates could not build offline)."
+            );
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let _ = std::fs::write(root.join("BENCHMARKS.md"), &md);
+    svg(&rows, &root.join("benchmarks-latency.svg"));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+        let _ = std::fs::remove_file(format!("{}{suffix}", file2.display()));
+    }
+    println!("\nwrote BENCHMARKS.md and benchmarks-latency.svg");
+}
