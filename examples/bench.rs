@@ -232,6 +232,8 @@ impl OverheadRow {
 enum Op {
     Insert,
     Update,
+    /// An update that leaves the watched column alone: no old-value read.
+    UpdateName,
     InsertInTxn,
 }
 
@@ -240,122 +242,75 @@ impl Op {
         match self {
             Op::Insert => "insert",
             Op::Update => "update",
+            Op::UpdateName => "update, unwatched column",
             Op::InsertInTxn => "insert in txn",
         }
     }
 }
 
+/// One timed write of `op` on the entity module `$m`.
+macro_rules! timed_write {
+    ($m:ident, $db:expr, $op:expr, $i:expr, $id:expr) => {{
+        let (db, op, i, id) = ($db, $op, $i, $id);
+        let new = || $m::ActiveModel {
+            id: NotSet,
+            name: Set(format!("p{i}")),
+            price: Set(1.5),
+            stock: Set(i),
+        };
+        let started = Instant::now();
+        match op {
+            Op::Insert => {
+                new().insert(db).await.unwrap();
+            }
+            Op::Update => {
+                $m::ActiveModel {
+                    id: Unchanged(id),
+                    name: NotSet,
+                    price: NotSet,
+                    stock: Set(i),
+                }
+                .update(db)
+                .await
+                .unwrap();
+            }
+            Op::UpdateName => {
+                $m::ActiveModel {
+                    id: Unchanged(id),
+                    name: Set(format!("n{i}")),
+                    price: NotSet,
+                    stock: NotSet,
+                }
+                .update(db)
+                .await
+                .unwrap();
+            }
+            Op::InsertInTxn => {
+                let txn = db.begin().await.unwrap();
+                new().insert(&txn).await.unwrap();
+                txn.commit().await.unwrap();
+            }
+        }
+        started.elapsed()
+    }};
+}
+
 async fn write_plain(db: &DatabaseConnection, op: Op, i: i32, id: i32) -> Duration {
-    let started = Instant::now();
-    match op {
-        Op::Insert => {
-            plain::ActiveModel {
-                id: NotSet,
-                name: Set(format!("p{i}")),
-                price: Set(1.5),
-                stock: Set(i),
-            }
-            .insert(db)
-            .await
-            .unwrap();
-        }
-        Op::Update => {
-            plain::ActiveModel {
-                id: Unchanged(id),
-                name: NotSet,
-                price: NotSet,
-                stock: Set(i),
-            }
-            .update(db)
-            .await
-            .unwrap();
-        }
-        Op::InsertInTxn => {
-            let txn = db.begin().await.unwrap();
-            plain::ActiveModel {
-                id: NotSet,
-                name: Set(format!("p{i}")),
-                price: Set(1.5),
-                stock: Set(i),
-            }
-            .insert(&txn)
-            .await
-            .unwrap();
-            txn.commit().await.unwrap();
-        }
-    }
-    started.elapsed()
+    timed_write!(plain, db, op, i, id)
 }
 
 async fn write_observed(db: &DatabaseConnection, op: Op, i: i32, id: i32) -> Duration {
-    let started = Instant::now();
-    match op {
-        Op::Insert => {
-            observed::ActiveModel {
-                id: NotSet,
-                name: Set(format!("p{i}")),
-                price: Set(1.5),
-                stock: Set(i),
-            }
-            .insert(db)
-            .await
-            .unwrap();
-        }
-        Op::Update => {
-            observed::ActiveModel {
-                id: Unchanged(id),
-                name: NotSet,
-                price: NotSet,
-                stock: Set(i),
-            }
-            .update(db)
-            .await
-            .unwrap();
-        }
-        Op::InsertInTxn => {
-            let txn = db.begin().await.unwrap();
-            observed::ActiveModel {
-                id: NotSet,
-                name: Set(format!("p{i}")),
-                price: Set(1.5),
-                stock: Set(i),
-            }
-            .insert(&txn)
-            .await
-            .unwrap();
-            txn.commit().await.unwrap();
-        }
-    }
-    started.elapsed()
+    timed_write!(observed, db, op, i, id)
 }
 
+/// The original design never wrapped its writes in transactions.
 async fn write_inline(db: &DatabaseConnection, op: Op, i: i32, id: i32) -> Duration {
-    let started = Instant::now();
-    match op {
-        Op::Insert | Op::InsertInTxn => {
-            inline::ActiveModel {
-                id: NotSet,
-                name: Set(format!("p{i}")),
-                price: Set(1.5),
-                stock: Set(i),
-            }
-            .insert(db)
-            .await
-            .unwrap();
-        }
-        Op::Update => {
-            inline::ActiveModel {
-                id: Unchanged(id),
-                name: NotSet,
-                price: NotSet,
-                stock: Set(i),
-            }
-            .update(db)
-            .await
-            .unwrap();
-        }
-    }
-    started.elapsed()
+    let op = if op == Op::InsertInTxn {
+        Op::Insert
+    } else {
+        op
+    };
+    timed_write!(inline, db, op, i, id)
 }
 
 /// Interleaves `n` plain and `n` observed writes (A, B, A, B, …) so that both see the same
@@ -451,7 +406,7 @@ async fn overhead(backend: &'static str, url: &str, n: usize, rows: &mut Vec<Ove
             observed,
         };
         println!(
-            "  {backend:<14} {case:<34} {:<13} plain p50 {:>7} p99 {:>7} | observed p50 {:>7} p99 {:>7} | {:.2}x",
+            "  {backend:<14} {case:<34} {:<25} plain p50 {:>7} p99 {:>7} | observed p50 {:>7} p99 {:>7} | {:.2}x",
             row.op,
             us(base.p50),
             us(base.p99),
@@ -473,7 +428,12 @@ async fn overhead(backend: &'static str, url: &str, n: usize, rows: &mut Vec<Ove
             .build()
             .await
             .unwrap();
-        for op in [Op::Insert, Op::Update] {
+        let ops: &[Op] = if label == "direct, receiver up" {
+            &[Op::Insert, Op::Update, Op::UpdateName]
+        } else {
+            &[Op::Insert, Op::Update]
+        };
+        for &op in ops {
             push(
                 label,
                 op,

@@ -7,23 +7,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{SECRET, WAIT, fast_retries};
+use common::{SECRET, WAIT, fast_retries, product_am};
 use sea_orm::{ActiveModelTrait, ActiveValue::NotSet, DatabaseConnection, IntoActiveModel, Set};
 use vendora_observe::{Observer, Overflow, RetryPolicy, WebhookConfig};
 use vendora_pos::db;
 use vendora_pos::entities::product;
 use vendora_pos::receiver::{Blackhole, Receiver, Reply};
-
-fn product_am(name: &str, stock: i32) -> product::ActiveModel {
-    product::ActiveModel {
-        id: NotSet,
-        name: Set(name.to_owned()),
-        price: Set(1.5),
-        stock: Set(stock),
-        category_id: Set(None),
-        ..Default::default()
-    }
-}
 
 async fn memory_db() -> DatabaseConnection {
     let db = db::connect("sqlite::memory:").await.unwrap();

@@ -188,17 +188,7 @@ async fn own_hooks_run_beside_the_observer() {
     let recorder = vendora_observe::testing::Recorder::new();
     let (created, updated) = recorder
         .scope(async {
-            let p = product::ActiveModel {
-                id: NotSet,
-                name: Set("Tea".into()),
-                price: Set(3.0),
-                stock: Set(1),
-                category_id: Set(None),
-                ..Default::default()
-            }
-            .insert(&db)
-            .await
-            .unwrap();
+            let p = common::product_am("Tea", 1).insert(&db).await.unwrap();
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             let mut am = p.clone().into_active_model();
             am.stock = Set(2);

@@ -1,35 +1,15 @@
 //! Without an installed observer, writes still work, and one warning says that events are
 //! dropped and how to install an observer. (Its own test binary: nothing installs one.)
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod common;
 
 use sea_orm::{ActiveModelTrait, ActiveValue::NotSet, IntoActiveModel, Set};
 use vendora_pos::db;
 use vendora_pos::entities::category;
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn writes_work_and_one_warning_explains_how_to_install_an_observer() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (_guard, logs) = common::capture_logs();
 
     let db = db::connect("sqlite::memory:").await.unwrap();
     db::create_pos_tables(&db).await.unwrap();
@@ -45,7 +25,7 @@ async fn writes_work_and_one_warning_explains_how_to_install_an_observer() {
         am.name = Set(format!("c{i}'"));
         am.update(&db).await.unwrap();
     }
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = logs();
     let warnings: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("no observer is installed"))

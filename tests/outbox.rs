@@ -6,7 +6,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{SECRET, WAIT, fast_retries, outbox_observer, postgres, sqlite_file};
+use common::{SECRET, WAIT, fast_retries, outbox_observer, postgres, product_am, sqlite_file};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::NotSet, DatabaseConnection, IntoActiveModel, Set,
     TransactionTrait,
@@ -14,17 +14,6 @@ use sea_orm::{
 use vendora_observe::{Observer, RetryPolicy};
 use vendora_pos::entities::product;
 use vendora_pos::receiver::{Receiver, Reply, Request};
-
-fn product_am(name: &str, stock: i32) -> product::ActiveModel {
-    product::ActiveModel {
-        id: NotSet,
-        name: Set(name.to_owned()),
-        price: Set(1.5),
-        stock: Set(stock),
-        category_id: Set(None),
-        ..Default::default()
-    }
-}
 
 /// Waits for `cond` to hold, polling, or panics after `timeout` with `what`.
 async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sea_orm::{ActiveModelTrait, ActiveValue::NotSet, IntoActiveModel, Set};
 use vendora_observe::testing::Recorder;
 use vendora_pos::db;
-use vendora_pos::entities::{category, product};
+use vendora_pos::entities::category;
 use vendora_pos::receiver::Receiver;
 
 async fn insert_and_rename(db: &sea_orm::DatabaseConnection, name: &str) -> category::Model {
@@ -69,17 +69,7 @@ async fn parallel_recordings_see_only_their_own_events_and_nothing_is_sent() {
     }
     // Outside any recording the installed observer sends: one marker write, then check
     // that it is the only request the receiver ever saw.
-    let marker = product::ActiveModel {
-        id: NotSet,
-        name: Set("marker".into()),
-        price: Set(1.0),
-        stock: Set(1),
-        category_id: Set(None),
-        ..Default::default()
-    }
-    .insert(&db)
-    .await
-    .unwrap();
+    let marker = common::product_am("marker", 1).insert(&db).await.unwrap();
     let got = receiver.wait_delivered(1, common::WAIT).await;
     assert!(observer.flush(Duration::from_secs(10)).await);
     assert_eq!(receiver.requests().len(), 1);

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use common::SECRET;
@@ -203,27 +201,9 @@ async fn status_errors_are_reported_and_a_401_names_the_secret() {
     assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn dispatch_logs_failures_without_the_secret() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (_guard, logs) = common::capture_logs();
 
     let receiver = Receiver::start("another-secret").await.unwrap();
     let s = service(&receiver.url(), Duration::from_secs(5));
@@ -233,7 +213,7 @@ async fn dispatch_logs_failures_without_the_secret() {
         .dispatch("product:updated", &json!({"id": 1}))
         .await;
 
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = logs();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert!(

@@ -142,3 +142,46 @@ pub fn assert_per_row_order(requests: &[vendora_pos::receiver::Request]) {
         }
     }
 }
+
+/// A new product with the given name and stock.
+pub fn product_am(name: &str, stock: i32) -> vendora_pos::entities::product::ActiveModel {
+    use sea_orm::{ActiveValue::NotSet, Set};
+    vendora_pos::entities::product::ActiveModel {
+        id: NotSet,
+        name: Set(name.to_owned()),
+        price: Set(1.5),
+        stock: Set(stock),
+        category_id: Set(None),
+        ..Default::default()
+    }
+}
+
+/// Log lines written while the returned guard lives (this thread: use a current-thread
+/// runtime), and a way to read them.
+pub fn capture_logs() -> (tracing::subscriber::DefaultGuard, impl Fn() -> String) {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    (guard, move || {
+        String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+    })
+}

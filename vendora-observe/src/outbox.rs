@@ -30,7 +30,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, Value};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait, Value,
+};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -186,15 +188,7 @@ pub async fn create_table<C: ConnectionTrait>(db: &C) -> Result<(), DbErr> {
             "CREATE OR REPLACE FUNCTION {TABLE}_notify() RETURNS trigger AS $$ \
              BEGIN PERFORM pg_notify('{CHANNEL}', ''); RETURN NULL; END; $$ LANGUAGE plpgsql"
         );
-        let exists = db
-            .query_one_raw(stmt(
-                backend,
-                "SELECT 1 AS one FROM pg_trigger WHERE tgname = ?",
-                vec![format!("{TABLE}_notify").into()],
-            ))
-            .await?
-            .is_some();
-        if !exists {
+        if !trigger_exists(db).await? {
             let trigger = format!(
                 "CREATE TRIGGER {TABLE}_notify AFTER INSERT ON {TABLE} \
                  FOR EACH STATEMENT EXECUTE FUNCTION {TABLE}_notify()"
@@ -204,22 +198,26 @@ pub async fn create_table<C: ConnectionTrait>(db: &C) -> Result<(), DbErr> {
                 db.execute_unprepared(&trigger).await
             }
             .await;
-            if let Err(e) = created {
-                let exists = db
-                    .query_one_raw(stmt(
-                        backend,
-                        "SELECT 1 AS one FROM pg_trigger WHERE tgname = ?",
-                        vec![format!("{TABLE}_notify").into()],
-                    ))
-                    .await?
-                    .is_some();
-                if !exists {
-                    return Err(e);
-                }
+            // Another instance may have created it meanwhile.
+            if let Err(e) = created
+                && !trigger_exists(db).await?
+            {
+                return Err(e);
             }
         }
     }
     Ok(())
+}
+
+async fn trigger_exists<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
+    Ok(db
+        .query_one_raw(stmt(
+            db.get_database_backend(),
+            "SELECT 1 AS one FROM pg_trigger WHERE tgname = ?",
+            vec![format!("{TABLE}_notify").into()],
+        ))
+        .await?
+        .is_some())
 }
 
 /// Whether `db` has the outbox table.
@@ -581,9 +579,40 @@ impl Outbox {
         }
     }
 
-    /// One attempt at one claimed row. A success returns the row's id, to be marked with
-    /// the batch; a failure's outcome is written at once.
-    async fn deliver(&self, row: Claimed) -> Option<i64> {
+    /// Writes the failures of a batch in one transaction (one commit, not one per row).
+    async fn write_failures(&self, failures: Vec<(String, Vec<Value>)>) {
+        if failures.is_empty() {
+            return;
+        }
+        let inner = &self.inner;
+        let backend = inner.backend;
+        for attempt in 0..5 {
+            let result = async {
+                let txn = inner.options.db.begin().await?;
+                for (text, values) in &failures {
+                    txn.execute_raw(stmt(backend, text, values.clone())).await?;
+                }
+                txn.commit().await
+            }
+            .await;
+            match result {
+                Ok(()) => return,
+                Err(e) if attempt < 4 => {
+                    tracing::debug!("outbox: writing failed attempts failed, retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+                }
+                Err(e) => tracing::error!(
+                    "outbox: {} failed attempts could not be recorded ({e}); the rows will be \
+                     tried again after their lease",
+                    failures.len()
+                ),
+            }
+        }
+    }
+
+    /// One attempt at one claimed row: its id when delivered (marked with the batch), or
+    /// the statement recording the failure (written with the batch).
+    async fn deliver(&self, row: Claimed) -> Result<i64, (String, Vec<Value>)> {
         let inner = &self.inner;
         let ctx = &inner.ctx;
         let attempts = row.attempts + 1;
@@ -592,7 +621,7 @@ impl Outbox {
         let (text, values): (String, Vec<Value>) = match result {
             Ok(_) => {
                 ctx.counters.sent();
-                return Some(row.id);
+                return Ok(row.id);
             }
             Err(error) => {
                 ctx.counters.failed();
@@ -641,8 +670,7 @@ impl Outbox {
                 }
             }
         };
-        self.write_outcome(&text, values, "a failed attempt").await;
-        None
+        Err((text, values))
     }
 }
 
@@ -742,14 +770,18 @@ async fn run_relay(outbox: Outbox, mut listener: Listener) {
                 delivered
             });
         }
-        let mut delivered = Vec::new();
+        let (mut delivered, mut failures) = (Vec::new(), Vec::new());
         while let Some(done) = set.join_next().await {
-            if let Ok(Some(id)) = done {
-                delivered.push(id);
+            match done {
+                Ok(Ok(id)) => delivered.push(id),
+                Ok(Err(failure)) => failures.push(failure),
+                Err(_) => {} // a panicked task: its row is retried after the lease
             }
         }
         outbox.mark_delivered(&delivered).await;
-        outbox.refresh_pending().await;
+        outbox.write_failures(failures).await;
+        // The pending count is refreshed when the relay goes idle: a COUNT per batch
+        // would add a query to every delivery when events trickle in one by one.
         inner.progress.notify_waiters();
     }
 }
