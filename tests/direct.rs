@@ -8,10 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{SECRET, WAIT, fast_retries, product_am};
-use sea_orm::{ActiveModelTrait, ActiveValue::NotSet, DatabaseConnection, IntoActiveModel, Set};
+use sea_orm::{ActiveModelTrait, DatabaseConnection, IntoActiveModel, Set};
 use vendora_observe::{Observer, Overflow, RetryPolicy, WebhookConfig};
 use vendora_pos::db;
-use vendora_pos::entities::product;
 use vendora_pos::receiver::{Blackhole, Receiver, Reply};
 
 async fn memory_db() -> DatabaseConnection {

@@ -182,7 +182,6 @@ async fn composite_keys_name_the_row_by_every_key_column() {
 #[tokio::test(flavor = "multi_thread")]
 async fn own_hooks_run_beside_the_observer() {
     // The POS product keeps created_at/updated_at with ActiveModelHooks.
-    use vendora_pos::entities::product;
     let db = db::connect("sqlite::memory:").await.unwrap();
     db::create_pos_tables(&db).await.unwrap();
     let recorder = vendora_observe::testing::Recorder::new();

@@ -7,10 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::{SECRET, WAIT, fast_retries, outbox_observer, postgres, product_am, sqlite_file};
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::NotSet, DatabaseConnection, IntoActiveModel, Set,
-    TransactionTrait,
-};
+use sea_orm::{ActiveModelTrait, DatabaseConnection, IntoActiveModel, Set, TransactionTrait};
 use vendora_observe::{Observer, RetryPolicy};
 use vendora_pos::entities::product;
 use vendora_pos::receiver::{Receiver, Reply, Request};

@@ -724,9 +724,22 @@ async fn run_relay(outbox: Outbox, mut listener: Listener) {
     let limit = Arc::new(Semaphore::new(inner.lanes));
     let mut last_prune = Instant::now();
     let mut failing_since: Option<Instant> = None;
+    // Batches in a row in which every attempt failed: the receiver is down. The relay then
+    // waits before claiming again, whatever wakes it, instead of trying each new row at
+    // once and competing with the application's writes for the database.
+    let mut failed_batches: u32 = 0;
     loop {
         if inner.stopping.load(Ordering::Acquire) {
             break;
+        }
+        if failed_batches > 0 {
+            let pause = inner
+                .ctx
+                .policy
+                .delay(failed_batches, None)
+                .max(inner.options.poll_interval)
+                .min(Duration::from_secs(5));
+            tokio::time::sleep(pause).await;
         }
         let claimed = match outbox.claim().await {
             Ok(c) => {
@@ -778,6 +791,11 @@ async fn run_relay(outbox: Outbox, mut listener: Listener) {
                 Err(_) => {} // a panicked task: its row is retried after the lease
             }
         }
+        failed_batches = if delivered.is_empty() && !failures.is_empty() {
+            failed_batches.saturating_add(1)
+        } else {
+            0
+        };
         outbox.mark_delivered(&delivered).await;
         outbox.write_failures(failures).await;
         // The pending count is refreshed when the relay goes idle: a COUNT per batch
