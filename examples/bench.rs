@@ -117,6 +117,9 @@ static INLINE: OnceLock<WebhookService> = OnceLock::new();
 #[derive(Default)]
 struct Counter {
     received: AtomicU64,
+    /// Record arrival times (latency phase only: the rate phase, ours and wrk's, does the
+    /// same work per request: verify and count).
+    record: std::sync::atomic::AtomicBool,
     arrivals: Mutex<HashMap<i64, Instant>>,
 }
 
@@ -143,6 +146,9 @@ async fn sink_handler(
     let now = Instant::now();
     counter.received.fetch_add(1, Ordering::Relaxed);
     // `"id":N` of full-model events, for commit-to-received latency.
+    if !counter.record.load(Ordering::Relaxed) {
+        return StatusCode::OK;
+    }
     if let Some(pos) = body.windows(5).position(|w| w == b"\"id\":") {
         let digits: String = body[pos + 5..]
             .iter()
@@ -562,6 +568,7 @@ async fn delivery(
     let rate = n as f64 / started.elapsed().as_secs_f64();
     assert!(all, "{name}: not everything arrived");
     // Latency: paced writes, commit (the write returned) to received.
+    sink.counter.record.store(true, Ordering::Relaxed);
     let mut commits = Vec::new();
     observer
         .scope(async {
@@ -589,6 +596,7 @@ async fn delivery(
         .filter_map(|(id, at)| arrivals.get(id).map(|r| r.saturating_duration_since(*at)))
         .collect();
     let latency = (!latencies.is_empty()).then(|| summarize(latencies));
+    sink.counter.record.store(false, Ordering::Relaxed);
     let wrk = wrk_rate(&sink.url(), lanes, 5);
     observer.shutdown(Duration::from_secs(5)).await;
     println!(

@@ -377,3 +377,68 @@ async fn crash_mid_stream_then_restart_delivers_every_committed_event() {
         "an event for a row that was not committed"
     );
 }
+
+/// An outbox observer whose poll is far longer than the test's deadline: only a wake-up
+/// can deliver in time.
+async fn slow_polling_observer(db: &DatabaseConnection, url: &str) -> Observer {
+    let mut options = vendora_observe::OutboxOptions::new(db.clone());
+    options.poll_interval = Duration::from_secs(600);
+    options.lease = Duration::from_secs(3);
+    Observer::builder(common::config(url))
+        .retry(fast_retries())
+        .outbox_options(options)
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_autocommit_write_wakes_its_own_relay_at_once() {
+    let (db, _) = sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = slow_polling_observer(&db, &receiver.url()).await;
+    // Let the relay finish its first (empty) round and go to sleep.
+    assert!(observer.flush(WAIT).await);
+    observer
+        .scope(product_am("woken", 1).insert(&db))
+        .await
+        .unwrap();
+    // 10 s, against a 600 s poll: the in-process signal did it.
+    let got = receiver.wait_delivered(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].data()["name"], "woken");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_notify_wakes_a_relay_for_rows_another_instance_commits() {
+    let Some((db, url)) = postgres().await else {
+        return;
+    };
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = slow_polling_observer(&db, &receiver.url()).await;
+    assert!(observer.flush(WAIT).await);
+    // Another instance (its own connection, no relay of ours in its process) commits a
+    // change with its outbox row in one transaction.
+    let other = vendora_pos::db::connect(&url).await.unwrap();
+    let recorder_free = Observer::builder(common::config(&receiver.url()))
+        .outbox_options({
+            let mut o = vendora_observe::OutboxOptions::new(other.clone());
+            o.poll_interval = Duration::from_secs(600);
+            o.lease = Duration::from_secs(3);
+            o
+        })
+        .build()
+        .await
+        .unwrap();
+    // Stop the other instance's relay first: only ours may deliver.
+    recorder_free.shutdown(Duration::from_secs(5)).await;
+    let txn = other.begin().await.unwrap();
+    recorder_free
+        .scope(product_am("notified", 1).insert(&txn))
+        .await
+        .unwrap();
+    txn.commit().await.unwrap();
+    let got = receiver.wait_delivered(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].data()["name"], "notified");
+    assert!(observer.flush(WAIT).await);
+    assert_eq!(observer.stats().sent, 1, "our relay delivered it");
+}
