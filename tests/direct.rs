@@ -78,18 +78,11 @@ async fn three_503s_then_200_and_retry_after_is_honoured() {
         Reply::Status(429, Some(0)),
     ]);
     let observer = common::observer_for(&receiver.url(), fast_retries()).await;
-    observer
-        .scope(product_am("x", 1).insert(&db))
-        .await
-        .unwrap();
-    receiver.wait_delivered(1, WAIT).await;
-    assert!(observer.flush(WAIT).await);
-    let all = receiver.requests();
+    let all = common::one_write_attempts(&observer, &receiver, &db).await;
     assert_eq!(
         all.iter().map(|r| r.status).collect::<Vec<_>>(),
         [503, 503, 429, 200]
     );
-    assert!(all.iter().all(|r| r.id() == all[0].id()));
     // Retry-After: 1 s between the first and second attempt (fast_retries would wait at
     // most 10 ms otherwise).
     assert!(all[1].received_at.duration_since(all[0].received_at) >= Duration::from_millis(900));

@@ -185,3 +185,25 @@ pub fn capture_logs() -> (tracing::subscriber::DefaultGuard, impl Fn() -> String
         String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
     })
 }
+
+/// Writes one product through `observer`, waits until it is delivered and the observer is
+/// idle, and returns every attempt the receiver saw; all attempts carry one X-Webhook-Id.
+pub async fn one_write_attempts(
+    observer: &Observer,
+    receiver: &vendora_pos::receiver::Receiver,
+    db: &DatabaseConnection,
+) -> Vec<vendora_pos::receiver::Request> {
+    use sea_orm::ActiveModelTrait;
+    observer
+        .scope(product_am("retry me", 1).insert(db))
+        .await
+        .unwrap();
+    receiver.wait_delivered(1, WAIT).await;
+    assert!(observer.flush(WAIT).await);
+    let all = receiver.requests();
+    assert!(
+        all.iter().all(|r| r.id() == all[0].id()),
+        "retries keep the X-Webhook-Id"
+    );
+    all
+}
