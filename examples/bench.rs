@@ -840,6 +840,14 @@ async fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
+    // `--delivery-only`: the direct-mode delivery rate alone, for profiling; writes no file.
+    if args.iter().any(|a| a == "--delivery-only") {
+        let inline_sink = Sink::start().await;
+        let _ = INLINE.set(WebhookService::new(config(&inline_sink.url())).unwrap());
+        let mut rows = Vec::new();
+        delivery("direct (SQLite memory)", None, 60_000, 8, &mut rows).await;
+        return;
+    }
     let n = if quick { 300 } else { 2000 };
     let started = Instant::now();
     let date = std::process::Command::new("date")
