@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,21 +47,7 @@ async fn receiver_down_then_up_gets_every_event_in_per_row_order() {
     let receiver = Receiver::start_on(addr, SECRET).await.unwrap();
     receiver.wait_delivered(900, Duration::from_secs(60)).await;
     assert!(observer.flush(WAIT).await);
-    let delivered = receiver.delivered();
-    assert_eq!(delivered.len(), 900);
-    let ids: HashSet<&str> = delivered.iter().map(|r| r.id()).collect();
-    assert_eq!(ids.len(), 900, "a duplicate delivery");
-    let mut last: HashMap<i64, i64> = HashMap::new();
-    for r in delivered
-        .iter()
-        .filter(|r| r.event().starts_with("product:"))
-    {
-        let d = r.data();
-        let (id, stock) = (d["id"].as_i64().unwrap(), d["stock"].as_i64().unwrap());
-        if let Some(prev) = last.insert(id, stock) {
-            assert!(stock > prev, "row {id}: stock {stock} after {prev}");
-        }
-    }
+    common::assert_complete_and_ordered(&receiver.delivered(), 900);
     let stats = observer.stats();
     assert_eq!((stats.sent, stats.dead, stats.pending), (900, 0, 0));
     assert!(stats.retried > 0);

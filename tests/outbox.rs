@@ -6,11 +6,14 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{SECRET, WAIT, fast_retries, outbox_observer, postgres, product_am, sqlite_file};
+use common::{
+    SECRET, WAIT, assert_complete_and_ordered, fast_retries, outbox_observer, postgres, product_am,
+    sqlite_file,
+};
 use sea_orm::{ActiveModelTrait, DatabaseConnection, IntoActiveModel, Set, TransactionTrait};
 use vendora_observe::{Observer, RetryPolicy};
 use vendora_pos::entities::product;
-use vendora_pos::receiver::{Receiver, Reply, Request};
+use vendora_pos::receiver::{Receiver, Reply};
 
 /// Waits for `cond` to hold, polling, or panics after `timeout` with `what`.
 async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
@@ -67,25 +70,6 @@ async fn postgres_rolled_back_transactions_send_nothing() {
         return;
     };
     rollback_case(db).await;
-}
-
-/// The product events of each row arrive with strictly increasing stock (each write sets
-/// a higher one), and every delivered X-Webhook-Id is unique.
-fn assert_complete_and_ordered(delivered: &[Request], expected_events: usize) {
-    let ids: HashSet<&str> = delivered.iter().map(Request::id).collect();
-    assert_eq!(ids.len(), delivered.len(), "a duplicate delivery");
-    assert_eq!(delivered.len(), expected_events);
-    let mut last: HashMap<i64, i64> = HashMap::new();
-    for r in delivered
-        .iter()
-        .filter(|r| r.event().starts_with("product:"))
-    {
-        let d = r.data();
-        let (id, stock) = (d["id"].as_i64().unwrap(), d["stock"].as_i64().unwrap());
-        if let Some(prev) = last.insert(id, stock) {
-            assert!(stock > prev, "row {id}: stock {stock} arrived after {prev}");
-        }
-    }
 }
 
 async fn write_rows(observer: &Observer, db: &DatabaseConnection, rows: i32, updates: i32) {

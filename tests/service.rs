@@ -23,6 +23,16 @@ fn service(url: &str, timeout: Duration) -> WebhookService {
     .unwrap()
 }
 
+/// One `try_dispatch`, which must finish within 10 s (`what` names the hang).
+async fn try_within_10s(
+    s: &WebhookService,
+    what: &str,
+) -> Result<vendora_observe::Delivered, DeliveryError> {
+    tokio::time::timeout(Duration::from_secs(10), s.try_dispatch("x:y", &json!({})))
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+}
+
 #[tokio::test]
 async fn dispatch_posts_the_signed_body_with_the_protocol_headers() {
     let receiver = Receiver::start(SECRET).await.unwrap();
@@ -110,9 +120,7 @@ async fn a_closed_port_fails_fast_with_a_connect_error() {
     let url = closed_port_url().await;
     let s = service(&url, Duration::from_secs(30));
     // Well before the 30 s timeout: the connection is refused at once.
-    let result = tokio::time::timeout(Duration::from_secs(10), s.try_dispatch("x:y", &json!({})))
-        .await
-        .expect("dispatch to a closed port hung");
+    let result = try_within_10s(&s, "dispatch to a closed port hung").await;
     assert!(
         matches!(result, Err(DeliveryError::Connect { .. })),
         "{result:?}"
@@ -129,9 +137,7 @@ async fn a_receiver_slower_than_the_timeout_is_abandoned_at_the_timeout() {
     receiver.set_reply(Reply::Delay(Duration::from_secs(30)));
     let s = service(&receiver.url(), Duration::from_millis(300));
     let started = std::time::Instant::now();
-    let result = tokio::time::timeout(Duration::from_secs(10), s.try_dispatch("x:y", &json!({})))
-        .await
-        .expect("the timeout was not applied");
+    let result = try_within_10s(&s, "the timeout was not applied").await;
     assert!(
         matches!(result, Err(DeliveryError::Timeout { .. })),
         "{result:?}"
@@ -140,9 +146,7 @@ async fn a_receiver_slower_than_the_timeout_is_abandoned_at_the_timeout() {
     // A blackhole (accepts, never answers) is the same.
     let hole = Blackhole::start().await.unwrap();
     let s = service(&hole.url(), Duration::from_millis(300));
-    let result = tokio::time::timeout(Duration::from_secs(10), s.try_dispatch("x:y", &json!({})))
-        .await
-        .expect("the timeout was not applied");
+    let result = try_within_10s(&s, "the timeout was not applied").await;
     assert!(
         matches!(result, Err(DeliveryError::Timeout { .. })),
         "{result:?}"

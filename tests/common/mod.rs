@@ -129,16 +129,25 @@ pub async fn outbox_observer(db: &DatabaseConnection, url: &str, retry: RetryPol
         .unwrap()
 }
 
-/// Checks per-row order: for each ordering key (the data's id), the events' sequence
-/// numbers (`seq` in the data) strictly increase.
-pub fn assert_per_row_order(requests: &[vendora_pos::receiver::Request]) {
-    let mut last: std::collections::HashMap<String, i64> = Default::default();
-    for r in requests {
-        let data = r.data();
-        let key = data["id"].to_string();
-        let seq = data["stock"].as_i64().unwrap_or(-1);
-        if let Some(prev) = last.insert(key.clone(), seq) {
-            assert!(seq > prev, "row {key}: stock {seq} arrived after {prev}");
+/// Every delivered X-Webhook-Id is unique, `expected_events` arrived, and the product
+/// events of each row arrived with strictly increasing stock (each write sets a higher one).
+pub fn assert_complete_and_ordered(
+    delivered: &[vendora_pos::receiver::Request],
+    expected_events: usize,
+) {
+    use std::collections::{HashMap, HashSet};
+    let ids: HashSet<&str> = delivered.iter().map(|r| r.id()).collect();
+    assert_eq!(ids.len(), delivered.len(), "a duplicate delivery");
+    assert_eq!(delivered.len(), expected_events);
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    for r in delivered
+        .iter()
+        .filter(|r| r.event().starts_with("product:"))
+    {
+        let d = r.data();
+        let (id, stock) = (d["id"].as_i64().unwrap(), d["stock"].as_i64().unwrap());
+        if let Some(prev) = last.insert(id, stock) {
+            assert!(stock > prev, "row {id}: stock {stock} arrived after {prev}");
         }
     }
 }

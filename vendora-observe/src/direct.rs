@@ -18,12 +18,8 @@ use crate::observer::{Counters, DeadLetter, DeadLetterHandler, Overflow};
 use crate::retry::RetryPolicy;
 use crate::service::{DeliveryError, Webhook, WebhookService};
 
-pub(crate) struct Job {
-    pub(crate) webhook: Webhook,
-}
-
 pub(crate) struct DirectQueue {
-    lanes: Mutex<Vec<mpsc::UnboundedSender<Job>>>,
+    lanes: Mutex<Vec<mpsc::UnboundedSender<Webhook>>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     capacity: usize,
     overflow: Overflow,
@@ -124,7 +120,7 @@ impl DirectQueue {
         let lane = &lanes[(h.finish() % lanes.len() as u64) as usize];
         // Holding the lock keeps another write's events from slipping between these.
         for (i, webhook) in webhooks.into_iter().enumerate() {
-            if lane.send(Job { webhook }).is_err() {
+            if lane.send(webhook).is_err() {
                 drop(lanes);
                 self.counters.release(n - i as u64);
                 return Err(Refused::Closed);
@@ -166,22 +162,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 async fn run_lane(
     lane: usize,
-    mut rx: mpsc::UnboundedReceiver<Job>,
+    mut rx: mpsc::UnboundedReceiver<Webhook>,
     ctx: Arc<LaneContext>,
     queue: std::sync::Weak<DirectQueue>,
     mut abort: watch::Receiver<bool>,
 ) {
     let mut failing = false;
-    while let Some(job) = rx.recv().await {
+    while let Some(webhook) = rx.recv().await {
         let aborted = *abort.borrow();
         if aborted {
             ctx.dead(
-                job.webhook,
+                webhook,
                 0,
                 "shutdown deadline passed before delivery".into(),
             );
         } else {
-            deliver(lane, &ctx, job.webhook, &mut failing, &mut abort).await;
+            deliver(lane, &ctx, webhook, &mut failing, &mut abort).await;
         }
         if let Some(q) = queue.upgrade() {
             q.left_queue();

@@ -429,21 +429,19 @@ impl ObserverBuilder {
             counters: counters.clone(),
             dead_letter: self.dead_letter,
         };
-        if let Some(options) = self.outbox {
-            let outbox = Outbox::start(options, ctx, self.lanes).await?;
-            return Ok(Observer {
-                inner: Arc::new(ObserverInner {
-                    service,
-                    sink: Sink::Outbox(outbox),
-                    counters,
-                }),
-            });
-        }
-        let queue = DirectQueue::start(self.lanes, self.capacity, self.overflow, ctx);
+        let sink = match self.outbox {
+            Some(options) => Sink::Outbox(Outbox::start(options, ctx, self.lanes).await?),
+            None => Sink::Direct(DirectQueue::start(
+                self.lanes,
+                self.capacity,
+                self.overflow,
+                ctx,
+            )),
+        };
         Ok(Observer {
             inner: Arc::new(ObserverInner {
                 service,
-                sink: Sink::Direct(queue),
+                sink,
                 counters,
             }),
         })

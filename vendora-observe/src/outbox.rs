@@ -420,7 +420,22 @@ impl Outbox {
 
     /// Rows not yet delivered nor dead.
     pub async fn pending(&self) -> Result<u64, DbErr> {
-        Ok(counts(&self.inner.options.db).await?.pending)
+        // Only the pending rows: the relay asks this whenever it goes idle, and a GROUP BY
+        // over every status would also count the delivered rows kept for retention.
+        let inner = &self.inner;
+        let row = inner
+            .options
+            .db
+            .query_one_raw(stmt(
+                inner.backend,
+                &format!("SELECT COUNT(*) AS n FROM {TABLE} WHERE status = 'pending'"),
+                vec![],
+            ))
+            .await?;
+        Ok(row
+            .map(|r| r.try_get::<i64>("", "n"))
+            .transpose()?
+            .unwrap_or(0) as u64)
     }
 
     async fn refresh_pending(&self) -> u64 {
