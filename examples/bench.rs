@@ -840,12 +840,38 @@ async fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
-    // `--delivery-only`: the direct-mode delivery rate alone, for profiling; writes no file.
-    if args.iter().any(|a| a == "--delivery-only") {
+    // `--delivery-only [direct|sqlite|postgres]…`: delivery rates alone, for profiling;
+    // writes no file.
+    if let Some(at) = args.iter().position(|a| a == "--delivery-only") {
         let inline_sink = Sink::start().await;
         let _ = INLINE.set(WebhookService::new(config(&inline_sink.url())).unwrap());
+        let mut which: Vec<&str> = args[at + 1..]
+            .iter()
+            .map(String::as_str)
+            .filter(|a| !a.starts_with("--"))
+            .collect();
+        if which.is_empty() {
+            which.push("direct");
+        }
         let mut rows = Vec::new();
-        delivery("direct (SQLite memory)", None, 60_000, 8, &mut rows).await;
+        for case in which {
+            match case {
+                "direct" => delivery("direct (SQLite memory)", None, 60_000, 8, &mut rows).await,
+                "sqlite" => {
+                    let file = std::env::temp_dir()
+                        .join(format!("vendora-bench-d-{}.sqlite", std::process::id()));
+                    let url = format!("sqlite://{}?mode=rwc", file.display());
+                    delivery("outbox (SQLite file)", Some(&url), 20_000, 8, &mut rows).await;
+                    let _ = std::fs::remove_file(&file);
+                }
+                "postgres" => {
+                    let url = std::env::var("DATABASE_URL")
+                        .expect("--delivery-only postgres needs DATABASE_URL");
+                    delivery("outbox (PostgreSQL)", Some(&url), 20_000, 8, &mut rows).await;
+                }
+                other => panic!("--delivery-only: unknown case {other} (direct, sqlite, postgres)"),
+            }
+        }
         return;
     }
     let n = if quick { 300 } else { 2000 };

@@ -416,3 +416,108 @@ async fn postgres_notify_wakes_a_relay_for_rows_another_instance_commits() {
     assert!(observer.flush(WAIT).await);
     assert_eq!(observer.stats().sent, 1, "our relay delivered it");
 }
+
+// ---------------------------------------------------------------------------------------
+// The claim must not walk retained delivered rows (a day of them by default).
+
+/// Fills the outbox as a burst leaves it: `delivered + pending` rows of distinct keys
+/// written, the planner's statistics taken (as autovacuum would, mid-burst), then the first
+/// `delivered` rows delivered.
+async fn fill_outbox(db: &DatabaseConnection, delivered: i64, pending: i64) {
+    use sea_orm::ConnectionTrait;
+    vendora_observe::outbox::create_table(db).await.unwrap();
+    let txn = db.begin().await.unwrap();
+    for i in 0..delivered + pending {
+        txn.execute_unprepared(&format!(
+            "INSERT INTO vendora_outbox (event_id, ordering_key, event, body, \
+             next_attempt_at, created_at) VALUES ('e{i}', 'product:{i}', 'product:created', \
+             '{{}}', 0, 0)"
+        ))
+        .await
+        .unwrap();
+    }
+    txn.commit().await.unwrap();
+    db.execute_unprepared("ANALYZE").await.unwrap();
+    db.execute_unprepared(&format!(
+        "UPDATE vendora_outbox SET status = 'delivered', delivered_at = 0 WHERE id <= {delivered}"
+    ))
+    .await
+    .unwrap();
+}
+
+fn claim_now(db: &DatabaseConnection) -> sea_orm::Statement {
+    vendora_observe::outbox::claim_statement(
+        sea_orm::ConnectionTrait::get_database_backend(db),
+        "test-relay",
+        1,
+        Duration::from_secs(60),
+        128,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_claim_reads_pending_rows_through_their_own_index() {
+    use sea_orm::ConnectionTrait;
+    let (db, _dir) = sqlite_file().await;
+    fill_outbox(&db, 5_000, 10).await;
+    let claim = claim_now(&db);
+    let plan: Vec<String> = db
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            claim.db_backend,
+            format!("EXPLAIN QUERY PLAN {}", claim.sql),
+            claim.values.clone().map(|v| v.0).unwrap_or_default(),
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get::<String>("", "detail").unwrap())
+        .collect();
+    let scan = plan
+        .iter()
+        .find(|l| l.split_whitespace().nth(1) == Some("o"))
+        .unwrap_or_else(|| panic!("no step reads `o`: {plan:#?}"));
+    assert!(
+        scan.contains("USING INDEX vendora_outbox_pending"),
+        "the claim reads {scan:?}, not the pending rows' index: {plan:#?}"
+    );
+    assert!(
+        !plan.iter().any(|l| l.contains("TEMP B-TREE")),
+        "the claim sorts: {plan:#?}"
+    );
+    assert_eq!(db.query_all_raw(claim).await.unwrap().len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_claim_does_not_visit_delivered_rows() {
+    use sea_orm::ConnectionTrait;
+    let Some((db, _)) = postgres().await else {
+        return;
+    };
+    fill_outbox(&db, 20_000, 10).await;
+    let claim = claim_now(&db);
+    let plan: Vec<String> = db
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            claim.db_backend,
+            format!("EXPLAIN (ANALYZE, COSTS OFF) {}", claim.sql),
+            claim.values.clone().map(|v| v.0).unwrap_or_default(),
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get::<String>("", "QUERY PLAN").unwrap())
+        .collect();
+    let removed: u64 = plan
+        .iter()
+        .filter_map(|l| l.split("Rows Removed by Filter:").nth(1))
+        .map(|n| n.trim().parse::<u64>().unwrap())
+        .sum();
+    assert!(
+        removed < 100,
+        "the claim filtered out {removed} rows (20,000 are delivered): {plan:#?}"
+    );
+    let claimed = plan
+        .iter()
+        .find(|l| l.trim_start().starts_with("Update on vendora_outbox"))
+        .unwrap_or_else(|| panic!("no update step: {plan:#?}"));
+    assert!(claimed.contains("rows=10 "), "10 heads claimed: {claimed}");
+}
