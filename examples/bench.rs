@@ -163,17 +163,32 @@ async fn sink_handler(
 }
 
 impl Sink {
+    /// The receiver runs on its own runtime, on threads named `sink-*`, so that its CPU
+    /// time can be told apart from the sender's (see [`Cpu`]). It lives as long as the bench.
     async fn start() -> Sink {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let counter = Arc::new(Counter::default());
         let (gate, rx) = watch::channel(true);
         let app = Router::new()
             .fallback(sink_handler)
             .with_state((counter.clone(), rx));
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        std::thread::Builder::new()
+            .name("sink-main".into())
+            .spawn(move || {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("sink-worker")
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(async move {
+                        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                        let _ = axum::serve(listener, app).await;
+                    });
+            })
+            .unwrap();
         Sink {
             addr,
             counter,
@@ -200,6 +215,108 @@ impl Sink {
 
 // ---------------------------------------------------------------------------------------
 // Measurement helpers.
+
+/// CPU time read from /proc, in clock ticks: the receiver's threads (`sink-*`), this whole
+/// process, and the whole machine (busy time over all cores). On two shared cores a sender
+/// that spends more CPU per request leaves less for the receiver: these say where it went.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    sink: u64,
+    process: u64,
+    machine: u64,
+}
+
+/// Microseconds of CPU per event, split by who spent them.
+#[derive(Clone, Copy)]
+struct CpuPerEvent {
+    /// The receiver (the sink's threads).
+    receiver: f64,
+    /// The rest of this process: observer, lanes or relay, reqwest, in-process SQLite.
+    sender: f64,
+    /// Other processes: PostgreSQL, or `wrk` itself.
+    others: f64,
+}
+
+fn ticks_of_stat(stat: &str) -> u64 {
+    // Fields after the parenthesised name: state is 3rd, utime 14th, stime 15th.
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+impl Cpu {
+    fn now() -> Cpu {
+        let process =
+            ticks_of_stat(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default());
+        let mut sink = 0;
+        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+            for task in tasks.flatten() {
+                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                if stat.contains("(sink-") {
+                    sink += ticks_of_stat(&stat);
+                }
+            }
+        }
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().next()?.to_owned();
+                let v: Vec<u64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal: busy = all but idle, iowait
+                Some(v.iter().take(8).sum::<u64>() - v.get(3)? - v.get(4)?)
+            })
+            .unwrap_or(0);
+        Cpu {
+            sink,
+            process,
+            machine,
+        }
+    }
+
+    /// Per event since `before`, for `events` events.
+    fn per_event(before: Cpu, events: u64) -> CpuPerEvent {
+        static TICK_US: OnceLock<f64> = OnceLock::new();
+        let tick_us = *TICK_US.get_or_init(|| {
+            std::process::Command::new("getconf")
+                .arg("CLK_TCK")
+                .output()
+                .ok()
+                .and_then(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+                .map(|hz| 1e6 / hz)
+                .unwrap_or(1e4)
+        });
+        let after = Cpu::now();
+        let per = |ticks: u64| ticks as f64 * tick_us / events.max(1) as f64;
+        let sink = after.sink.saturating_sub(before.sink);
+        let process = after.process.saturating_sub(before.process);
+        let machine = after.machine.saturating_sub(before.machine);
+        CpuPerEvent {
+            receiver: per(sink),
+            sender: per(process.saturating_sub(sink)),
+            others: per(machine.saturating_sub(process)),
+        }
+    }
+}
+
+impl std::fmt::Display for CpuPerEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} / {:.1} / {:.1} µs",
+            self.sender, self.receiver, self.others
+        )
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Summary {
@@ -487,11 +604,14 @@ async fn overhead(backend: &'static str, url: &str, n: usize, rows: &mut Vec<Ove
 struct DeliveryRow {
     case: String,
     rate: f64,
-    wrk: Option<f64>,
+    cpu: CpuPerEvent,
+    wrk: Option<(f64, CpuPerEvent)>,
     latency: Option<Summary>,
 }
 
-fn wrk_rate(url: &str, connections: usize, seconds: u64) -> Option<f64> {
+/// `wrk`'s request rate against `url`, and the CPU per request (its own counted as
+/// "others").
+fn wrk_rate(url: &str, connections: usize, seconds: u64) -> Option<(f64, CpuPerEvent)> {
     let body = r#"{"event":"stock:updated","data":{"productId":1,"newStock":7}}"#;
     let sig = vendora_observe::sign(SECRET.as_bytes(), body.as_bytes());
     let script = std::env::temp_dir().join(format!("vendora-wrk-{}.lua", std::process::id()));
@@ -503,6 +623,7 @@ fn wrk_rate(url: &str, connections: usize, seconds: u64) -> Option<f64> {
         ),
     )
     .ok()?;
+    let before = Cpu::now();
     let out = std::process::Command::new("wrk")
         .args([
             "-t2",
@@ -516,6 +637,11 @@ fn wrk_rate(url: &str, connections: usize, seconds: u64) -> Option<f64> {
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let non2xx = text.contains("Non-2xx");
+    let requests: u64 = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())?;
+    let cpu = Cpu::per_event(before, requests);
     let rate = text
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
@@ -523,7 +649,7 @@ fn wrk_rate(url: &str, connections: usize, seconds: u64) -> Option<f64> {
     if non2xx {
         eprintln!("wrk saw non-2xx answers:\n{text}");
     }
-    rate
+    Some((rate?, cpu))
 }
 
 async fn delivery(
@@ -560,12 +686,14 @@ async fn delivery(
         })
         .await;
     let before = sink.received();
+    let cpu_before = Cpu::now();
     let started = Instant::now();
     sink.gate.send_replace(true);
     let all = sink
         .wait_received(before + n as u64, Duration::from_secs(300))
         .await;
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    let cpu = Cpu::per_event(cpu_before, n as u64);
     assert!(all, "{name}: not everything arrived");
     // Latency: paced writes, commit (the write returned) to received.
     sink.counter.record.store(true, Ordering::Relaxed);
@@ -602,17 +730,23 @@ async fn delivery(
     println!(
         "  {name:<32} {:>8.0} events/s | wrk {:>8} req/s ({} connections) | {} | commit→received p50 {} p99 {}",
         rate,
-        wrk.map(|w| format!("{w:.0}"))
+        wrk.map(|(w, _)| format!("{w:.0}"))
             .unwrap_or_else(|| "n/a".into()),
         lanes,
-        wrk.map(|w| format!("{:.0}% of wrk", rate / w * 100.0))
+        wrk.map(|(w, _)| format!("{:.0}% of wrk", rate / w * 100.0))
             .unwrap_or_default(),
         latency.map(|l| us(l.p50)).unwrap_or_default(),
         latency.map(|l| us(l.p99)).unwrap_or_default(),
     );
+    println!(
+        "  {:<32} CPU per event, sender / receiver / other processes: {cpu}; wrk: {}",
+        "",
+        wrk.map(|(_, c)| c.to_string()).unwrap_or_default()
+    );
     rows.push(DeliveryRow {
         case: name.to_owned(),
         rate,
+        cpu,
         wrk,
         latency,
     });
@@ -991,13 +1125,34 @@ async fn main() {
             d.case,
             d.rate,
             d.wrk
-                .map(|w| format!("{w:.0}"))
+                .map(|(w, _)| format!("{w:.0}"))
                 .unwrap_or_else(|| "n/a (install wrk)".into()),
             d.wrk
-                .map(|w| format!("{:.0}%", d.rate / w * 100.0))
+                .map(|(w, _)| format!("{:.0}%", d.rate / w * 100.0))
                 .unwrap_or_default(),
             d.latency.map(|l| us(l.p50)).unwrap_or_default(),
             d.latency.map(|l| us(l.p99)).unwrap_or_default()
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nWhere the CPU went, in µs per event (from /proc: the receiver's own threads, the rest of the bench process, and the rest of the machine; both cores are shared by all of them):\n\n\
+         | mode | sender | receiver | other processes | wrk: wrk + others | wrk: receiver |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    for d in &deliveries {
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {:.1} | {} | {} |",
+            d.case,
+            d.cpu.sender,
+            d.cpu.receiver,
+            d.cpu.others,
+            d.wrk
+                .map(|(_, c)| format!("{:.1}", c.others + c.sender))
+                .unwrap_or_default(),
+            d.wrk
+                .map(|(_, c)| format!("{:.1}", c.receiver))
+                .unwrap_or_default(),
         );
     }
     let _ = writeln!(
