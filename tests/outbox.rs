@@ -521,3 +521,48 @@ async fn postgres_claim_does_not_visit_delivered_rows() {
         .unwrap_or_else(|| panic!("no update step: {plan:#?}"));
     assert!(claimed.contains("rows=10 "), "10 heads claimed: {claimed}");
 }
+
+/// Rows claimed together wait for a free lane. Behind a slow receiver the last of them
+/// would start after their lease ended, when another claim may take them too: they are
+/// left for a later claim instead, and every event arrives once.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_whose_lease_would_end_mid_attempt_are_not_sent_twice() {
+    let (db, _dir) = sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    // Under the 2 s timeout, but a second one in the same 3 s lease would outlive it.
+    receiver.set_reply(Reply::Delay(Duration::from_millis(1800)));
+    let mut options = vendora_observe::OutboxOptions::new(db.clone());
+    options.poll_interval = Duration::from_millis(50);
+    options.lease = Duration::from_secs(3);
+    let observer = Observer::builder(common::config(&receiver.url()))
+        .retry(fast_retries())
+        .lanes(1)
+        .outbox_options(options)
+        .build()
+        .await
+        .unwrap();
+    observer
+        .scope(async {
+            let txn = db.begin().await.unwrap();
+            for i in 0..3 {
+                product_am(&format!("slow {i}"), i)
+                    .insert(&txn)
+                    .await
+                    .unwrap();
+            }
+            txn.commit().await.unwrap();
+        })
+        .await;
+    receiver.wait_delivered(3, WAIT).await;
+    assert!(observer.flush(WAIT).await);
+    // The receiver records a request when it answers: let every send in flight finish.
+    observer.shutdown(Duration::from_secs(10)).await;
+    let ids: Vec<String> = receiver
+        .requests()
+        .iter()
+        .map(|r| r.id().to_owned())
+        .collect();
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(ids.len(), 3, "each event sent once: {ids:?}");
+    assert_eq!(distinct.len(), 3, "three events: {ids:?}");
+}

@@ -9,7 +9,9 @@
 //! (entity and primary key), `event` and `body` (the exact bytes to sign and send),
 //! `status` (`pending`, `delivered`, `dead`), `attempts`, `next_attempt_at`, `last_error`,
 //! `created_at`, `delivered_at`, and the claim `claimed_by` / `claimed_until`. Times are
-//! Unix milliseconds.
+//! Unix milliseconds. Its indexes are partial (pending rows by id and by key, delivered
+//! rows by time, dead rows by id), so the relay's claim never reads the delivered rows
+//! kept for the retention period.
 //!
 //! # Order and several relays
 //!
@@ -19,6 +21,14 @@
 //! PostgreSQL the claim uses `FOR UPDATE SKIP LOCKED`, so concurrent relays never claim
 //! the same row; a claim is a lease, and the rows of a relay that died are claimed again
 //! once their lease runs out.
+//!
+//! # Throughput
+//!
+//! The relay claims a batch, sends up to `lanes` rows at once, and claims the next batch
+//! while the current one is still being sent; a recorder writes outcomes behind the
+//! sends, all that finished meanwhile in one statement. A claimed row whose lease could
+//! run out during its attempt (it waited behind a slow receiver) is left for the next
+//! claim rather than sent.
 //!
 //! # Wake-ups
 //!
