@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release --example bench            # DATABASE_URL=postgres://… adds PostgreSQL
 //! cargo run --release --example bench -- --quick # fewer iterations
+//! cargo run --release --example bench -- --delivery-only [direct] [sqlite] [postgres]
 //! ```
 //! The delivery-rate comparison needs `wrk` (Debian: `apt-get install wrk`).
 
