@@ -92,3 +92,43 @@ async fn named_filters_and_clear() {
         .await;
     assert!(recorder.events().is_empty());
 }
+
+/// Inside `quietly` a write's events go nowhere, so the hooks do not read the old value of
+/// a watched column either: a quiet bulk update costs what an unobserved one does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_update_of_a_watched_column_reads_no_old_value() {
+    use std::sync::{Arc, Mutex};
+    use vendora_pos::entities::product;
+    let mut db = db::connect("sqlite::memory:").await.unwrap();
+    db::create_pos_tables(&db).await.unwrap();
+    let statements: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = statements.clone();
+    db.set_metric_callback(move |info| log.lock().unwrap().push(info.statement.sql.clone()));
+    let reads = || {
+        statements
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.starts_with("SELECT") && s.contains("\"products\""))
+            .count()
+    };
+    let recorder = Recorder::new();
+    recorder
+        .scope(async {
+            let p = common::product_am("quiet", 1).insert(&db).await.unwrap();
+            let mut am = p.clone().into_active_model();
+            am.stock = Set(2);
+            am.update(&db).await.unwrap();
+            // The control: recorded, the old value was read.
+            assert_eq!(reads(), 1, "{:#?}", statements.lock().unwrap());
+            let mut am = p.into_active_model();
+            am.stock = Set(3);
+            vendora_observe::quietly(am.update(&db)).await.unwrap();
+        })
+        .await;
+    assert_eq!(
+        recorder.names(),
+        ["product:created", "product:updated", "stock:updated"]
+    );
+    assert_eq!(reads(), 1, "{:#?}", statements.lock().unwrap());
+}

@@ -124,7 +124,7 @@ fn generate(spec: &Spec) -> TokenStream {
             quote!(if am.#f.is_set() { __mask |= 1u64 << #i; })
         });
         quote! {
-            if !insert {
+            if !insert && __vo::listening(#entity_event) {
                 let mut __mask: u64 = 0;
                 #(#bits)*
                 if __mask != 0 {
@@ -143,6 +143,17 @@ fn generate(spec: &Spec) -> TokenStream {
                         }
                     }
                 }
+            }
+        }
+    };
+    // Not listening: drop what before_save may have kept (an observer went away between
+    // the hooks).
+    let discard_stash = if spec.watch.is_empty() {
+        TokenStream::new()
+    } else {
+        quote! {
+            else if !insert {
+                let _ = __vo::take_stash::<Entity, #stash_type>(&#model_key);
             }
         }
     };
@@ -234,15 +245,17 @@ fn generate(spec: &Spec) -> TokenStream {
                     C: __vo::sea_orm::ConnectionTrait,
                 {
                     #user_after_save
-                    let __key = #model_key;
-                    let mut __events: ::std::vec::Vec<__vo::Emission> = ::std::vec::Vec::new();
-                    if insert {
-                        #on_created
-                    } else {
-                        #on_updated
-                        #watch_events
-                    }
-                    __vo::emit(db, #entity_event, &__key, __events).await?;
+                    if __vo::listening(#entity_event) {
+                        let __key = #model_key;
+                        let mut __events: ::std::vec::Vec<__vo::Emission> = ::std::vec::Vec::new();
+                        if insert {
+                            #on_created
+                        } else {
+                            #on_updated
+                            #watch_events
+                        }
+                        __vo::emit(db, #entity_event, &__key, __events).await?;
+                    } #discard_stash
                     ::core::result::Result::Ok(model)
                 }
 

@@ -93,6 +93,8 @@ tokio::task_local! {
 
 /// Runs `f` with observers muted: writes inside it send nothing, as Laravel's
 /// `Model::withoutEvents` / `saveQuietly`. Only this task is muted; tasks it spawns are not.
+/// The generated hooks do no work inside it: an update of a watched column does not read
+/// the old value, no model is serialised.
 ///
 /// ```no_run
 /// # async fn f(db: &sea_orm::DatabaseConnection) {
@@ -108,6 +110,22 @@ pub fn quietly<F: Future>(f: F) -> tokio::task::futures::TaskLocalFuture<(), F> 
 /// Whether the current task is inside [`quietly`].
 pub fn is_quiet() -> bool {
     QUIET.try_with(|_| ()).is_ok()
+}
+
+/// Whether the events of a write would go anywhere: not inside [`quietly`], and a test
+/// recorder or an installed observer is there to take them (without either, the one
+/// warning that no observer is installed). The generated hooks ask first, so that a quiet
+/// or unobserved write neither reads the old values of watched columns nor serialises its
+/// model.
+pub fn listening(entity: &'static str) -> bool {
+    if is_quiet() {
+        return false;
+    }
+    if testing::current().is_some() || Observer::current().is_some() {
+        return true;
+    }
+    warn_not_installed(entity);
+    false
 }
 
 /// One event as the generated code hands it over: its name and its data, which may have

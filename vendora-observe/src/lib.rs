@@ -99,8 +99,8 @@ pub use vendora_observe_macros::Observed;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::hooks::{
-        ActiveModelHooks, Emission, emit, key_string, object, stash, take_stash, to_value,
-        warn_delete_without_key, warn_old_value_unread,
+        ActiveModelHooks, Emission, emit, key_string, listening, object, stash, take_stash,
+        to_value, warn_delete_without_key, warn_old_value_unread,
     };
     pub use async_trait::async_trait;
     pub use sea_orm;
