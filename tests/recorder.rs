@@ -98,7 +98,6 @@ async fn named_filters_and_clear() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_quiet_update_of_a_watched_column_reads_no_old_value() {
     use std::sync::{Arc, Mutex};
-    use vendora_pos::entities::product;
     let mut db = db::connect("sqlite::memory:").await.unwrap();
     db::create_pos_tables(&db).await.unwrap();
     let statements: Arc<Mutex<Vec<String>>> = Arc::default();
