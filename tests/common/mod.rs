@@ -103,6 +103,7 @@ pub async fn postgres() -> Option<(DatabaseConnection, String)> {
     let admin = db::connect(&admin_url)
         .await
         .expect("DATABASE_URL does not connect");
+    drop_stale_databases(&admin).await;
     let name = format!("vendora_t_{}", uuid_like().replace('-', "_"));
     admin
         .execute_unprepared(&format!("CREATE DATABASE {name}"))
@@ -113,6 +114,44 @@ pub async fn postgres() -> Option<(DatabaseConnection, String)> {
     let db = db::connect(&url).await.unwrap();
     db::create_pos_tables(&db).await.unwrap();
     Some((db, url))
+}
+
+/// Drops the databases of earlier test runs, once per test binary: those `postgres()`
+/// made more than an hour ago (their names carry their creation time; a test run takes
+/// minutes, so none is still in use). Without this every run leaves its databases behind.
+async fn drop_stale_databases(admin: &DatabaseConnection) {
+    use sea_orm::ConnectionTrait;
+    static ONCE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    ONCE.get_or_init(|| async {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let Ok(rows) = admin
+            .query_all_raw(sea_orm::Statement::from_string(
+                admin.get_database_backend(),
+                "SELECT datname FROM pg_database WHERE datname LIKE 'vendora\\_t\\_%'",
+            ))
+            .await
+        else {
+            return;
+        };
+        for row in rows {
+            let Ok(name) = row.try_get::<String>("", "datname") else {
+                continue;
+            };
+            let created = name
+                .strip_prefix("vendora_t_")
+                .and_then(|rest| rest.split('_').next())
+                .and_then(|hex| u128::from_str_radix(hex, 16).ok());
+            if created.is_some_and(|t| now.saturating_sub(t) > 3_600 * 1_000_000_000) {
+                let _ = admin
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        }
+    })
+    .await;
 }
 
 /// An outbox-mode observer on `db`, polling fast.
