@@ -566,3 +566,34 @@ async fn rows_whose_lease_would_end_mid_attempt_are_not_sent_twice() {
     assert_eq!(ids.len(), 3, "each event sent once: {ids:?}");
     assert_eq!(distinct.len(), 3, "three events: {ids:?}");
 }
+
+/// The events of one row leave one after the other: each becomes claimable once the one
+/// before it is written delivered, and that write wakes the relay, not its poll.
+#[tokio::test(flavor = "multi_thread")]
+async fn later_events_of_one_row_follow_without_waiting_for_the_poll() {
+    let (db, _dir) = sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = slow_polling_observer(&db, &receiver.url()).await;
+    assert!(observer.flush(WAIT).await);
+    observer
+        .scope(async {
+            let txn = db.begin().await.unwrap();
+            let p = product_am("one row", 0).insert(&txn).await.unwrap();
+            for stock in 1..=10 {
+                let mut am = p.clone().into_active_model();
+                am.stock = Set(stock);
+                am.update(&txn).await.unwrap();
+            }
+            txn.commit().await.unwrap();
+        })
+        .await;
+    // created, then 10 × (updated, stock:updated): 10 s against a 600 s poll.
+    let got = receiver.wait_delivered(21, Duration::from_secs(10)).await;
+    let stocks: Vec<i64> = got
+        .iter()
+        .filter(|r| r.event() == "stock:updated")
+        .map(|r| r.data()["newStock"].as_i64().unwrap())
+        .collect();
+    assert_eq!(stocks, (1..=10).collect::<Vec<i64>>());
+    observer.shutdown(Duration::from_secs(5)).await;
+}

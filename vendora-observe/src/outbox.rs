@@ -873,7 +873,7 @@ async fn notified(listener: &mut Listener) {
 type Outcome = Result<i64, (String, Vec<Value>)>;
 
 /// A claim in progress, polled beside the sends.
-type Claiming = Pin<Box<dyn Future<Output = Result<Vec<Claimed>, DbErr>> + Send>>;
+type Claiming = Pin<Box<dyn Future<Output = (usize, Result<Vec<Claimed>, DbErr>)> + Send>>;
 
 /// Writes outcomes as they come, all that arrived meanwhile in one round (one statement for
 /// the delivered rows, one transaction for the failures), while the relay keeps sending.
@@ -917,8 +917,11 @@ async fn run_relay(outbox: Outbox, mut listener: Listener) {
     let mut claiming: Option<Claiming> = None;
     // Outcomes handed to the recorder.
     let mut handed: u64 = 0;
-    // The last claim found nothing: wait for a wake-up before claiming again.
+    // The last claim took all there was: wait for a wake-up before claiming again.
     let mut idle = false;
+    // The last claim ran while some rows were sent or being recorded, or took some: later
+    // rows of their keys were not claimable then, and may be once those outcomes are written.
+    let mut behind_unrecorded = false;
     let mut last_prune = Instant::now();
     let mut last_analyze: Option<Instant> = None;
     let mut claim_failing_since: Option<Instant> = None;
@@ -973,7 +976,8 @@ async fn run_relay(outbox: Outbox, mut listener: Listener) {
             recorded.borrow_and_update();
             let outbox = outbox.clone();
             let want = batch.min(2 * batch - unrecorded as usize);
-            claiming = Some(Box::pin(async move { outbox.claim(want).await }));
+            behind_unrecorded = unrecorded > 0;
+            claiming = Some(Box::pin(async move { (want, outbox.claim(want).await) }));
         }
         if idle && queue.is_empty() && sending.is_empty() && unrecorded == 0 {
             outbox.refresh_pending().await;
@@ -999,12 +1003,15 @@ async fn run_relay(outbox: Outbox, mut listener: Listener) {
                     let _ = outcomes.send(outcome);
                 }
             }
-            claimed = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
+            (want, claimed) = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
                 claiming = None;
                 match claimed {
                     Ok(rows) => {
                         claim_failing_since = None;
-                        idle = rows.is_empty();
+                        // Fewer rows than asked for: nothing else is claimable now, except
+                        // later rows of the keys just claimed, once these are written.
+                        idle = rows.len() < want;
+                        behind_unrecorded |= !rows.is_empty();
                         if rows.len() >= batch {
                             outbox.refresh_statistics(&mut last_analyze);
                         }
@@ -1019,9 +1026,9 @@ async fn run_relay(outbox: Outbox, mut listener: Listener) {
                     }
                 }
             }
-            // Written outcomes may have made later rows of their keys claimable (and they
-            // make room under the bound of unrecorded rows).
-            _ = recorded.changed() => idle = false,
+            // Written outcomes make room under the bound of unrecorded rows, and may have
+            // made later rows of their keys claimable.
+            _ = recorded.changed() => idle &= !behind_unrecorded,
             _ = inner.wake.notified(), if idle => idle = false,
             _ = notified(&mut listener), if idle => idle = false,
             _ = tokio::time::sleep(inner.options.poll_interval), if idle => idle = false,
