@@ -456,23 +456,37 @@ async fn write_inline(db: &DatabaseConnection, op: Op, i: i32, id: i32) -> Durat
     timed_write!(inline, db, op, i, id)
 }
 
+/// Runs `a` and `b` `n` times each, interleaved (A, B, A, B, …) so that both see the same
+/// machine, after a first tenth that warms up.
+async fn interleaved(
+    n: usize,
+    mut a: impl AsyncFnMut(i32) -> Duration,
+    mut b: impl AsyncFnMut(i32) -> Duration,
+) -> (Summary, Summary) {
+    let (mut sa, mut sb) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..(n + n / 10) as i32 {
+        let (ta, tb) = (a(i).await, b(i).await);
+        if i as usize >= n / 10 {
+            sa.push(ta);
+            sb.push(tb);
+        }
+    }
+    (summarize(sa), summarize(sb))
+}
+
 /// The old-value read alone: `n` plain updates interleaved with `n` plain updates that
 /// first SELECT the row, as the derive does for a watched column.
 async fn select_floor(db: &DatabaseConnection, n: usize) -> (Summary, Summary) {
-    let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for i in 0..(n + n / 10) as i32 {
-        let base = write_plain(db, Op::Update, i, 1).await;
-        let read = write_plain(db, Op::SelectThenUpdate, i, 1).await;
-        if i as usize >= n / 10 {
-            a.push(base);
-            b.push(read);
-        }
-    }
-    (summarize(a), summarize(b))
+    interleaved(
+        n,
+        async |i| write_plain(db, Op::Update, i, 1).await,
+        async |i| write_plain(db, Op::SelectThenUpdate, i, 1).await,
+    )
+    .await
 }
 
-/// Interleaves `n` plain and `n` observed writes (A, B, A, B, …) so that both see the same
-/// machine.
+/// `n` plain and `n` observed writes of `op`, interleaved. Rows to update: id 1 of each
+/// table exists.
 async fn side_by_side(
     db: &DatabaseConnection,
     observer: Option<&Observer>,
@@ -480,25 +494,21 @@ async fn side_by_side(
     n: usize,
     inline_baseline: bool,
 ) -> (Summary, Summary) {
-    let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    // Rows to update: id 1 of each table exists.
-    for i in 0..(n + n / 10) as i32 {
-        let base = write_plain(db, op, i, 1).await;
-        let obs = if inline_baseline {
-            write_inline(db, op, i, 1).await
-        } else {
-            match observer {
-                Some(o) => o.scope(write_observed(db, op, i, 1)).await,
-                None => write_observed(db, op, i, 1).await,
+    interleaved(
+        n,
+        async |i| write_plain(db, op, i, 1).await,
+        async |i| {
+            if inline_baseline {
+                write_inline(db, op, i, 1).await
+            } else {
+                match observer {
+                    Some(o) => o.scope(write_observed(db, op, i, 1)).await,
+                    None => write_observed(db, op, i, 1).await,
+                }
             }
-        };
-        if i as usize >= n / 10 {
-            // the first tenth warms up
-            a.push(base);
-            b.push(obs);
-        }
-    }
-    (summarize(a), summarize(b))
+        },
+    )
+    .await
 }
 
 fn config(url: &str) -> WebhookConfig {

@@ -455,23 +455,29 @@ fn claim_now(db: &DatabaseConnection) -> sea_orm::Statement {
     )
 }
 
+/// The claim run behind `explain` (`EXPLAIN QUERY PLAN`, `EXPLAIN (ANALYZE, …)`): the plan's
+/// lines, from the result column `column`.
+async fn explain_claim(db: &DatabaseConnection, explain: &str, column: &str) -> Vec<String> {
+    use sea_orm::ConnectionTrait;
+    let claim = claim_now(db);
+    db.query_all_raw(sea_orm::Statement::from_sql_and_values(
+        claim.db_backend,
+        format!("{explain} {}", claim.sql),
+        claim.values.map(|v| v.0).unwrap_or_default(),
+    ))
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.try_get::<String>("", column).unwrap())
+    .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_claim_reads_pending_rows_through_their_own_index() {
     use sea_orm::ConnectionTrait;
     let (db, _dir) = sqlite_file().await;
     fill_outbox(&db, 5_000, 10).await;
-    let claim = claim_now(&db);
-    let plan: Vec<String> = db
-        .query_all_raw(sea_orm::Statement::from_sql_and_values(
-            claim.db_backend,
-            format!("EXPLAIN QUERY PLAN {}", claim.sql),
-            claim.values.clone().map(|v| v.0).unwrap_or_default(),
-        ))
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.try_get::<String>("", "detail").unwrap())
-        .collect();
+    let plan = explain_claim(&db, "EXPLAIN QUERY PLAN", "detail").await;
     let scan = plan
         .iter()
         .find(|l| l.split_whitespace().nth(1) == Some("o"))
@@ -484,28 +490,16 @@ async fn sqlite_claim_reads_pending_rows_through_their_own_index() {
         !plan.iter().any(|l| l.contains("TEMP B-TREE")),
         "the claim sorts: {plan:#?}"
     );
-    assert_eq!(db.query_all_raw(claim).await.unwrap().len(), 10);
+    assert_eq!(db.query_all_raw(claim_now(&db)).await.unwrap().len(), 10);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_claim_does_not_visit_delivered_rows() {
-    use sea_orm::ConnectionTrait;
     let Some((db, _)) = postgres().await else {
         return;
     };
     fill_outbox(&db, 20_000, 10).await;
-    let claim = claim_now(&db);
-    let plan: Vec<String> = db
-        .query_all_raw(sea_orm::Statement::from_sql_and_values(
-            claim.db_backend,
-            format!("EXPLAIN (ANALYZE, COSTS OFF) {}", claim.sql),
-            claim.values.clone().map(|v| v.0).unwrap_or_default(),
-        ))
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.try_get::<String>("", "QUERY PLAN").unwrap())
-        .collect();
+    let plan = explain_claim(&db, "EXPLAIN (ANALYZE, COSTS OFF)", "QUERY PLAN").await;
     let removed: u64 = plan
         .iter()
         .filter_map(|l| l.split("Rows Removed by Filter:").nth(1))

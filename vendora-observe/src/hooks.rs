@@ -121,7 +121,7 @@ pub fn listening(entity: &'static str) -> bool {
     if is_quiet() {
         return false;
     }
-    if testing::current().is_some() || Observer::current().is_some() {
+    if testing::is_recording() || Observer::is_current() {
         return true;
     }
     warn_not_installed(entity);

@@ -251,6 +251,13 @@ impl Observer {
         })
     }
 
+    /// Whether [`current`](Self::current) would find one, without cloning it (the hooks
+    /// ask on every write).
+    pub(crate) fn is_current() -> bool {
+        SCOPED.try_with(|_| ()).is_ok()
+            || GLOBAL.read().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     /// The sending service (its configuration, and one-off [`WebhookService::send`]s).
     pub fn service(&self) -> &WebhookService {
         &self.inner.service

@@ -66,6 +66,11 @@ pub(crate) fn current() -> Option<Recorder> {
     RECORDER.try_with(Recorder::clone).ok()
 }
 
+/// Whether a recorder is capturing this task's events (no clone).
+pub(crate) fn is_recording() -> bool {
+    RECORDER.try_with(|_| ()).is_ok()
+}
+
 impl Recorder {
     /// An empty recorder.
     pub fn new() -> Self {
