@@ -732,7 +732,7 @@ async fn delivery(
     };
     prepare(&db).await;
     let builder = Observer::builder(config(&sink.url()))
-        .lanes(lanes)
+        .concurrency(lanes)
         .queue_capacity(n * 4);
     let observer = if outbox {
         let mut options = OutboxOptions::new(db.clone());

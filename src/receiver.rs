@@ -70,6 +70,10 @@ struct Shared {
     secret: Vec<u8>,
     requests: Mutex<Vec<Request>>,
     script: Mutex<(VecDeque<Reply>, Reply)>,
+    /// Replies for requests whose body contains a text, before the script.
+    rules: Mutex<Vec<(String, Reply)>>,
+    /// Bodies as they arrive (requests are recorded when answered).
+    arrivals: Mutex<Vec<String>>,
     changed: Notify,
 }
 
@@ -105,6 +109,8 @@ impl Receiver {
             secret: secret.as_bytes().to_vec(),
             requests: Mutex::new(Vec::new()),
             script: Mutex::new((VecDeque::new(), Reply::Ok)),
+            rules: Mutex::new(Vec::new()),
+            arrivals: Mutex::new(Vec::new()),
             changed: Notify::new(),
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
@@ -133,6 +139,21 @@ impl Receiver {
         self.shared.script.lock().unwrap().0.extend(replies);
     }
 
+    /// Answer every request whose body contains `text` with `reply`, until
+    /// [`clear_rules`](Self::clear_rules).
+    pub fn reply_when(&self, text: &str, reply: Reply) {
+        self.shared
+            .rules
+            .lock()
+            .unwrap()
+            .push((text.to_owned(), reply));
+    }
+
+    /// Forgets every [`reply_when`](Self::reply_when) rule.
+    pub fn clear_rules(&self) {
+        self.shared.rules.lock().unwrap().clear();
+    }
+
     /// Every request so far (each attempt of each event).
     pub fn requests(&self) -> Vec<Request> {
         self.shared.requests.lock().unwrap().clone()
@@ -158,6 +179,30 @@ impl Receiver {
     pub async fn wait_requests(&self, n: usize, timeout: Duration) -> Vec<Request> {
         self.wait_until(timeout, |r| r.len() >= n).await;
         self.requests()
+    }
+
+    /// Waits until a request whose body contains `text` has arrived (it may still be
+    /// waiting for its answer), or panics after `timeout`.
+    pub async fn wait_until_arrived(&self, text: &str, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self
+                .shared
+                .arrivals
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|b| b.contains(text))
+            {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                panic!("receiver: no request with {text:?} arrived within {timeout:?}");
+            }
+        }
     }
 
     async fn wait_until(&self, timeout: Duration, done: impl Fn(&[Request]) -> bool) {
@@ -197,10 +242,24 @@ async fn handle(
         .get("x-webhook-signature")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|sig| vendora_observe::verify(&shared.secret, &body, sig));
-    let reply = {
+    shared
+        .arrivals
+        .lock()
+        .unwrap()
+        .push(String::from_utf8_lossy(&body).into_owned());
+    shared.changed.notify_waiters();
+    let rule = {
+        let rules = shared.rules.lock().unwrap();
+        let text = std::str::from_utf8(&body).unwrap_or("");
+        rules
+            .iter()
+            .find(|(t, _)| text.contains(t.as_str()))
+            .map(|(_, r)| r.clone())
+    };
+    let reply = rule.unwrap_or_else(|| {
         let mut script = shared.script.lock().unwrap();
         script.0.pop_front().unwrap_or_else(|| script.1.clone())
-    };
+    });
     if let Reply::Delay(d) = &reply {
         tokio::time::sleep(*d).await;
     }

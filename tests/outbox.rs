@@ -7,29 +7,13 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::{
-    SECRET, WAIT, assert_complete_and_ordered, fast_retries, outbox_observer, postgres, product_am,
-    sqlite_file,
+    SECRET, WAIT, assert_complete_and_ordered, eventually, fast_retries, outbox_observer, postgres,
+    product_am, sqlite_file,
 };
 use sea_orm::{ActiveModelTrait, DatabaseConnection, IntoActiveModel, Set, TransactionTrait};
 use vendora_observe::{Observer, RetryPolicy};
 use vendora_pos::entities::product;
 use vendora_pos::receiver::{Receiver, Reply};
-
-/// Waits for `cond` to hold, polling, or panics after `timeout` with `what`.
-async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn rollback_case(db: DatabaseConnection) {
     let receiver = Receiver::start(SECRET).await.unwrap();
@@ -206,7 +190,7 @@ async fn a_401_is_dead_lettered_at_once_kept_and_can_be_requeued() {
     assert_eq!(dead.lock().unwrap()[0].webhook.id(), rows[0].event_id);
     // The server is fixed; requeue: delivered with the same id.
     receiver.set_reply(Reply::Ok);
-    assert_eq!(outbox.requeue(None).await.unwrap(), 1);
+    assert_eq!(outbox.requeue(None).await.unwrap().requeued, 1);
     let got = receiver.wait_delivered(1, WAIT).await;
     assert_eq!(got[0].id(), rows[0].event_id);
     assert!(outbox.dead(10).await.unwrap().is_empty());
@@ -445,25 +429,38 @@ async fn fill_outbox(db: &DatabaseConnection, delivered: i64, pending: i64) {
     .unwrap();
 }
 
-fn claim_now(db: &DatabaseConnection) -> sea_orm::Statement {
-    vendora_observe::outbox::claim_statement(
+/// The claim's first step on `db`: the oldest pending rows not held by this relay.
+fn frontier(db: &DatabaseConnection) -> sea_orm::Statement {
+    vendora_observe::outbox::frontier_statement(
         sea_orm::ConnectionTrait::get_database_backend(db),
         "test-relay",
-        1,
-        Duration::from_secs(60),
-        128,
+        512,
     )
 }
 
-/// The claim run behind `explain` (`EXPLAIN QUERY PLAN`, `EXPLAIN (ANALYZE, …)`): the plan's
-/// lines, from the result column `column`.
-async fn explain_claim(db: &DatabaseConnection, explain: &str, column: &str) -> Vec<String> {
+/// The claim's second step: chain heads found by their keys, beyond row `beyond`.
+fn skip_scan(db: &DatabaseConnection, beyond: i64) -> sea_orm::Statement {
+    vendora_observe::outbox::skip_scan_statement(
+        sea_orm::ConnectionTrait::get_database_backend(db),
+        "",
+        512,
+        beyond,
+    )
+}
+
+/// `statement` run behind `explain` (`EXPLAIN QUERY PLAN`, `EXPLAIN (ANALYZE, …)`): the
+/// plan's lines, from the result column `column`.
+async fn explain(
+    db: &DatabaseConnection,
+    explain: &str,
+    column: &str,
+    statement: sea_orm::Statement,
+) -> Vec<String> {
     use sea_orm::ConnectionTrait;
-    let claim = claim_now(db);
     db.query_all_raw(sea_orm::Statement::from_sql_and_values(
-        claim.db_backend,
-        format!("{explain} {}", claim.sql),
-        claim.values.map(|v| v.0).unwrap_or_default(),
+        statement.db_backend,
+        format!("{explain} {}", statement.sql),
+        statement.values.map(|v| v.0).unwrap_or_default(),
     ))
     .await
     .unwrap()
@@ -477,20 +474,24 @@ async fn sqlite_claim_reads_pending_rows_through_their_own_index() {
     use sea_orm::ConnectionTrait;
     let (db, _dir) = sqlite_file().await;
     fill_outbox(&db, 5_000, 10).await;
-    let plan = explain_claim(&db, "EXPLAIN QUERY PLAN", "detail").await;
-    let scan = plan
-        .iter()
-        .find(|l| l.split_whitespace().nth(1) == Some("o"))
-        .unwrap_or_else(|| panic!("no step reads `o`: {plan:#?}"));
+    let plan = explain(&db, "EXPLAIN QUERY PLAN", "detail", frontier(&db)).await;
     assert!(
-        scan.contains("USING INDEX vendora_outbox_pending"),
-        "the claim reads {scan:?}, not the pending rows' index: {plan:#?}"
+        plan.iter()
+            .any(|l| l.contains("USING INDEX vendora_outbox_pending")),
+        "the frontier does not read the pending rows' index: {plan:#?}"
     );
     assert!(
         !plan.iter().any(|l| l.contains("TEMP B-TREE")),
-        "the claim sorts: {plan:#?}"
+        "the frontier sorts: {plan:#?}"
     );
-    assert_eq!(db.query_all_raw(claim_now(&db)).await.unwrap().len(), 10);
+    assert_eq!(db.query_all_raw(frontier(&db)).await.unwrap().len(), 10);
+    let plan = explain(&db, "EXPLAIN QUERY PLAN", "detail", skip_scan(&db, 0)).await;
+    assert!(
+        plan.iter()
+            .filter(|l| l.contains("vendora_outbox"))
+            .all(|l| l.contains("INDEX vendora_outbox_pending")),
+        "the skip scan reads the table other than through the pending rows' indexes: {plan:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -499,21 +500,21 @@ async fn postgres_claim_does_not_visit_delivered_rows() {
         return;
     };
     fill_outbox(&db, 20_000, 10).await;
-    let plan = explain_claim(&db, "EXPLAIN (ANALYZE, COSTS OFF)", "QUERY PLAN").await;
-    let removed: u64 = plan
-        .iter()
-        .filter_map(|l| l.split("Rows Removed by Filter:").nth(1))
-        .map(|n| n.trim().parse::<u64>().unwrap())
-        .sum();
-    assert!(
-        removed < 100,
-        "the claim filtered out {removed} rows (20,000 are delivered): {plan:#?}"
-    );
-    let claimed = plan
-        .iter()
-        .find(|l| l.trim_start().starts_with("Update on vendora_outbox"))
-        .unwrap_or_else(|| panic!("no update step: {plan:#?}"));
-    assert!(claimed.contains("rows=10 "), "10 heads claimed: {claimed}");
+    for (step, statement) in [
+        ("frontier", frontier(&db)),
+        ("skip scan", skip_scan(&db, 0)),
+    ] {
+        let plan = explain(&db, "EXPLAIN (ANALYZE, COSTS OFF)", "QUERY PLAN", statement).await;
+        let removed: u64 = plan
+            .iter()
+            .filter_map(|l| l.split("Rows Removed by Filter:").nth(1))
+            .map(|n| n.trim().parse::<u64>().unwrap())
+            .sum();
+        assert!(
+            removed < 100,
+            "the {step} filtered out {removed} rows (20,000 are delivered): {plan:#?}"
+        );
+    }
 }
 
 /// Rows claimed together wait for a free lane. Behind a slow receiver the last of them
@@ -530,7 +531,7 @@ async fn rows_whose_lease_would_end_mid_attempt_are_not_sent_twice() {
     options.lease = Duration::from_secs(3);
     let observer = Observer::builder(common::config(&receiver.url()))
         .retry(fast_retries())
-        .lanes(1)
+        .concurrency(1)
         .outbox_options(options)
         .build()
         .await

@@ -138,11 +138,9 @@ fn next_event(app: &Peer) -> (String, Value) {
 async fn run_scenario_to(url: &str) -> Observer {
     let db = db::connect("sqlite::memory:").await.unwrap();
     db::create_pos_tables(&db).await.unwrap();
-    // One lane: one FIFO for every row, so the app sees the scenario's exact order (with
-    // more lanes only each row's events keep their order).
+    // The default causal order: one task's writes reach the app in the order it made them.
     let observer = Observer::builder(common::config(url))
         .retry(common::fast_retries())
-        .lanes(1)
         .build()
         .await
         .unwrap();

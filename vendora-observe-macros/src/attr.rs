@@ -8,7 +8,7 @@ use syn::{Attribute, Expr, ExprLit, Ident, Lit, LitStr, Token};
 
 use crate::case::closest;
 
-pub(crate) const KEYS: [&str; 5] = ["event", "on", "watch", "hooks", "crate"];
+pub(crate) const KEYS: [&str; 6] = ["event", "on", "watch", "hooks", "latest_wins", "crate"];
 pub(crate) const HOOKS: [&str; 3] = ["created", "updated", "deleted"];
 
 #[derive(Default)]
@@ -21,6 +21,7 @@ pub(crate) struct Attrs {
     pub(crate) on: Option<Vec<Ident>>,
     pub(crate) watch: Vec<Watch>,
     pub(crate) hooks: Option<Span>,
+    pub(crate) latest_wins: Option<Span>,
     pub(crate) krate: Option<syn::Path>,
 }
 
@@ -112,20 +113,19 @@ fn parse_key(
                 }
             }
         }
-        "hooks" => {
-            if !meta.input.is_empty() && !meta.input.peek(Token![,]) {
-                skip_value(&meta)?;
-                errors.push(syn::Error::new(
-                    path.span(),
-                    "`hooks` takes no value: write #[observe(..., hooks)] and implement \
-                     `vendora_observe::ActiveModelHooks` for `ActiveModel`",
-                ));
-            } else if out.hooks.is_some() {
-                duplicate(errors);
-            } else {
-                out.hooks = Some(path.span());
-            }
-        }
+        "hooks" => flag(
+            &meta,
+            &mut out.hooks,
+            "`hooks` takes no value: write #[observe(..., hooks)] and implement \
+             `vendora_observe::ActiveModelHooks` for `ActiveModel`",
+            errors,
+        )?,
+        "latest_wins" => flag(
+            &meta,
+            &mut out.latest_wins,
+            "`latest_wins` takes no value: write #[observe(..., latest_wins)]",
+            errors,
+        )?,
         "on" => {
             if !meta.input.peek(syn::token::Paren) {
                 skip_value(&meta)?;
@@ -200,10 +200,33 @@ fn parse_key(
                 path.span(),
                 format!(
                     "unknown `observe` attribute `{name}`: expected one of `event`, `on`, \
-                     `watch`, `hooks`, `crate`{hint}"
+                     `watch`, `hooks`, `latest_wins`, `crate`{hint}"
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// A key that takes no value (`hooks`, `latest_wins`): set once, or reported.
+fn flag(
+    meta: &ParseNestedMeta,
+    slot: &mut Option<Span>,
+    takes_no_value: &str,
+    errors: &mut Vec<syn::Error>,
+) -> syn::Result<()> {
+    let path = &meta.path;
+    if !meta.input.is_empty() && !meta.input.peek(Token![,]) {
+        skip_value(meta)?;
+        errors.push(syn::Error::new(path.span(), takes_no_value));
+    } else if slot.is_some() {
+        let name = quote::ToTokens::to_token_stream(path).to_string();
+        errors.push(syn::Error::new(
+            path.span(),
+            format!("duplicate `{name}` in #[observe(...)]: give it once"),
+        ));
+    } else {
+        *slot = Some(path.span());
     }
     Ok(())
 }

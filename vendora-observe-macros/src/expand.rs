@@ -62,6 +62,7 @@ fn generate(spec: &Spec) -> TokenStream {
     let krate = &spec.krate;
     let model = spec.model.ident;
     let entity_event = &spec.event;
+    let latest_wins = spec.latest_wins;
     let pk = &spec.primary_key;
     let pk_idents: Vec<_> = pk.iter().map(|f| f.ident).collect();
     let pk_types: Vec<_> = pk.iter().map(|f| f.ty).collect();
@@ -114,7 +115,9 @@ fn generate(spec: &Spec) -> TokenStream {
         let am = <Self as __vo::ActiveModelHooks>::after_delete(am, db).await?;
     });
 
-    // Watched columns: read the stored row in before_save when one of them is Set.
+    // Watched columns: read the stored row in before_save when one of them is Set. Inside
+    // a transaction the read locks the row (PostgreSQL, MySQL: `FOR UPDATE`; SQLite has
+    // one writer), so concurrent writers of one row each see the value they change.
     let stash_type = quote!((::core::option::Option<#model>, u64));
     let watch_read = if spec.watch.is_empty() {
         TokenStream::new()
@@ -124,18 +127,28 @@ fn generate(spec: &Spec) -> TokenStream {
             quote!(if am.#f.is_set() { __mask |= 1u64 << #i; })
         });
         quote! {
-            if !insert && __vo::listening(#entity_event) {
-                let mut __mask: u64 = 0;
-                #(#bits)*
-                if __mask != 0 {
-                    if let ::core::option::Option::Some(__pk) = __active_pk(&am) {
-                        let __key = __vo::key_string(&__pk);
-                        match <Entity as __vo::sea_orm::EntityTrait>::find_by_id(__pk).one(db).await {
+            if !insert && __vo::listening(&__ENTITY) {
+                if let ::core::option::Option::Some(__pk) = __active_pk(&am) {
+                    let __key = __vo::key_string(&__pk);
+                    let mut __mask: u64 = 0;
+                    #(#bits)*
+                    if __mask == 0 {
+                        __vo::discard_stash::<Entity>(&__key);
+                    } else {
+                        let __query = <Entity as __vo::sea_orm::EntityTrait>::find_by_id(__pk);
+                        let __query = if __vo::is_autocommit::<C>() {
+                            __query
+                        } else {
+                            __vo::sea_orm::QuerySelect::lock_exclusive(__query)
+                        };
+                        match __query.one(db).await {
                             ::core::result::Result::Ok(::core::option::Option::Some(__old)) => {
                                 __vo::stash::<Entity, #stash_type>(__key, (::core::option::Option::Some(__old), __mask));
                             }
                             // No such row: the update itself will fail.
-                            ::core::result::Result::Ok(::core::option::Option::None) => {}
+                            ::core::result::Result::Ok(::core::option::Option::None) => {
+                                __vo::discard_stash::<Entity>(&__key);
+                            }
                             ::core::result::Result::Err(__e) => {
                                 __vo::warn_old_value_unread(#entity_event, &__key, &__e);
                                 __vo::stash::<Entity, #stash_type>(__key, (::core::option::Option::None, __mask));
@@ -169,7 +182,7 @@ fn generate(spec: &Spec) -> TokenStream {
                 if __mask & (1u64 << #i) != 0
                     && __old.as_ref().is_none_or(|__old| __old.#f != model.#f)
                 {
-                    __events.push((#event, __vo::object([
+                    __events.push((#event, __vo::EventKind::Watch, __vo::object([
                         (#id_key, #model_id_value),
                         (#value_key, __vo::to_value(&model.#f)),
                     ])));
@@ -193,18 +206,18 @@ fn generate(spec: &Spec) -> TokenStream {
     let model_value = quote_spanned!(model.span()=> __vo::model_value::<#model>(&model));
     let on_created = spec
         .created
-        .then(|| quote!(__events.push((#created_event, #model_value));));
+        .then(|| quote!(__events.push((#created_event, __vo::EventKind::Created, #model_value));));
     let on_updated = spec
         .updated
-        .then(|| quote!(__events.push((#updated_event, #model_value));));
+        .then(|| quote!(__events.push((#updated_event, __vo::EventKind::Updated, #model_value));));
     let on_deleted = if spec.deleted {
         quote! {
             match __active_pk(&am) {
                 ::core::option::Option::Some(__pk) => {
                     let __key = __vo::key_string(&__pk);
                     let __events: ::std::vec::Vec<__vo::Emission> =
-                        ::std::vec![(#deleted_event, __vo::object([("id", #id_value)]))];
-                    __vo::emit(db, #entity_event, &__key, __events).await?;
+                        ::std::vec![(#deleted_event, __vo::EventKind::Deleted, __vo::object([("id", #id_value)]))];
+                    __vo::emit(db, &__ENTITY, &__key, __events).await?;
                 }
                 ::core::option::Option::None => __vo::warn_delete_without_key(#entity_event),
             }
@@ -218,6 +231,11 @@ fn generate(spec: &Spec) -> TokenStream {
         #[allow(clippy::all, unused_mut, unused_variables)]
         const _: () = {
             use #krate::__private as __vo;
+
+            static __ENTITY: __vo::EntityInfo = __vo::EntityInfo {
+                event: #entity_event,
+                latest_wins: #latest_wins,
+            };
 
             fn __active_pk(am: &ActiveModel) -> ::core::option::Option<#pk_type> {
                 #active_pk
@@ -245,7 +263,7 @@ fn generate(spec: &Spec) -> TokenStream {
                     C: __vo::sea_orm::ConnectionTrait,
                 {
                     #user_after_save
-                    if __vo::listening(#entity_event) {
+                    if __vo::listening(&__ENTITY) {
                         let __key = #model_key;
                         let mut __events: ::std::vec::Vec<__vo::Emission> = ::std::vec::Vec::new();
                         if insert {
@@ -254,7 +272,7 @@ fn generate(spec: &Spec) -> TokenStream {
                             #on_updated
                             #watch_events
                         }
-                        __vo::emit(db, #entity_event, &__key, __events).await?;
+                        __vo::emit(db, &__ENTITY, &__key, __events).await?;
                     } #discard_stash
                     ::core::result::Result::Ok(model)
                 }

@@ -40,11 +40,11 @@ fn order_without_deleted() {
 }
 
 #[test]
-fn category_with_every_event() {
+fn category_with_every_event_latest_wins() {
     insta::assert_snapshot!(pretty(parse_quote! {
         #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize, Observed)]
         #[sea_orm(table_name = "categories")]
-        #[observe(event = "category")]
+        #[observe(event = "category", latest_wins)]
         pub struct Model {
             #[sea_orm(primary_key)]
             pub id: i32,

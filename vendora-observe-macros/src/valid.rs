@@ -16,6 +16,8 @@ pub(crate) struct Spec<'a> {
     pub(crate) updated: bool,
     pub(crate) deleted: bool,
     pub(crate) hooks: bool,
+    /// Latest-wins coalescing of full-state events.
+    pub(crate) latest_wins: bool,
     pub(crate) primary_key: Vec<&'a Field<'a>>,
     /// `productId`: the key of the primary key in watch payloads.
     pub(crate) id_key: String,
@@ -142,6 +144,7 @@ pub(crate) fn check<'a>(
         updated,
         deleted,
         hooks: attrs.hooks.is_some(),
+        latest_wins: attrs.latest_wins.is_some(),
         primary_key,
         watch,
     })

@@ -13,8 +13,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::body::WebhookBody;
+use crate::delivery::{ChainKey, EventKind, Job, Order, Webhook};
 use crate::observer::{Observer, warn_not_installed};
-use crate::service::Webhook;
 use crate::testing;
 
 /// Your own lifecycle hooks on an observed entity.
@@ -117,28 +117,38 @@ pub fn is_quiet() -> bool {
 /// warning that no observer is installed). The generated hooks ask first, so that a quiet
 /// or unobserved write neither reads the old values of watched columns nor serialises its
 /// model.
-pub fn listening(entity: &'static str) -> bool {
+pub fn listening(entity: &'static EntityInfo) -> bool {
     if is_quiet() {
         return false;
     }
     if testing::is_recording() || Observer::is_current() {
         return true;
     }
-    warn_not_installed(entity);
+    warn_not_installed(entity.event);
     false
 }
 
-/// One event as the generated code hands it over: its name and its data, which may have
-/// failed to serialise.
-pub type Emission = (&'static str, Result<Value, serde_json::Error>);
+/// What the generated code knows of an observed entity.
+#[derive(Debug)]
+pub struct EntityInfo {
+    /// `#[observe(event = "…")]`: the prefix of its events, and of its rows' ordering keys.
+    pub event: &'static str,
+    /// `#[observe(latest_wins)]`: a full-state event superseded by a newer one of the same
+    /// row, still waiting, is not sent.
+    pub latest_wins: bool,
+}
+
+/// One event as the generated code hands it over: its name, its kind, and its data, which
+/// may have failed to serialise.
+pub type Emission = (&'static str, EventKind, Result<Value, serde_json::Error>);
 
 /// Hands the events of one write, in order, to the current observer (or the test
-/// recorder). `entity` and `key` form the ordering key. Never waits on the network; in
-/// direct mode never fails. In outbox mode the rows are written through `db`, and a
-/// failure to write them is the write's failure (the event would otherwise be lost).
+/// recorder). Never waits on the network; in direct mode never fails. In outbox mode the
+/// rows are written through `db`, and a failure to write them is the write's failure (the
+/// event would otherwise be lost).
 pub async fn emit<C: ConnectionTrait>(
     db: &C,
-    entity: &'static str,
+    entity: &'static EntityInfo,
     key: &str,
     events: Vec<Emission>,
 ) -> Result<(), DbErr> {
@@ -157,32 +167,70 @@ pub async fn emit<C: ConnectionTrait>(
             }
         }
     };
-    let ordering_key = format!("{entity}:{key}");
-    let mut batch = Vec::with_capacity(events.len());
-    for (event, data) in events {
+    let ordering_key = format!("{}:{key}", entity.event);
+    let unit_key = match &observer {
+        Some(o) if o.order() == Order::Causal => Some(unit_key()),
+        _ => None,
+    };
+    let row = ChainKey::row(&ordering_key);
+    let unit = unit_key.as_deref().map(ChainKey::unit);
+    let mut jobs = Vec::with_capacity(events.len());
+    for (event, kind, data) in events {
         let data = match data {
             Ok(d) => d,
             Err(e) => {
                 // The write succeeded; the caller must not see an error for its webhook.
-                tracing::error!(
-                    event,
-                    key,
-                    "webhook not sent: its data cannot be serialised: {e}"
+                crate::diagnostics::error(
+                    crate::diagnostics::Kind::Delivery,
+                    format_args!(
+                        "webhook {event} for {ordering_key} not sent: its data cannot be \
+                         serialised to JSON: {e}"
+                    ),
                 );
                 continue;
             }
         };
         let body = WebhookBody::from_value(event, &data);
         if let Some(recorder) = &recorder {
-            recorder.push(entity, key, body);
+            recorder.push(entity.event, key, body);
             continue;
         }
-        batch.push(Webhook::new(body));
+        jobs.push(Job {
+            webhook: Webhook::new(body),
+            row,
+            unit,
+            kind,
+            coalesce: entity.latest_wins,
+            attempts: 0,
+            token: 0,
+        });
     }
     match observer {
-        Some(observer) => observer.submit(db, &ordering_key, batch).await,
-        None => Ok(()),
+        Some(observer) if !jobs.is_empty() => {
+            observer
+                .submit(db, entity.event, &ordering_key, unit_key.as_deref(), jobs)
+                .await
+        }
+        _ => Ok(()),
     }
+}
+
+/// The unit of work the current code runs in: the Tokio task (so a request handler, and
+/// every transaction it runs), or the thread outside a task. Unique across processes, so
+/// that outbox rows of two instances never share a unit.
+fn unit_key() -> String {
+    static PROCESS: OnceLock<String> = OnceLock::new();
+    let process = PROCESS.get_or_init(|| format!("{:016x}", fastrand::u64(..)));
+    match tokio::task::try_id() {
+        Some(id) => format!("{process}-{id}"),
+        None => format!("{process}-{:?}", std::thread::current().id()),
+    }
+}
+
+/// Whether `C` is a plain connection, whose every statement commits on its own
+/// (autocommit). `false` for a transaction, and for connection types this cannot tell.
+pub fn is_autocommit<C: ConnectionTrait>() -> bool {
+    std::any::type_name::<C>() == std::any::type_name::<sea_orm::DatabaseConnection>()
 }
 
 /// The data of an event: the value's `Serialize` form.
@@ -229,44 +277,74 @@ fn origin() -> Origin {
     }
 }
 
-type Stash = Mutex<HashMap<StashKey, (Instant, Box<dyn Any + Send>)>>;
-
-fn stash_map() -> &'static Stash {
-    static STASH: OnceLock<Stash> = OnceLock::new();
-    STASH.get_or_init(Default::default)
+struct Stash {
+    entries: HashMap<StashKey, (Instant, Box<dyn Any + Send>)>,
+    swept: Option<Instant>,
 }
 
-/// Entries older than this belong to saves that failed between the hooks (so `after_save`
-/// never came): they are swept when the map grows.
+fn stash_map() -> std::sync::MutexGuard<'static, Stash> {
+    static STASH: OnceLock<Mutex<Stash>> = OnceLock::new();
+    STASH
+        .get_or_init(|| {
+            Mutex::new(Stash {
+                entries: HashMap::new(),
+                swept: None,
+            })
+        })
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// An entry this old belongs to a save that failed between its hooks (so its `after_save`
+/// never came); entries are swept at most this often.
 const STASH_TTL: Duration = Duration::from_secs(60);
 
-/// Keeps what `before_save` read for `after_save` of the same save.
-pub fn stash<E: 'static, T: Any + Send>(key: String, value: T) {
-    let k = StashKey {
+fn stash_key<E: 'static>(key: String) -> StashKey {
+    StashKey {
         origin: origin(),
         entity: TypeId::of::<E>(),
         key,
-    };
-    let mut map = stash_map().lock().unwrap_or_else(|p| p.into_inner());
-    if map.len() >= 1024 {
-        let now = Instant::now();
-        map.retain(|_, (at, _)| now.duration_since(*at) < STASH_TTL);
     }
-    map.insert(k, (Instant::now(), Box::new(value)));
+}
+
+/// Keeps what `before_save` read for `after_save` of the same save, replacing what an
+/// earlier save of the same row in this task left (one that failed in between).
+pub fn stash<E: 'static, T: Any + Send>(key: String, value: T) {
+    let k = stash_key::<E>(key);
+    let now = Instant::now();
+    let mut map = stash_map();
+    if map
+        .swept
+        .is_none_or(|at| now.duration_since(at) >= STASH_TTL)
+    {
+        map.entries
+            .retain(|_, (at, _)| now.duration_since(*at) < STASH_TTL);
+        map.swept = Some(now);
+    }
+    map.entries.insert(k, (now, Box::new(value)));
 }
 
 /// Takes what [`stash`] kept for this save, if anything.
 pub fn take_stash<E: 'static, T: Any>(key: &str) -> Option<T> {
-    let k = StashKey {
-        origin: origin(),
-        entity: TypeId::of::<E>(),
-        key: key.to_owned(),
-    };
-    let (_, value) = stash_map()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&k)?;
+    let k = stash_key::<E>(key.to_owned());
+    let (_, value) = stash_map().entries.remove(&k)?;
     value.downcast::<T>().ok().map(|b| *b)
+}
+
+/// Drops what an earlier, failed save of this row in this task left: a save that reads no
+/// old value must not find one in its `after_save`.
+pub fn discard_stash<E: 'static>(key: &str) {
+    let k = stash_key::<E>(key.to_owned());
+    let mut map = stash_map();
+    if !map.entries.is_empty() {
+        map.entries.remove(&k);
+    }
+}
+
+/// How many old values are kept now (for tests: a failed save leaves none behind once the
+/// next save of its row ran).
+pub fn stash_len() -> usize {
+    stash_map().entries.len()
 }
 
 /// Logs that the old value of watched columns could not be read; the watch events are

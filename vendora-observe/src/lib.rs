@@ -72,24 +72,24 @@
 
 pub mod body;
 pub mod config;
-mod direct;
+pub mod delivery;
+mod diagnostics;
 mod hooks;
 mod observer;
-pub mod outbox;
 pub mod receiver;
-pub mod retry;
-pub mod service;
 pub mod signature;
 pub mod testing;
 
 pub use async_trait::async_trait;
 pub use body::{BodyError, WebhookBody};
 pub use config::{ConfigError, Secret, WebhookConfig, WebhookConfigBuilder};
+pub use delivery::outbox::{self, Outbox, OutboxOptions, OutboxRow};
+pub use delivery::{
+    DeadLetter, Delivered, DeliveryError, Order, Overflow, RetryPolicy, Stats, Webhook,
+    WebhookService,
+};
 pub use hooks::{ActiveModelHooks, is_quiet, quietly};
-pub use observer::{DeadLetter, Observer, ObserverBuilder, Overflow, ShutdownReport, Stats};
-pub use outbox::{Outbox, OutboxOptions, OutboxRow};
-pub use retry::RetryPolicy;
-pub use service::{Delivered, DeliveryError, Webhook, WebhookService};
+pub use observer::{Observer, ObserverBuilder, ShutdownReport};
 pub use signature::{sign, verify};
 
 /// `#[derive(Observed)]`: emit signed webhooks for a SeaORM entity's writes.
@@ -98,9 +98,11 @@ pub use vendora_observe_macros::Observed;
 /// What generated code names. Not public API: it may change in any release.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::delivery::EventKind;
     pub use crate::hooks::{
-        ActiveModelHooks, Emission, emit, key_string, listening, object, stash, take_stash,
-        to_value, warn_delete_without_key, warn_old_value_unread,
+        ActiveModelHooks, Emission, EntityInfo, discard_stash, emit, is_autocommit, key_string,
+        listening, object, stash, stash_len, take_stash, to_value, warn_delete_without_key,
+        warn_old_value_unread,
     };
     pub use async_trait::async_trait;
     pub use sea_orm;

@@ -8,152 +8,43 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DbErr};
-use tokio::sync::Notify;
 
 use crate::config::{ConfigError, WebhookConfig};
-use crate::direct::{DirectQueue, LaneContext, Refused};
-use crate::outbox::{Outbox, OutboxOptions};
-use crate::retry::RetryPolicy;
-use crate::service::{Webhook, WebhookService};
-
-/// An event that could not be delivered after its last attempt.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    /// The event, with the id and bytes that were sent.
-    pub webhook: Webhook,
-    /// Attempts made.
-    pub attempts: u32,
-    /// The last failure.
-    pub last_error: String,
-}
-
-pub(crate) type DeadLetterHandler = Arc<dyn Fn(DeadLetter) + Send + Sync>;
-
-/// What direct mode does with an event when its queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Overflow {
-    /// Drop the new event, count it in [`Stats::shed`] and log it: the write never waits.
-    /// The default.
-    #[default]
-    Shed,
-    /// The hook waits until the queue has room: no event is shed, but a write can wait on
-    /// a slow receiver.
-    Wait,
-}
-
-/// Counters of an observer, read with [`Observer::stats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Events delivered (answered 2xx).
-    pub sent: u64,
-    /// Retries scheduled after a failed attempt.
-    pub retried: u64,
-    /// Attempts that failed (each retry's failure counts).
-    pub failed: u64,
-    /// Events given up on after their last attempt (dead-lettered).
-    pub dead: u64,
-    /// Events accepted and not yet delivered or dead-lettered.
-    pub pending: u64,
-    /// Events refused because the queue was full ([`Overflow::Shed`]) or closed.
-    pub shed: u64,
-}
-
-#[derive(Default)]
-pub(crate) struct Counters {
-    sent: AtomicU64,
-    retried: AtomicU64,
-    failed: AtomicU64,
-    dead: AtomicU64,
-    pending: AtomicU64,
-    shed: AtomicU64,
-    idle: Notify,
-}
-
-impl Counters {
-    pub(crate) fn try_reserve(&self, n: u64, capacity: usize) -> bool {
-        self.pending
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
-                (p + n <= capacity as u64).then_some(p + n)
-            })
-            .is_ok()
-    }
-    pub(crate) fn release(&self, n: u64) {
-        if n > 0 && self.pending.fetch_sub(n, Ordering::AcqRel) == n {
-            self.idle.notify_waiters();
-        }
-    }
-    pub(crate) fn set_pending(&self, n: u64) {
-        if self.pending.swap(n, Ordering::AcqRel) != 0 && n == 0 {
-            self.idle.notify_waiters();
-        }
-    }
-    pub(crate) fn pending(&self) -> u64 {
-        self.pending.load(Ordering::Acquire)
-    }
-    pub(crate) fn sent(&self) {
-        self.sent.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn retried(&self) {
-        self.retried.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn failed(&self) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn dead(&self) {
-        self.dead.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn shed(&self, n: u64) {
-        self.shed.fetch_add(n, Ordering::Relaxed);
-    }
-    pub(crate) fn snapshot(&self) -> Stats {
-        Stats {
-            sent: self.sent.load(Ordering::Relaxed),
-            retried: self.retried.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            dead: self.dead.load(Ordering::Relaxed),
-            pending: self.pending.load(Ordering::Acquire),
-            shed: self.shed.load(Ordering::Relaxed),
-        }
-    }
-    /// Waits until nothing is pending, or `deadline` passes.
-    pub(crate) async fn wait_idle(&self, deadline: Instant) -> bool {
-        loop {
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if self.pending() == 0 {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline.into(), idle)
-                .await
-                .is_err()
-            {
-                return self.pending() == 0;
-            }
-        }
-    }
-}
+use crate::delivery::direct::DirectQueue;
+use crate::delivery::outbox::{Outbox, OutboxOptions};
+use crate::delivery::{
+    Context, Counters, DeadLetter, DeadLetterHandler, Job, Order, Overflow, RetryPolicy, Stats,
+    WebhookService,
+};
 
 /// What [`Observer::shutdown`] achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ShutdownReport {
-    /// Whether everything accepted was delivered or dead-lettered before the deadline.
+    /// Whether every accepted event was delivered (or dead-lettered after its last
+    /// attempt) before the deadline.
     pub drained: bool,
-    /// Events that were still queued or retrying at the deadline; they were dead-lettered
-    /// (direct mode) or stay in the outbox for the next start (outbox mode).
-    pub abandoned: u64,
+    /// Requests still in flight at the deadline, cut: the receiver may or may not have
+    /// processed them. In outbox mode they stay pending and are sent again (same
+    /// `X-Webhook-Id`) at the next start.
+    pub outcome_unknown: u64,
+    /// Events never delivered: queued or waiting to retry at the deadline. Direct mode
+    /// dead-letters them (logged, counted, handed to the dead-letter handler); outbox mode
+    /// leaves them in the table for the next start.
+    pub left: u64,
+    /// Outbox mode: rows still pending in the table after shutdown (left by this instance,
+    /// or written since by others). Zero in direct mode.
+    pub pending_in_outbox: u64,
     /// The counters after shutdown.
     pub stats: Stats,
 }
 
 pub(crate) enum Sink {
-    Direct(Arc<DirectQueue>),
+    Direct(DirectQueue),
     Outbox(Outbox),
 }
 
@@ -161,6 +52,7 @@ pub(crate) struct ObserverInner {
     pub(crate) service: WebhookService,
     pub(crate) sink: Sink,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) order: Order,
 }
 
 /// Receives the events of observed entities and delivers them in the background.
@@ -191,6 +83,7 @@ impl fmt::Debug for Observer {
         };
         f.debug_struct("Observer")
             .field("mode", &mode)
+            .field("order", &self.inner.order)
             .field("service", &self.inner.service)
             .field("stats", &self.stats())
             .finish()
@@ -213,7 +106,8 @@ impl Observer {
     pub fn builder(config: WebhookConfig) -> ObserverBuilder {
         ObserverBuilder {
             config,
-            lanes: 8,
+            order: Order::Causal,
+            concurrency: 8,
             capacity: 10_000,
             overflow: Overflow::Shed,
             retry: RetryPolicy::default(),
@@ -278,18 +172,25 @@ impl Observer {
         }
     }
 
-    /// Stops accepting events and delivers what is queued until `deadline`. In direct mode
-    /// what is left then is dead-lettered (logged, counted, handed to the dead-letter
-    /// handler); in outbox mode it stays in the table for the next start.
+    /// Which order events are delivered in.
+    pub fn order(&self) -> Order {
+        self.inner.order
+    }
+
+    /// Stops accepting events and delivers what is queued until `deadline`. Requests still
+    /// in flight then are cut and reported as of unknown outcome; in direct mode what never
+    /// left is dead-lettered; in outbox mode it stays in the table for the next start.
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
-        let abandoned = match &self.inner.sink {
-            Sink::Direct(queue) => queue.shutdown(deadline).await,
+        let (leftovers, pending_in_outbox) = match &self.inner.sink {
+            Sink::Direct(queue) => (queue.shutdown(deadline).await, 0),
             Sink::Outbox(outbox) => outbox.shutdown(deadline).await,
         };
         let stats = self.stats();
         ShutdownReport {
-            drained: abandoned == 0 && stats.pending == 0,
-            abandoned,
+            drained: leftovers.unknown == 0 && leftovers.left == 0,
+            outcome_unknown: leftovers.unknown,
+            left: leftovers.left,
+            pending_in_outbox,
             stats,
         }
     }
@@ -298,30 +199,22 @@ impl Observer {
     pub(crate) async fn submit<C: ConnectionTrait>(
         &self,
         db: &C,
-        key: &str,
-        webhooks: Vec<Webhook>,
+        entity: &'static str,
+        ordering_key: &str,
+        unit_key: Option<&str>,
+        jobs: Vec<Job>,
     ) -> Result<(), DbErr> {
-        if webhooks.is_empty() {
-            return Ok(());
-        }
         match &self.inner.sink {
             Sink::Direct(queue) => {
-                let n = webhooks.len() as u64;
-                let event = webhooks[0].event().to_owned();
-                if let Err(refused) = queue.enqueue(key, webhooks).await {
-                    self.inner.counters.shed(n);
-                    let why = match refused {
-                        Refused::Full => {
-                            "the queue is full (raise queue_capacity, or use Overflow::Wait)"
-                        }
-                        Refused::Closed => "the observer is shut down",
-                    };
-                    warn_shed(&event, why);
-                }
-                let _ = db;
+                queue.enqueue(jobs).await;
                 Ok(())
             }
-            Sink::Outbox(outbox) => outbox.insert(db, key, &webhooks).await,
+            Sink::Outbox(outbox) => {
+                if crate::hooks::is_autocommit::<C>() {
+                    crate::delivery::outbox::warn_autocommit(entity);
+                }
+                outbox.insert(db, ordering_key, unit_key, &jobs).await
+            }
         }
     }
 
@@ -334,30 +227,12 @@ impl Observer {
     }
 }
 
-/// Logs shed events at most once a second, with the number shed since the last line.
-fn warn_shed(event: &str, why: &str) {
-    static LAST: std::sync::Mutex<Option<(Instant, u64)>> = std::sync::Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
-    let now = Instant::now();
-    match &mut *last {
-        Some((at, n)) if now.duration_since(*at) < Duration::from_secs(1) => *n += 1,
-        slot => {
-            let earlier = slot.map(|(_, n)| n).unwrap_or(0);
-            tracing::warn!(
-                event,
-                shed_since_last_report = earlier,
-                "webhook shed: {why}"
-            );
-            *slot = Some((now, 0));
-        }
-    }
-}
-
 /// Builds an [`Observer`]; [`build`](Self::build) must run inside a Tokio runtime.
 #[must_use]
 pub struct ObserverBuilder {
     config: WebhookConfig,
-    lanes: usize,
+    order: Order,
+    concurrency: usize,
     capacity: usize,
     overflow: Overflow,
     retry: RetryPolicy,
@@ -369,7 +244,8 @@ impl fmt::Debug for ObserverBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ObserverBuilder")
             .field("config", &self.config)
-            .field("lanes", &self.lanes)
+            .field("order", &self.order)
+            .field("concurrency", &self.concurrency)
             .field("capacity", &self.capacity)
             .field("overflow", &self.overflow)
             .field("retry", &self.retry)
@@ -378,9 +254,16 @@ impl fmt::Debug for ObserverBuilder {
 }
 
 impl ObserverBuilder {
-    /// Concurrent senders (default 8). Events of one row always use the same one.
-    pub fn lanes(mut self, lanes: usize) -> Self {
-        self.lanes = lanes.max(1);
+    /// Requests in flight at most (default 8). Only events that share no chain (see
+    /// [`Order`]) are sent at the same time.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// The order apps see events in (default [`Order::Causal`]).
+    pub fn order(mut self, order: Order) -> Self {
+        self.order = order;
         self
     }
 
@@ -430,26 +313,23 @@ impl ObserverBuilder {
         }
         let service = WebhookService::new(self.config)?;
         let counters = Arc::new(Counters::default());
-        let ctx = LaneContext {
+        let ctx = Arc::new(Context {
             service: service.clone(),
             policy: self.retry,
             counters: counters.clone(),
             dead_letter: self.dead_letter,
-        };
+            concurrency: self.concurrency,
+        });
         let sink = match self.outbox {
-            Some(options) => Sink::Outbox(Outbox::start(options, ctx, self.lanes).await?),
-            None => Sink::Direct(DirectQueue::start(
-                self.lanes,
-                self.capacity,
-                self.overflow,
-                ctx,
-            )),
+            Some(options) => Sink::Outbox(Outbox::start(options, ctx).await?),
+            None => Sink::Direct(DirectQueue::start(ctx, self.capacity, self.overflow)),
         };
         Ok(Observer {
             inner: Arc::new(ObserverInner {
                 service,
                 sink,
                 counters,
+                order: self.order,
             }),
         })
     }
@@ -459,10 +339,12 @@ impl ObserverBuilder {
 pub(crate) fn warn_not_installed(event: &str) {
     static WARNED: OnceLock<()> = OnceLock::new();
     if WARNED.set(()).is_ok() {
-        tracing::warn!(
-            event,
-            "vendora-observe: no observer is installed, so this and later entity events are \
-             dropped; install one at start-up: `vendora_observe::Observer::from_env().await?.install()`"
+        crate::diagnostics::warn(
+            crate::diagnostics::Kind::Setup,
+            format_args!(
+                "no observer is installed, so `{event}` and later entity events are dropped; \
+                 install one at start-up: `vendora_observe::Observer::from_env().await?.install()`"
+            ),
         );
     }
 }

@@ -287,14 +287,21 @@ async fn run_outbox(command: OutboxCommand) -> Result<ExitCode, Error> {
             if id.is_none() && !all {
                 return Err("name a row id (see `outbox dead`) or pass --all".into());
             }
-            let n = outbox::requeue(&db, id).await?;
-            if n == 0 {
+            let done = outbox::requeue(&db, id).await?;
+            if done.requeued == 0 && done.superseded == 0 {
                 return Err(match id {
                     Some(id) => format!("no dead row with id {id}").into(),
                     None => "no dead rows".into(),
                 });
             }
-            println!("requeued {n} row(s)");
+            println!("requeued {} row(s)", done.requeued);
+            if done.superseded > 0 {
+                println!(
+                    "not requeued: {} row(s) whose row has a newer event on its way (marked \
+                     superseded; resending them would leave the apps on stale data)",
+                    done.superseded
+                );
+            }
         }
         OutboxCommand::Purge { older_than } => {
             let n = outbox::purge_delivered(&db, Duration::from_secs(older_than)).await?;

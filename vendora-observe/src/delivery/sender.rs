@@ -1,9 +1,11 @@
-//! [`WebhookService`]: one signed POST per event over a shared keep-alive client.
+//! The sender: one signed POST per event over a shared keep-alive client
+//! ([`WebhookService`]).
 //!
 //! This is the Rust form of the original design's `WebhookService`. It sends inline: the
 //! caller's future completes when the receiver has answered (or the timeout passed). The
 //! observers do not call it from a database hook; they hand events to the background
-//! delivery (see [`crate::Observer`]), which uses [`WebhookService::send`] for each attempt.
+//! delivery (see [`crate::Observer`]), whose scheduler uses [`WebhookService::send`] for each
+//! attempt.
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,7 +16,9 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, LOCATION, RETRY_AFTE
 use reqwest::{StatusCode, Url, redirect};
 use serde::Serialize;
 
-use crate::body::{BodyError, WebhookBody};
+use super::Webhook;
+
+use crate::body::BodyError;
 use crate::config::{ConfigError, ENV_SECRET, WebhookConfig};
 use crate::signature;
 
@@ -24,48 +28,6 @@ pub const USER_AGENT_VALUE: &str = concat!("vendora-observe/", env!("CARGO_PKG_V
 pub const SIGNATURE_HEADER: &str = "x-webhook-signature";
 /// The event id header, the same on every retry of one event.
 pub const ID_HEADER: &str = "x-webhook-id";
-
-/// One event ready to send: a unique id (kept across retries) and its body.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Webhook {
-    id: String,
-    body: WebhookBody,
-}
-
-impl Webhook {
-    /// A new event with a fresh id (a UUIDv7: unique, and sortable by creation time).
-    pub fn new(body: WebhookBody) -> Self {
-        Webhook {
-            id: uuid::Uuid::now_v7().to_string(),
-            body,
-        }
-    }
-
-    /// Serialises `data` under `event` and gives it a fresh id.
-    pub fn build<T: Serialize + ?Sized>(event: &str, data: &T) -> Result<Self, BodyError> {
-        Ok(Self::new(WebhookBody::new(event, data)?))
-    }
-
-    /// An event with a known id (the outbox stores it).
-    pub(crate) fn with_id(id: String, body: WebhookBody) -> Self {
-        Webhook { id, body }
-    }
-
-    /// The `X-Webhook-Id`.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// The body.
-    pub fn body(&self) -> &WebhookBody {
-        &self.body
-    }
-
-    /// The event name.
-    pub fn event(&self) -> &str {
-        self.body.event()
-    }
-}
 
 /// A successful delivery: the receiver answered 2xx.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

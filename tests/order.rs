@@ -1,0 +1,396 @@
+//! Causal order, against a real receiver on 127.0.0.1, in both modes: one task's writes
+//! arrive in the order it made them through retries, outages and several relays; events
+//! related by neither row nor task go out in parallel; a failing event holds only its own
+//! chains; latest-wins coalescing; a blocked backlog longer than the claim's frontier.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{SECRET, WAIT, fast_retries, product_am};
+use sea_orm::{ActiveModelTrait, DatabaseConnection, IntoActiveModel, Set};
+use vendora_observe::{Observer, RetryPolicy};
+use vendora_pos::receiver::{Receiver, Reply};
+use vendora_pos::{db, scenario};
+
+/// The delivered requests, first delivery of each X-Webhook-Id only, in arrival order.
+fn first_deliveries(receiver: &Receiver) -> Vec<vendora_pos::receiver::Request> {
+    let mut seen = std::collections::HashSet::new();
+    let mut got: Vec<_> = receiver
+        .delivered()
+        .into_iter()
+        .filter(|r| seen.insert(r.id().to_owned()))
+        .collect();
+    got.sort_by_key(|r| r.received_at);
+    got
+}
+
+fn names(requests: &[vendora_pos::receiver::Request]) -> Vec<String> {
+    requests.iter().map(|r| r.event()).collect()
+}
+
+/// Retries that never give up within a test, and come quickly.
+fn patient() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 10_000,
+        base_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(100),
+        max_retry_after: Duration::from_secs(1),
+    }
+}
+
+/// An address where nothing listens yet, to bring a receiver up on later.
+async fn reserved_addr() -> std::net::SocketAddr {
+    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    probe.local_addr().unwrap()
+}
+
+/// Runs the POS scenario in one task through `observer` while the receiver is down, then
+/// brings it up answering 503 to every other request; the app must see exactly the
+/// scenario's events in the scenario's order.
+async fn scenario_through_faults(
+    db: &DatabaseConnection,
+    addr: std::net::SocketAddr,
+    observer: &Observer,
+    also_flush: &[&Observer],
+) {
+    observer
+        .scope(scenario::run(db, false, async |_| {}))
+        .await
+        .unwrap();
+    let receiver = Receiver::start_on(addr, SECRET).await.unwrap();
+    receiver.queue_replies((0..40).map(|i| {
+        if i % 2 == 0 {
+            Reply::Status(503, None)
+        } else {
+            Reply::Ok
+        }
+    }));
+    receiver
+        .wait_delivered(scenario::EXPECTED.len(), WAIT)
+        .await;
+    for o in std::iter::once(observer).chain(also_flush.iter().copied()) {
+        assert!(o.flush(WAIT).await);
+    }
+    let got = first_deliveries(&receiver);
+    assert_eq!(names(&got), scenario::EXPECTED);
+    assert!(got.iter().all(|r| r.signature_ok));
+    assert!(
+        receiver.requests().iter().any(|r| r.status == 503),
+        "the receiver's failures were exercised"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_one_task_arrives_in_write_order_through_an_outage_and_retries() {
+    let db = db::connect("sqlite::memory:").await.unwrap();
+    db::create_pos_tables(&db).await.unwrap();
+    let addr = reserved_addr().await;
+    let observer = common::observer_for(&format!("http://{addr}/webhook"), patient()).await;
+    scenario_through_faults(&db, addr, &observer, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_one_task_arrives_in_write_order_through_an_outage_and_retries() {
+    let (db, _) = common::sqlite_file().await;
+    let addr = reserved_addr().await;
+    let observer = common::outbox_observer(&db, &format!("http://{addr}/webhook"), patient()).await;
+    scenario_through_faults(&db, addr, &observer, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_three_relays_keep_one_task_in_write_order() {
+    let Some((db, url)) = common::postgres().await else {
+        return;
+    };
+    let addr = reserved_addr().await;
+    let hook = format!("http://{addr}/webhook");
+    let writer = common::outbox_observer(&db, &hook, patient()).await;
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        let conn = db::connect(&url).await.unwrap();
+        others.push(common::outbox_observer(&conn, &hook, patient()).await);
+    }
+    let others: Vec<&Observer> = others.iter().collect();
+    scenario_through_faults(&db, addr, &writer, &others).await;
+}
+
+/// Task A's first event is answered slowly; task B's events, on other rows, arrive
+/// meanwhile. A's second event waits for its first.
+async fn unrelated_tasks_in_parallel(
+    observer: Observer,
+    db: DatabaseConnection,
+    receiver: Receiver,
+) {
+    receiver.reply_when("slow-a", Reply::Delay(Duration::from_millis(1500)));
+    let a = {
+        let (observer, db) = (observer.clone(), db.clone());
+        tokio::spawn(observer.clone().scope(async move {
+            product_am("slow-a", 1).insert(&db).await.unwrap();
+            product_am("then-a", 2).insert(&db).await.unwrap();
+            drop(observer);
+        }))
+    };
+    a.await.unwrap();
+    // A's first request is now in flight, held by the receiver.
+    receiver.wait_until_arrived("slow-a", WAIT).await;
+    let b = {
+        let db = db.clone();
+        tokio::spawn(observer.scope(async move {
+            for i in 0..5 {
+                product_am(&format!("b{i}"), i).insert(&db).await.unwrap();
+            }
+        }))
+    };
+    b.await.unwrap();
+    receiver.wait_delivered(7, WAIT).await;
+    let order: Vec<String> = receiver
+        .delivered()
+        .iter()
+        .map(|r| r.data()["name"].as_str().unwrap().to_owned())
+        .collect();
+    let slow = order.iter().position(|n| n == "slow-a").unwrap();
+    let then = order.iter().position(|n| n == "then-a").unwrap();
+    assert!(slow < then, "A's writes out of order: {order:?}");
+    for i in 0..5 {
+        let bi = order.iter().position(|n| n == &format!("b{i}")).unwrap();
+        assert!(bi < slow, "B waited for A's slow event: {order:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_unrelated_tasks_go_out_in_parallel() {
+    let env = common::env().await;
+    unrelated_tasks_in_parallel(env.observer, env.db, env.receiver).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_unrelated_tasks_go_out_in_parallel() {
+    let (db, _) = common::sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = common::outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    unrelated_tasks_in_parallel(observer, db, receiver).await;
+}
+
+/// One row's event fails again and again; fifty other tasks' events are all delivered
+/// meanwhile. Once the receiver takes it, it arrives, and the write behind it in its task.
+async fn failing_event_holds_only_its_chains(
+    observer: Observer,
+    db: DatabaseConnection,
+    receiver: Receiver,
+) {
+    receiver.reply_when("stuck", Reply::Status(503, None));
+    observer
+        .scope(async {
+            product_am("stuck", 1).insert(&db).await.unwrap();
+            product_am("behind-stuck", 2).insert(&db).await.unwrap();
+        })
+        .await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let db = db.clone();
+        tasks.push(tokio::spawn(observer.scope(async move {
+            product_am(&format!("free{i}"), i)
+                .insert(&db)
+                .await
+                .unwrap();
+        })));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    receiver.wait_delivered(50, WAIT).await;
+    let names: Vec<String> = receiver
+        .delivered()
+        .iter()
+        .map(|r| r.data()["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains("stuck")),
+        "the stuck event or the one behind it went out: {names:?}"
+    );
+    assert!(
+        receiver
+            .requests()
+            .iter()
+            .filter(|r| r.status == 503)
+            .count()
+            >= 2,
+        "the stuck event was retried meanwhile"
+    );
+    receiver.clear_rules();
+    receiver.wait_delivered(52, WAIT).await;
+    let names: Vec<String> = receiver
+        .delivered()
+        .iter()
+        .map(|r| r.data()["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(&names[50..], ["stuck", "behind-stuck"]);
+    assert!(observer.flush(WAIT).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_a_failing_event_holds_only_its_own_chains() {
+    let env = common::env().await;
+    let observer = common::observer_for(&env.receiver.url(), patient()).await;
+    failing_event_holds_only_its_chains(observer, env.db, env.receiver).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_a_failing_event_holds_only_its_own_chains() {
+    let (db, _) = common::sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = common::outbox_observer(&db, &receiver.url(), patient()).await;
+    failing_event_holds_only_its_chains(observer, db, receiver).await;
+}
+
+/// A chain whose head another relay holds, with a backlog longer than a claim's frontier
+/// (3,000 rows written before everything else): rows of other chains are still claimed
+/// and delivered, found by the claim's skip scan.
+async fn blocked_backlog_holds_no_other_row(db: DatabaseConnection) {
+    use sea_orm::ConnectionTrait;
+    vendora_observe::outbox::create_table(&db).await.unwrap();
+    let far = 4_102_444_800_000i64; // 2100-01-01, in ms
+    let txn = sea_orm::TransactionTrait::begin(&db).await.unwrap();
+    for i in 0..3_000 {
+        let claim = if i == 0 {
+            format!("'another-relay', {far}")
+        } else {
+            "NULL, NULL".into()
+        };
+        txn.execute_unprepared(&format!(
+            "INSERT INTO vendora_outbox (event_id, ordering_key, unit_key, event, kind, body, \
+             next_attempt_at, created_at, claimed_by, claimed_until) VALUES ('hot-{i}', \
+             'product:999', 'elsewhere', 'product:updated', 'updated', \
+             '{{\"event\":\"product:updated\",\"data\":{{}}}}', 0, 0, {claim})"
+        ))
+        .await
+        .unwrap();
+    }
+    sea_orm::TransactionSession::commit(txn).await.unwrap();
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = common::outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    for i in 0..20 {
+        let db = db.clone();
+        tokio::spawn(observer.scope(async move {
+            product_am(&format!("other{i}"), i)
+                .insert(&db)
+                .await
+                .unwrap();
+        }))
+        .await
+        .unwrap();
+    }
+    let got = receiver.wait_delivered(20, WAIT).await;
+    assert!(got.iter().all(|r| r.event() == "product:created"));
+    let outbox = observer.outbox().unwrap().clone();
+    common::eventually(WAIT, "the 20 deliveries recorded", || {
+        let outbox = outbox.clone();
+        async move { outbox.pending().await.unwrap() == 3_000 }
+    })
+    .await;
+    assert!(
+        !receiver
+            .requests()
+            .iter()
+            .any(|r| r.id().starts_with("hot-")),
+        "the blocked chain stays behind its head"
+    );
+    observer.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_a_blocked_backlog_longer_than_the_frontier_holds_no_other_row() {
+    let (db, _) = common::sqlite_file().await;
+    blocked_backlog_holds_no_other_row(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_a_blocked_backlog_longer_than_the_frontier_holds_no_other_row() {
+    let Some((db, _)) = common::postgres().await else {
+        return;
+    };
+    blocked_backlog_holds_no_other_row(db).await;
+}
+
+/// One writer's transaction: five of the hot rows, four updates each, every update one
+/// more than the row's stock (read under a row lock), so each row's stock rises in commit
+/// order.
+async fn write_round(
+    db: &DatabaseConnection,
+    ids: &[i32],
+    writer: usize,
+    round: usize,
+) -> Result<(), sea_orm::DbErr> {
+    use sea_orm::{EntityTrait, QuerySelect};
+    use vendora_pos::entities::product;
+    let txn = sea_orm::TransactionTrait::begin(db).await?;
+    for id in ids.iter().skip((writer + round) % 2).step_by(2) {
+        let mut p = product::Entity::find_by_id(*id)
+            .lock_exclusive()
+            .one(&txn)
+            .await?
+            .expect("the row exists");
+        for _ in 0..4 {
+            let mut am = p.into_active_model();
+            am.stock = Set(am.stock.clone().unwrap() + 1);
+            p = am.update(&txn).await?;
+        }
+    }
+    sea_orm::TransactionSession::commit(txn).await
+}
+
+/// Ten hot rows, each updated 60 times in transactions of 20 writes by four writer tasks:
+/// every event arrives, each row's in order.
+async fn hot_rows_stream_in_order(db: DatabaseConnection) {
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = common::outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    let mut ids = Vec::new();
+    for r in 0..10 {
+        let p = observer
+            .scope(product_am(&format!("hot{r}"), 0).insert(&db))
+            .await
+            .unwrap();
+        ids.push(p.id);
+    }
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (db, ids) = (db.clone(), ids.clone());
+        writers.push(tokio::spawn(observer.scope(async move {
+            for round in 0..3 {
+                // Retried until it commits: SQLite refuses a transaction that read a row
+                // another one changed since.
+                loop {
+                    if write_round(&db, &ids, w, round).await.is_ok() {
+                        break;
+                    }
+                }
+            }
+        })));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // 10 created + 4 writers x 3 rounds x 5 rows x 4 updates x (updated + stock:updated)
+    let total = 10 + 4 * 3 * 5 * 4 * 2;
+    receiver
+        .wait_delivered(total, Duration::from_secs(60))
+        .await;
+    assert!(observer.flush(WAIT).await);
+    common::assert_complete_and_ordered(&receiver.delivered(), total);
+    observer.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_hot_rows_stream_in_order() {
+    let (db, _) = common::sqlite_file().await;
+    hot_rows_stream_in_order(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_hot_rows_stream_in_order() {
+    let Some((db, _)) = common::postgres().await else {
+        return;
+    };
+    hot_rows_stream_in_order(db).await;
+}

@@ -1,0 +1,448 @@
+//! Delivery: one scheduler, two sources.
+//!
+//! ```text
+//! hooks ─> direct (in-memory queue) ─┐
+//!                                    ├─> Scheduler: chains, ready set, timers ─> sender (one signed POST)
+//! hooks ─> outbox table ─> relay ────┘        │
+//!                   ^── outcomes written ─────┘
+//! ```
+//!
+//! Every event belongs to *chains*: the chain of its row (`entity` and primary key) and,
+//! under [`Order::Causal`] (the default), the chain of the unit of work that made the write
+//! (the Tokio task, so also the transaction running in it). An event is sent only once it is
+//! at the head of each of its chains, so no app ever sees a row's history, or a task's
+//! writes, out of order; events that share no chain go out in parallel. A failed attempt
+//! waits on a timer and holds only its own chains.
+//!
+//! This module holds what both sources share: the event ([`Webhook`]), the retry and
+//! dead-letter decision (made once, in [`decide`]), the counters and the dead-letter type.
+
+pub(crate) mod direct;
+pub mod outbox;
+pub(crate) mod scheduler;
+pub(crate) mod sender;
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::body::{BodyError, WebhookBody};
+pub use sender::{Delivered, DeliveryError, WebhookService};
+
+/// One event ready to send: a unique id (kept across retries) and its body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Webhook {
+    id: String,
+    body: WebhookBody,
+}
+
+impl Webhook {
+    /// A new event with a fresh id (a UUIDv7: unique, and sortable by creation time).
+    pub fn new(body: WebhookBody) -> Self {
+        Webhook {
+            id: uuid::Uuid::now_v7().to_string(),
+            body,
+        }
+    }
+
+    /// Serialises `data` under `event` and gives it a fresh id.
+    pub fn build<T: Serialize + ?Sized>(event: &str, data: &T) -> Result<Self, BodyError> {
+        Ok(Self::new(WebhookBody::new(event, data)?))
+    }
+
+    /// An event with a known id (the outbox stores it).
+    pub(crate) fn with_id(id: String, body: WebhookBody) -> Self {
+        Webhook { id, body }
+    }
+
+    /// The `X-Webhook-Id`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The body.
+    pub fn body(&self) -> &WebhookBody {
+        &self.body
+    }
+
+    /// The event name.
+    pub fn event(&self) -> &str {
+        self.body.event()
+    }
+}
+
+/// Which order the apps are guaranteed to see events in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Order {
+    /// The default. Events never arrive in an order that contradicts one row's history
+    /// (`(entity, primary key)`) nor the order in which one unit of work (a Tokio task,
+    /// so a request handler, and any transaction it runs) made its writes. Events related
+    /// by neither go out in parallel. One task's writes therefore leave one at a time.
+    #[default]
+    Causal,
+    /// Only each row's own history is kept in order; the writes of one task to different
+    /// rows go out in parallel. For bulk imports and back-fills where throughput matters
+    /// more than the order across rows.
+    PerRow,
+}
+
+/// What kind of change an event reports; decides which newer events supersede it.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// `E:created`, the full model.
+    Created,
+    /// `E:updated`, the full model.
+    Updated,
+    /// `E:deleted`, `{"id": …}`.
+    Deleted,
+    /// A watched column's `f:updated`.
+    Watch,
+}
+
+impl EventKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "created",
+            EventKind::Updated => "updated",
+            EventKind::Deleted => "deleted",
+            EventKind::Watch => "watch",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> EventKind {
+        match s {
+            "created" => EventKind::Created,
+            "deleted" => EventKind::Deleted,
+            "watch" => EventKind::Watch,
+            _ => EventKind::Updated,
+        }
+    }
+}
+
+/// An event as the scheduler holds it.
+#[derive(Debug, Clone)]
+pub(crate) struct Job {
+    pub(crate) webhook: Webhook,
+    /// The row's chain.
+    pub(crate) row: ChainKey,
+    /// The unit of work's chain ([`Order::Causal`] only).
+    pub(crate) unit: Option<ChainKey>,
+    pub(crate) kind: EventKind,
+    /// Latest-wins: skip this event when a newer one of its row supersedes it.
+    pub(crate) coalesce: bool,
+    /// Attempts already made (the outbox remembers them across restarts).
+    pub(crate) attempts: u32,
+    /// The source's handle on the event: the outbox row id; 0 in direct mode.
+    pub(crate) token: i64,
+}
+
+/// A chain's identity: a hash of its name. Two chains that collide merge into one, which
+/// only orders events that needed no order; it never reorders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct ChainKey(pub(crate) u64);
+
+impl ChainKey {
+    pub(crate) fn row(ordering_key: &str) -> ChainKey {
+        ChainKey::of(b'r', ordering_key)
+    }
+
+    pub(crate) fn unit(unit_key: &str) -> ChainKey {
+        ChainKey::of(b'u', unit_key)
+    }
+
+    fn of(tag: u8, name: &str) -> ChainKey {
+        // Fixed keys: the same name hashes the same in every process of one build.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        tag.hash(&mut h);
+        name.hash(&mut h);
+        ChainKey(h.finish())
+    }
+}
+
+/// How failed deliveries are retried, in both delivery modes.
+///
+/// The delay before retry *n* (after the *n*-th failed attempt) is drawn uniformly from
+/// `0..=min(max_delay, base_delay * 2^(n-1))` ("full jitter"), so receivers coming back
+/// up are not hit by every sender at the same instant. A `Retry-After` on 429 or 503 is
+/// used instead, up to `max_retry_after`. Only retryable failures are retried
+/// ([`DeliveryError::is_retryable`]).
+///
+/// The default makes 10 attempts over at most ~2 minutes: delays of at most 0.25, 0.5, 1,
+/// 2, 4, 8, 16, 30, 30 s.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use vendora_observe::RetryPolicy;
+/// let policy = RetryPolicy::default();
+/// assert!(policy.delay(1, None) <= Duration::from_millis(250));
+/// assert!(policy.delay(20, None) <= Duration::from_secs(30));
+/// assert_eq!(policy.delay(1, Some(Duration::from_secs(3))), Duration::from_secs(3));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; after the last the event is dead-lettered.
+    pub max_attempts: u32,
+    /// The ceiling of the first retry's delay.
+    pub base_delay: Duration,
+    /// The largest backoff delay.
+    pub max_delay: Duration,
+    /// The largest `Retry-After` that is honoured; a longer one is cut to this.
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 10,
+            base_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// A policy that never retries: one attempt, then dead-letter.
+    pub fn no_retries() -> Self {
+        RetryPolicy {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
+
+    /// The delay before the next attempt, after `failed_attempts` failures.
+    pub fn delay(&self, failed_attempts: u32, retry_after: Option<Duration>) -> Duration {
+        if let Some(after) = retry_after {
+            return after.min(self.max_retry_after);
+        }
+        let exp = failed_attempts.saturating_sub(1).min(30);
+        let ceiling = self
+            .base_delay
+            .saturating_mul(1u32 << exp)
+            .min(self.max_delay);
+        let nanos = ceiling.as_nanos().min(u128::from(u64::MAX)) as u64;
+        Duration::from_nanos(fastrand::u64(0..=nanos))
+    }
+}
+
+/// What becomes of an event after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Try again after this delay.
+    Retry(Duration),
+    /// Give up: dead-letter it.
+    Dead,
+}
+
+/// The retry / dead-letter decision, for both modes: retryable failures are retried until
+/// the policy's last attempt, with its backoff or the receiver's `Retry-After`.
+pub(crate) fn decide(policy: &RetryPolicy, attempts: u32, error: &DeliveryError) -> Decision {
+    if error.is_retryable() && attempts < policy.max_attempts {
+        Decision::Retry(policy.delay(attempts, error.retry_after()))
+    } else {
+        Decision::Dead
+    }
+}
+
+/// An event that could not be delivered after its last attempt.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The event, with the id and bytes that were sent.
+    pub webhook: Webhook,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last failure.
+    pub last_error: String,
+}
+
+pub(crate) type DeadLetterHandler = Arc<dyn Fn(DeadLetter) + Send + Sync>;
+
+/// What direct mode does with an event when its queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Overflow {
+    /// Drop the new event, count it in [`Stats::shed`] and log it: the write never waits.
+    /// The default.
+    #[default]
+    Shed,
+    /// The hook waits until the queue has room: no event is shed, but a write can wait on
+    /// a slow receiver.
+    Wait,
+}
+
+/// Counters of an observer, read with [`Observer::stats`](crate::Observer::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Events delivered (answered 2xx).
+    pub sent: u64,
+    /// Retries scheduled after a failed attempt.
+    pub retried: u64,
+    /// Attempts that failed (each retry's failure counts).
+    pub failed: u64,
+    /// Events given up on (dead-lettered): after their last attempt, or left at shutdown.
+    pub dead: u64,
+    /// Events not sent because a newer event of their row superseded them (latest-wins
+    /// coalescing, or a requeued dead event that a delivered newer one made stale).
+    pub superseded: u64,
+    /// Events accepted and not yet delivered, dead-lettered or superseded.
+    pub pending: u64,
+    /// Events refused because the queue was full ([`Overflow::Shed`]) or closed.
+    pub shed: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    sent: AtomicU64,
+    retried: AtomicU64,
+    failed: AtomicU64,
+    dead: AtomicU64,
+    superseded: AtomicU64,
+    pending: AtomicU64,
+    shed: AtomicU64,
+    /// Signalled when `pending` drops to zero.
+    idle: Notify,
+    /// Signalled whenever pending events leave (room for [`Overflow::Wait`]).
+    pub(crate) space: Notify,
+}
+
+impl Counters {
+    pub(crate) fn try_reserve(&self, n: u64, capacity: usize) -> bool {
+        self.pending
+            .fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |p| {
+                (p + n <= capacity as u64).then_some(p + n)
+            })
+            .is_ok()
+    }
+    pub(crate) fn release(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if self.pending.fetch_sub(n, AtomicOrdering::AcqRel) == n {
+            self.idle.notify_waiters();
+        }
+        self.space.notify_waiters();
+    }
+    pub(crate) fn set_pending(&self, n: u64) {
+        if self.pending.swap(n, AtomicOrdering::AcqRel) != 0 && n == 0 {
+            self.idle.notify_waiters();
+        }
+    }
+    pub(crate) fn pending(&self) -> u64 {
+        self.pending.load(AtomicOrdering::Acquire)
+    }
+    pub(crate) fn sent(&self) {
+        self.sent.fetch_add(1, AtomicOrdering::Relaxed);
+    }
+    pub(crate) fn retried(&self) {
+        self.retried.fetch_add(1, AtomicOrdering::Relaxed);
+    }
+    pub(crate) fn failed(&self) {
+        self.failed.fetch_add(1, AtomicOrdering::Relaxed);
+    }
+    pub(crate) fn dead(&self) {
+        self.dead.fetch_add(1, AtomicOrdering::Relaxed);
+    }
+    pub(crate) fn superseded(&self) {
+        self.superseded.fetch_add(1, AtomicOrdering::Relaxed);
+    }
+    pub(crate) fn shed(&self, n: u64) {
+        self.shed.fetch_add(n, AtomicOrdering::Relaxed);
+    }
+    pub(crate) fn snapshot(&self) -> Stats {
+        Stats {
+            sent: self.sent.load(AtomicOrdering::Relaxed),
+            retried: self.retried.load(AtomicOrdering::Relaxed),
+            failed: self.failed.load(AtomicOrdering::Relaxed),
+            dead: self.dead.load(AtomicOrdering::Relaxed),
+            superseded: self.superseded.load(AtomicOrdering::Relaxed),
+            pending: self.pending.load(AtomicOrdering::Acquire),
+            shed: self.shed.load(AtomicOrdering::Relaxed),
+        }
+    }
+    /// Waits until nothing is pending, or `deadline` passes.
+    pub(crate) async fn wait_idle(&self, deadline: Instant) -> bool {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.pending() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline.into(), idle)
+                .await
+                .is_err()
+            {
+                return self.pending() == 0;
+            }
+        }
+    }
+}
+
+/// What a source hands the scheduler: its settings and shared parts.
+pub(crate) struct Context {
+    pub(crate) service: WebhookService,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) dead_letter: Option<DeadLetterHandler>,
+    /// Sends at once, at most.
+    pub(crate) concurrency: usize,
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("policy", &self.policy)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the shutdown deadline found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Leftovers {
+    /// Requests cut while in flight: the receiver may or may not have processed them.
+    pub(crate) unknown: u64,
+    /// Events never delivered: queued, or waiting to retry.
+    pub(crate) left: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_retryable_failures_before_the_last_attempt_are_retried() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        };
+        let unavailable = DeliveryError::Status {
+            status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
+            retry_after: Some(Duration::from_secs(2)),
+        };
+        assert_eq!(
+            decide(&policy, 1, &unavailable),
+            Decision::Retry(Duration::from_secs(2))
+        );
+        assert_eq!(decide(&policy, 3, &unavailable), Decision::Dead);
+        let unauthorized = DeliveryError::Status {
+            status: reqwest::StatusCode::UNAUTHORIZED,
+            retry_after: None,
+        };
+        assert_eq!(decide(&policy, 1, &unauthorized), Decision::Dead);
+    }
+
+    #[test]
+    fn chain_keys_are_stable_and_tagged() {
+        assert_eq!(ChainKey::row("product:1"), ChainKey::row("product:1"));
+        assert_ne!(ChainKey::row("x"), ChainKey::unit("x"));
+    }
+}

@@ -1,0 +1,223 @@
+//! Looking after the outbox without a relay (the CLI's `outbox` commands, operators' tools):
+//! counts, dead rows, requeue, purge.
+
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, DbErr, TransactionSession, TransactionTrait, Value};
+
+use super::{TABLE, stmt};
+use crate::delivery::scheduler::now_ms;
+
+/// One row of the outbox, as [`dead`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OutboxRow {
+    /// Insertion order.
+    pub id: i64,
+    /// The `X-Webhook-Id`.
+    pub event_id: String,
+    /// Entity and primary key.
+    pub ordering_key: String,
+    /// The event name.
+    pub event: String,
+    /// The exact body.
+    pub body: String,
+    /// `pending`, `delivered`, `dead` or `superseded`.
+    pub status: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+}
+
+/// How many rows the outbox holds, by status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Counts {
+    /// Waiting for delivery (or retrying).
+    pub pending: u64,
+    /// Delivered, kept until the retention passes.
+    pub delivered: u64,
+    /// Given up on; see [`dead`] and [`requeue`].
+    pub dead: u64,
+    /// Not sent because a newer event of their row made them stale (latest-wins
+    /// coalescing, or a dead event whose row a newer delivered event brought up to date).
+    pub superseded: u64,
+}
+
+/// What [`requeue`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Requeued {
+    /// Dead rows put back in the queue.
+    pub requeued: u64,
+    /// Dead rows not put back because a newer event of their row, already on its way,
+    /// carries newer state: resending them would leave the apps on stale data.
+    pub superseded: u64,
+}
+
+/// The SQL condition "a row `newer` of the same row supersedes the row `older`" (see
+/// `EventKind::superseded_by`): full-state events by any newer full-state event, a watch
+/// event by a newer one of the same name or by the row's deletion.
+pub(crate) fn supersedes(older: &str, newer: &str) -> String {
+    format!(
+        "(({older}.kind <> 'watch' AND {newer}.kind <> 'watch') OR ({older}.kind = 'watch' AND \
+         ({newer}.kind = 'deleted' OR ({newer}.kind = 'watch' AND {newer}.event = {older}.event))))"
+    )
+}
+
+/// Counts the rows of the outbox in `db` by status.
+pub async fn counts<C: ConnectionTrait>(db: &C) -> Result<Counts, DbErr> {
+    let backend = db.get_database_backend();
+    let rows = db
+        .query_all_raw(stmt(
+            backend,
+            &format!("SELECT status, COUNT(*) AS n FROM {TABLE} GROUP BY status"),
+            vec![],
+        ))
+        .await?;
+    let mut counts = Counts::default();
+    for r in rows {
+        let status: String = r.try_get("", "status")?;
+        let n = r.try_get::<i64>("", "n")? as u64;
+        match status.as_str() {
+            "pending" => counts.pending = n,
+            "delivered" => counts.delivered = n,
+            "dead" => counts.dead = n,
+            "superseded" => counts.superseded = n,
+            _ => {}
+        }
+    }
+    Ok(counts)
+}
+
+/// Rows not yet delivered nor given up on.
+pub async fn pending<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
+    count_status(db, "pending").await
+}
+
+/// Dead rows.
+pub(crate) async fn dead_count<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
+    count_status(db, "dead").await
+}
+
+async fn count_status<C: ConnectionTrait>(db: &C, status: &str) -> Result<u64, DbErr> {
+    // One status through its partial index: the delivered rows kept for retention are
+    // never counted.
+    let row = db
+        .query_one_raw(stmt(
+            db.get_database_backend(),
+            &format!("SELECT COUNT(*) AS n FROM {TABLE} WHERE status = '{status}'"),
+            vec![],
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64>("", "n"))
+        .transpose()?
+        .unwrap_or(0) as u64)
+}
+
+/// Dead rows of the outbox in `db`, oldest first, with their last error.
+pub async fn dead<C: ConnectionTrait>(db: &C, limit: u64) -> Result<Vec<OutboxRow>, DbErr> {
+    let backend = db.get_database_backend();
+    let rows = db
+        .query_all_raw(stmt(
+            backend,
+            &format!(
+                "SELECT id, event_id, ordering_key, event, body, status, attempts, last_error \
+                 FROM {TABLE} WHERE status = 'dead' ORDER BY id LIMIT ?"
+            ),
+            vec![(limit.min(i64::MAX as u64) as i64).into()],
+        ))
+        .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(OutboxRow {
+                id: r.try_get("", "id")?,
+                event_id: r.try_get("", "event_id")?,
+                ordering_key: r.try_get("", "ordering_key")?,
+                event: r.try_get("", "event")?,
+                body: r.try_get("", "body")?,
+                status: r.try_get("", "status")?,
+                attempts: r.try_get("", "attempts")?,
+                last_error: r.try_get("", "last_error")?,
+            })
+        })
+        .collect()
+}
+
+/// Puts dead rows of the outbox in `db` back in the queue (one by `id`, or all with
+/// `None`), attempts reset, and wakes no relay (a running relay finds them at its next
+/// poll; [`Outbox::requeue`](super::Outbox::requeue) wakes its own at once).
+///
+/// A dead row whose row already has a newer event on its way (claimed by a relay) that
+/// carries newer state is marked `superseded` instead: sent after that event, it would
+/// leave the apps on stale data. (Dead rows made stale by a *delivered* newer event were
+/// marked so when it was delivered.) Requeued rows keep their `X-Webhook-Id`.
+pub async fn requeue<C: ConnectionTrait + TransactionTrait>(
+    db: &C,
+    id: Option<i64>,
+) -> Result<Requeued, DbErr> {
+    let backend = db.get_database_backend();
+    let now = now_ms();
+    let (filter, id_value) = match id {
+        Some(id) => (" AND id = ?", Some(Value::from(id))),
+        None => ("", None),
+    };
+    let with_id = |mut values: Vec<Value>| {
+        values.extend(id_value.clone());
+        values
+    };
+    let txn = db.begin().await?;
+    let superseded = txn
+        .execute_raw(stmt(
+            backend,
+            &format!(
+                "UPDATE {TABLE} SET status = 'superseded', delivered_at = ? \
+                 WHERE status = 'dead' AND EXISTS (SELECT 1 FROM {TABLE} d \
+                   WHERE d.ordering_key = {TABLE}.ordering_key AND d.status = 'pending' \
+                   AND d.id > {TABLE}.id AND d.claimed_until >= ? AND {}){filter}",
+                supersedes(TABLE, "d")
+            ),
+            with_id(vec![now.into(), now.into()]),
+        ))
+        .await?
+        .rows_affected();
+    let requeued = txn
+        .execute_raw(stmt(
+            backend,
+            &format!(
+                "UPDATE {TABLE} SET status = 'pending', attempts = 0, next_attempt_at = ?, \
+                 claimed_by = NULL, claimed_until = NULL WHERE status = 'dead'{filter}"
+            ),
+            with_id(vec![now.into()]),
+        ))
+        .await?
+        .rows_affected();
+    txn.commit().await?;
+    Ok(Requeued {
+        requeued,
+        superseded,
+    })
+}
+
+/// Deletes delivered (and superseded) rows of the outbox in `db` older than `older_than`;
+/// returns how many.
+pub async fn purge_delivered<C: ConnectionTrait>(
+    db: &C,
+    older_than: Duration,
+) -> Result<u64, DbErr> {
+    let backend = db.get_database_backend();
+    let cutoff = now_ms() - older_than.as_millis() as i64;
+    let res = db
+        .execute_raw(stmt(
+            backend,
+            &format!(
+                "DELETE FROM {TABLE} WHERE status IN ('delivered', 'superseded') \
+                 AND delivered_at < ?"
+            ),
+            vec![cutoff.into()],
+        ))
+        .await?;
+    Ok(res.rows_affected())
+}

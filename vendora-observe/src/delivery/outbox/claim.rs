@@ -1,0 +1,532 @@
+//! The claim: which pending rows a relay may take now without breaking any chain's order,
+//! at a cost that follows what it returns, not the size of the table.
+//!
+//! A row may be sent once every earlier pending row of each of its chains (its row's
+//! `ordering_key`, its unit of work's `unit_key`) is delivered, dead, or held by the same
+//! relay (which sends its rows in chain order). Three steps:
+//!
+//! 1. **Frontier.** The oldest pending rows that this relay does not hold, by id: a prefix
+//!    of the table's pending rows, so any earlier pending row of a row's chain is in it. The
+//!    claimable ones are found in memory, in id order: a row is taken when it is free (no
+//!    live lease of another relay) and due, and no earlier row of its chains was passed
+//!    over. A hot row's backlog is taken as a run of consecutive rows ("several consecutive
+//!    events per chain"), up to a per-chain cap, so it streams.
+//! 2. **Skip scan.** When the frontier is all blocked (a chain retrying or leased by another
+//!    relay, with a backlog longer than the frontier), the heads of other chains are found
+//!    by a loose index scan over the pending rows' keys, a bounded number of keys per claim,
+//!    resuming where the last one stopped: one index probe per chain, never a walk over a
+//!    blocked backlog.
+//! 3. **Lease.** The chosen rows are leased in one `UPDATE … WHERE` that takes only rows
+//!    still free (a compare-and-set, so two relays never hold one row). Should another
+//!    relay have won a row meanwhile, the rows of its chains behind it are handed back.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult, Value};
+
+use super::{TABLE, stmt};
+use crate::body::WebhookBody;
+use crate::delivery::{ChainKey, EventKind, Job, Webhook};
+
+/// Rows of one chain a relay holds at most: a hot row streams, yet cannot take every slot
+/// from the other rows.
+pub(crate) const PER_CHAIN: usize = 32;
+
+/// What a relay holds: rows it claimed and has not yet recorded an outcome for.
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    rows: HashMap<i64, (ChainKey, Option<ChainKey>)>,
+    per_chain: HashMap<ChainKey, usize>,
+}
+
+impl Held {
+    pub(crate) fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub(crate) fn ids(&self) -> Vec<i64> {
+        self.rows.keys().copied().collect()
+    }
+
+    pub(crate) fn contains(&self, id: i64) -> bool {
+        self.rows.contains_key(&id)
+    }
+
+    fn chain_count(&self, key: ChainKey) -> usize {
+        self.per_chain.get(&key).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn insert(&mut self, id: i64, row: ChainKey, unit: Option<ChainKey>) {
+        if self.rows.insert(id, (row, unit)).is_none() {
+            for key in std::iter::once(row).chain(unit) {
+                *self.per_chain.entry(key).or_default() += 1;
+            }
+        }
+    }
+
+    pub(crate) fn remove(&mut self, id: i64) {
+        if let Some((row, unit)) = self.rows.remove(&id) {
+            for key in std::iter::once(row).chain(unit) {
+                if let Some(n) = self.per_chain.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_chain.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A pending row as the claim sees it before leasing it.
+#[derive(Debug, Clone)]
+struct Candidate {
+    id: i64,
+    row: ChainKey,
+    unit: Option<ChainKey>,
+    claimed_until: Option<i64>,
+    next_attempt_at: i64,
+}
+
+impl Candidate {
+    fn from_row(r: &QueryResult) -> Result<Candidate, DbErr> {
+        let key: String = r.try_get("", "ordering_key")?;
+        let unit: Option<String> = r.try_get("", "unit_key")?;
+        Ok(Candidate {
+            id: r.try_get("", "id")?,
+            row: ChainKey::row(&key),
+            unit: unit.as_deref().map(ChainKey::unit),
+            claimed_until: r.try_get("", "claimed_until")?,
+            next_attempt_at: r.try_get("", "next_attempt_at")?,
+        })
+    }
+
+    fn chains(&self) -> impl Iterator<Item = ChainKey> + use<> {
+        std::iter::once(self.row).chain(self.unit)
+    }
+
+    fn free(&self, now: i64) -> bool {
+        self.claimed_until.is_none_or(|until| until < now)
+    }
+}
+
+/// What a claim found.
+#[derive(Debug, Default)]
+pub(crate) struct Claimed {
+    /// Leased rows, in id order, as scheduler jobs (`token` is the row id).
+    pub(crate) jobs: Vec<Job>,
+    /// The earliest `next_attempt_at` of a free row that was not due yet.
+    pub(crate) next_due: Option<i64>,
+}
+
+/// The claim's memory between runs: where the skip scan resumes.
+#[derive(Debug, Default)]
+pub(crate) struct Cursor {
+    after_key: String,
+}
+
+/// The parameters of one claim.
+pub(crate) struct Request<'a> {
+    pub(crate) relay: &'a str,
+    pub(crate) now: i64,
+    pub(crate) lease: Duration,
+    pub(crate) want: usize,
+}
+
+/// A claim that failed.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) error: DbErr,
+    /// Whether the lease statement was sent: rows may be leased without our knowing.
+    pub(crate) leased: bool,
+}
+
+/// Chooses up to `req.want` rows and leases them to `req.relay`.
+pub(crate) async fn claim(
+    db: &DatabaseConnection,
+    held: &Held,
+    cursor: &mut Cursor,
+    req: Request<'_>,
+) -> Result<Claimed, Failure> {
+    let read = |error| Failure {
+        error,
+        leased: false,
+    };
+    let leased = |error| Failure {
+        error,
+        leased: true,
+    };
+    let backend = db.get_database_backend();
+    let window = (4 * req.want).clamp(64, 4096);
+    let frontier =
+        super::query_planned_each_time(db, frontier_statement(backend, req.relay, window))
+            .await
+            .map_err(read)?
+            .iter()
+            .map(Candidate::from_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(read)?;
+    let mut choice = Choice::new(held, req.now, req.want);
+    for c in &frontier {
+        choice.consider(c);
+    }
+    // The frontier is full and yields too little: its rows belong to blocked chains with
+    // long backlogs. Look past them, chain by chain.
+    if choice.chosen.len() < req.want && frontier.len() == window {
+        let beyond = frontier.last().map_or(0, |c| c.id);
+        let probes = (4 * req.want).clamp(16, 1024);
+        let rows = super::query_planned_each_time(
+            db,
+            skip_scan_statement(backend, &cursor.after_key, probes, beyond),
+        )
+        .await
+        .map_err(read)?;
+        let mut last_key = None;
+        for r in &rows {
+            last_key = Some(r.try_get::<String>("", "k").map_err(read)?);
+            if r.try_get::<Option<i64>>("", "id").map_err(read)?.is_none() {
+                continue;
+            }
+            let c = Candidate::from_row(r).map_err(read)?;
+            if !held.contains(c.id) {
+                choice.consider(&c);
+            }
+        }
+        // Fewer keys than probes: the scan reached the last key; start over next time.
+        cursor.after_key = match last_key {
+            Some(k) if rows.len() >= probes => k,
+            _ => String::new(),
+        };
+    }
+    let next_due = choice.next_due;
+    let chosen = choice.chosen;
+    if chosen.is_empty() {
+        return Ok(Claimed {
+            jobs: Vec::new(),
+            next_due,
+        });
+    }
+    let rows = db
+        .query_all_raw(lease_statement(backend, &req, &chosen))
+        .await
+        .map_err(leased)?;
+    let mut jobs = rows
+        .iter()
+        .map(job_from_row)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(leased)?;
+    jobs.sort_by_key(|j| j.token);
+    // Rows another relay leased between our read and our update: whatever we got behind
+    // them in their chains must go back.
+    let won: HashSet<i64> = jobs.iter().map(|j| j.token).collect();
+    let mut lost_chains = HashSet::new();
+    let mut give_back = Vec::new();
+    for c in &chosen {
+        if !won.contains(&c.id) {
+            lost_chains.extend(c.chains());
+        } else if c.chains().any(|k| lost_chains.contains(&k)) {
+            give_back.push(c.id);
+            lost_chains.extend(c.chains());
+        }
+    }
+    if !give_back.is_empty() {
+        jobs.retain(|j| !give_back.contains(&j.token));
+        db.execute_raw(release_statement(backend, req.relay, &give_back))
+            .await
+            .map_err(leased)?;
+    }
+    Ok(Claimed { jobs, next_due })
+}
+
+/// The in-memory half of the claim: walks candidates in id order.
+struct Choice<'a> {
+    held: &'a Held,
+    now: i64,
+    want: usize,
+    blocked: HashSet<ChainKey>,
+    taken: HashMap<ChainKey, usize>,
+    chosen: Vec<Candidate>,
+    next_due: Option<i64>,
+}
+
+impl<'a> Choice<'a> {
+    fn new(held: &'a Held, now: i64, want: usize) -> Self {
+        Choice {
+            held,
+            now,
+            want,
+            blocked: HashSet::new(),
+            taken: HashMap::new(),
+            chosen: Vec::new(),
+            next_due: None,
+        }
+    }
+
+    fn consider(&mut self, c: &Candidate) {
+        let free = c.free(self.now);
+        let due = c.next_attempt_at <= self.now;
+        if free && !due {
+            self.next_due = Some(
+                self.next_due
+                    .map_or(c.next_attempt_at, |d| d.min(c.next_attempt_at)),
+            );
+        }
+        let room = |k: ChainKey| {
+            self.held.chain_count(k) + self.taken.get(&k).copied().unwrap_or(0) < PER_CHAIN
+        };
+        let ok = free
+            && due
+            && self.chosen.len() < self.want
+            && c.chains().all(|k| !self.blocked.contains(&k) && room(k));
+        if ok {
+            for k in c.chains() {
+                *self.taken.entry(k).or_default() += 1;
+            }
+            self.chosen.push(c.clone());
+        } else {
+            // Nothing behind it in its chains may go before it.
+            self.blocked.extend(c.chains());
+        }
+    }
+}
+
+fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
+    let event: String = r.try_get("", "event")?;
+    let body: String = r.try_get("", "body")?;
+    let key: String = r.try_get("", "ordering_key")?;
+    let unit: Option<String> = r.try_get("", "unit_key")?;
+    let kind: String = r.try_get("", "kind")?;
+    let latest_wins: i16 = r.try_get("", "latest_wins")?;
+    let attempts: i32 = r.try_get("", "attempts")?;
+    Ok(Job {
+        webhook: Webhook::with_id(
+            r.try_get("", "event_id")?,
+            WebhookBody::from_stored(&event, body.into_bytes()),
+        ),
+        row: ChainKey::row(&key),
+        unit: unit.as_deref().map(ChainKey::unit),
+        kind: EventKind::parse(&kind),
+        coalesce: latest_wins != 0,
+        attempts: attempts.max(0) as u32,
+        token: r.try_get("", "id")?,
+    })
+}
+
+fn by_index(backend: DbBackend, index: &str) -> String {
+    // SQLite plans from `sqlite_stat1`, which, when taken mid-burst, says most rows are
+    // pending: it then scans the whole table. The pending rows' indexes are always right.
+    match backend {
+        DbBackend::Sqlite => format!(" INDEXED BY {TABLE}_{index}"),
+        _ => String::new(),
+    }
+}
+
+/// Step 1: the oldest `window` pending rows not held by `relay`.
+#[doc(hidden)] // public for the query-plan tests
+pub fn frontier_statement(backend: DbBackend, relay: &str, window: usize) -> sea_orm::Statement {
+    stmt(
+        backend,
+        &format!(
+            "SELECT id, ordering_key, unit_key, claimed_until, next_attempt_at \
+             FROM {TABLE}{} WHERE status = 'pending' AND (claimed_by IS NULL OR claimed_by <> ?) \
+             ORDER BY id LIMIT ?",
+            by_index(backend, "pending")
+        ),
+        vec![relay.into(), (window as i64).into()],
+    )
+}
+
+/// Step 2: a loose index scan over the pending rows' keys after `after_key`, `probes` keys
+/// at most; for each key, its oldest pending row when that row lies beyond the frontier
+/// (`id > beyond`) and heads its unit of work too. Rows come with `k`, the key visited
+/// (`id` is NULL where the key's head did not qualify).
+#[doc(hidden)] // public for the query-plan tests
+pub fn skip_scan_statement(
+    backend: DbBackend,
+    after_key: &str,
+    probes: usize,
+    beyond: i64,
+) -> sea_orm::Statement {
+    let key_index = by_index(backend, "pending_key");
+    let unit_index = by_index(backend, "pending_unit");
+    stmt(
+        backend,
+        &format!(
+            "WITH RECURSIVE keys(k, n) AS ( \
+               SELECT (SELECT MIN(ordering_key) FROM {TABLE}{key_index} \
+                       WHERE status = 'pending' AND ordering_key > ?), 1 \
+               UNION ALL \
+               SELECT (SELECT MIN(ordering_key) FROM {TABLE}{key_index} \
+                       WHERE status = 'pending' AND ordering_key > keys.k), keys.n + 1 \
+               FROM keys WHERE keys.k IS NOT NULL AND keys.n < ? \
+             ) \
+             SELECT keys.k AS k, o.id AS id, o.ordering_key AS ordering_key, \
+                    o.unit_key AS unit_key, o.claimed_until AS claimed_until, \
+                    o.next_attempt_at AS next_attempt_at \
+             FROM keys LEFT JOIN {TABLE} o ON o.id = ( \
+                 SELECT MIN(h.id) FROM {TABLE} h{key_index} \
+                 WHERE h.status = 'pending' AND h.ordering_key = keys.k) \
+               AND o.id > ? \
+               AND (o.unit_key IS NULL OR NOT EXISTS ( \
+                 SELECT 1 FROM {TABLE} u{unit_index} \
+                 WHERE u.unit_key = o.unit_key AND u.status = 'pending' AND u.id < o.id)) \
+             WHERE keys.k IS NOT NULL \
+             ORDER BY keys.n"
+        ),
+        vec![after_key.into(), (probes as i64).into(), beyond.into()],
+    )
+}
+
+/// Pads an id list to a few fixed lengths (repeating the last id), so that the database's
+/// statement cache sees a handful of statements, not one per length.
+fn padded(ids: impl Iterator<Item = i64>) -> Vec<i64> {
+    let mut ids: Vec<i64> = ids.collect();
+    let len = ids.len().next_power_of_two().max(8);
+    if let Some(&last) = ids.last() {
+        ids.resize(len, last);
+    }
+    ids
+}
+
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// Step 3: lease the chosen rows that are still free.
+fn lease_statement(
+    backend: DbBackend,
+    req: &Request<'_>,
+    chosen: &[Candidate],
+) -> sea_orm::Statement {
+    let ids = padded(chosen.iter().map(|c| c.id));
+    let mut values: Vec<Value> = vec![
+        req.relay.into(),
+        (req.now + req.lease.as_millis() as i64).into(),
+    ];
+    values.extend(ids.iter().map(|id| Value::from(*id)));
+    values.push(req.now.into());
+    stmt(
+        backend,
+        &format!(
+            "UPDATE {TABLE} SET claimed_by = ?, claimed_until = ? \
+             WHERE id IN ({}) AND status = 'pending' \
+               AND (claimed_until IS NULL OR claimed_until < ?) \
+             RETURNING id, event_id, ordering_key, unit_key, event, kind, latest_wins, body, attempts",
+            placeholders(ids.len())
+        ),
+        values,
+    )
+}
+
+/// Hands rows back: their lease ends now.
+pub(crate) fn release_statement(
+    backend: DbBackend,
+    relay: &str,
+    ids: &[i64],
+) -> sea_orm::Statement {
+    let ids = padded(ids.iter().copied());
+    let mut values: Vec<Value> = ids.iter().map(|id| Value::from(*id)).collect();
+    values.push(relay.into());
+    stmt(
+        backend,
+        &format!(
+            "UPDATE {TABLE} SET claimed_by = NULL, claimed_until = NULL \
+             WHERE id IN ({}) AND claimed_by = ? AND status = 'pending'",
+            placeholders(ids.len())
+        ),
+        values,
+    )
+}
+
+/// Extends the lease of rows `relay` holds.
+pub(crate) fn renew_statement(
+    backend: DbBackend,
+    relay: &str,
+    until: i64,
+    ids: &[i64],
+) -> sea_orm::Statement {
+    let ids = padded(ids.iter().copied());
+    let mut values: Vec<Value> = vec![until.into()];
+    values.extend(ids.iter().map(|id| Value::from(*id)));
+    values.push(relay.into());
+    stmt(
+        backend,
+        &format!(
+            "UPDATE {TABLE} SET claimed_until = ? WHERE id IN ({}) AND claimed_by = ? \
+             AND status = 'pending'",
+            placeholders(ids.len())
+        ),
+        values,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(id: i64, row: &str, unit: Option<&str>) -> Candidate {
+        Candidate {
+            id,
+            row: ChainKey::row(row),
+            unit: unit.map(ChainKey::unit),
+            claimed_until: None,
+            next_attempt_at: 0,
+        }
+    }
+
+    fn choose(held: &Held, cands: &[Candidate], want: usize) -> Vec<i64> {
+        let mut choice = Choice::new(held, 10, want);
+        for c in cands {
+            choice.consider(c);
+        }
+        choice.chosen.iter().map(|c| c.id).collect()
+    }
+
+    #[test]
+    fn a_blocked_row_blocks_what_follows_it_in_either_chain() {
+        let mut leased = cand(1, "p:1", Some("t:a"));
+        leased.claimed_until = Some(100); // another relay's live lease
+        let cands = [
+            leased,
+            cand(2, "p:1", Some("t:b")), // behind 1 on its row
+            cand(3, "p:2", Some("t:a")), // behind 1 on its unit
+            cand(4, "p:3", Some("t:b")), // behind 2 on its unit
+            cand(5, "p:4", Some("t:c")), // unrelated
+            cand(6, "p:4", Some("t:c")), // behind 5, which is taken: a run
+        ];
+        assert_eq!(choose(&Held::default(), &cands, 10), [5, 6]);
+    }
+
+    #[test]
+    fn rows_behind_held_rows_are_taken_and_a_chain_is_capped() {
+        let mut held = Held::default();
+        held.insert(1, ChainKey::row("p:1"), None);
+        let cands: Vec<Candidate> = (2..100).map(|id| cand(id, "p:1", None)).collect();
+        let got = choose(&held, &cands, 1000);
+        assert_eq!(got, (2..2 + PER_CHAIN as i64 - 1).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn rows_not_due_block_their_chains_and_say_when_they_are() {
+        let mut later = cand(1, "p:1", None);
+        later.next_attempt_at = 50;
+        let held = Held::default();
+        let mut choice = Choice::new(&held, 10, 10);
+        for c in [later, cand(2, "p:1", None), cand(3, "p:2", None)] {
+            choice.consider(&c);
+        }
+        assert_eq!(choice.chosen.iter().map(|c| c.id).collect::<Vec<_>>(), [3]);
+        assert_eq!(choice.next_due, Some(50));
+    }
+
+    #[test]
+    fn id_lists_are_padded_to_few_lengths() {
+        assert_eq!(padded([1, 2, 3].into_iter()), [1, 2, 3, 3, 3, 3, 3, 3]);
+        assert_eq!(padded((0..9).map(i64::from)).len(), 16);
+    }
+}

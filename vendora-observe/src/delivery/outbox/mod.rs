@@ -1,0 +1,382 @@
+//! Outbox mode: events are rows of a table in the application's own database, written by
+//! the hook through the hook's own connection, so they commit and roll back with the
+//! change. A relay delivers committed rows.
+//!
+//! # The table
+//!
+//! `vendora_outbox` is created when the observer starts (idempotently, SQLite or
+//! PostgreSQL, safely when several instances start at once): `id` (insertion order),
+//! `event_id` (the `X-Webhook-Id`), `ordering_key` (entity and primary key: the row's
+//! chain), `unit_key` (the unit of work's chain, NULL under [`Order::PerRow`]), `event`,
+//! `kind` and `latest_wins` (what supersedes the event), `body` (the exact bytes to sign and
+//! send), `status` (`pending`, `delivered`, `dead`, `superseded`), `attempts`,
+//! `next_attempt_at`, `last_error`, `created_at`, `delivered_at`, and the lease
+//! `claimed_by` / `claimed_until`. Times are Unix milliseconds. Its indexes are partial
+//! (pending rows by id, by key and by unit; finished rows by time; dead rows), so the claim
+//! never reads the delivered rows kept for the retention period.
+//!
+//! # Order and several relays
+//!
+//! A relay takes a row only when every earlier pending row of its chains is delivered,
+//! dead, or already its own, so events of one row, and of one unit of work, leave in the
+//! order they were written, across retries and across relays (see [`claim`]'s steps). A
+//! relay keeps its rows leased while it holds them (renewed every quarter of the lease),
+//! and the rows of a relay that died are claimed again once their lease runs out.
+//!
+//! # Dead rows
+//!
+//! A dead row does not hold its chains: the events after it go out. When a newer event of
+//! its row that carries newer state is delivered, the dead row is marked `superseded`, and
+//! [`requeue`] resends only the dead rows still current, so after a requeue the last event
+//! the apps saw of every row is the row's final state.
+//!
+//! # Wake-ups
+//!
+//! The hook wakes the relay of its own process at once; on PostgreSQL a trigger sends
+//! `NOTIFY vendora_outbox` at commit, which wakes every relay (`LISTEN`), also for
+//! transactions. Otherwise the relay polls (`poll_interval`), or wakes when a row's retry
+//! time comes.
+//!
+//! [`Order::PerRow`]: crate::Order::PerRow
+
+mod admin;
+mod claim;
+mod relay;
+mod schema;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, Value};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+pub use admin::{Counts, OutboxRow, Requeued, counts, dead, pending, purge_delivered, requeue};
+#[doc(hidden)] // public for the query-plan tests
+pub use claim::{frontier_statement, skip_scan_statement};
+pub use schema::{create_table, table_exists};
+
+use super::scheduler::{Lease, Scheduler, Setup, now_ms};
+use super::{Context, Job, Leftovers};
+use crate::config::ConfigError;
+
+/// The outbox table's name.
+pub const TABLE: &str = "vendora_outbox";
+const CHANNEL: &str = "vendora_outbox";
+
+/// Settings of outbox mode, given to [`ObserverBuilder::outbox`](crate::ObserverBuilder::outbox).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct OutboxOptions {
+    pub(crate) db: DatabaseConnection,
+    /// How often the relay looks for work when nothing woke it (default 250 ms).
+    pub poll_interval: Duration,
+    /// How long a claim lasts unless renewed; the rows of a relay that died are taken up
+    /// by another after it (default 60 s, longer than the request timeout).
+    pub lease: Duration,
+    /// How long delivered rows are kept before they are deleted (default 24 h).
+    pub retention: Duration,
+    /// Rows claimed at once (default 128); a relay holds at most four batches.
+    pub batch: usize,
+}
+
+impl OutboxOptions {
+    /// The defaults, for events stored in `db`.
+    pub fn new(db: DatabaseConnection) -> Self {
+        OutboxOptions {
+            db,
+            poll_interval: Duration::from_millis(250),
+            lease: Duration::from_secs(60),
+            retention: Duration::from_secs(24 * 3600),
+            batch: 128,
+        }
+    }
+}
+
+/// The outbox of an observer in outbox mode: its relay, and the dead-letter API.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("relay", &self.inner.relay_id)
+            .field("backend", &self.inner.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    options: OutboxOptions,
+    backend: DbBackend,
+    ctx: Arc<Context>,
+    scheduler: Scheduler,
+    lease: Arc<Lease>,
+    relay_id: String,
+    wake: Notify,
+    progress: Notify,
+    stopping: AtomicBool,
+    /// Dead rows may exist: a delivery then looks for the ones it made stale.
+    dead_present: AtomicBool,
+    relay: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// `?` placeholders become `$1, $2, …` on PostgreSQL.
+fn sql(backend: DbBackend, text: &str) -> String {
+    if backend != DbBackend::Postgres {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut n = 0;
+    for c in text.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn stmt(backend: DbBackend, text: &str, values: Vec<Value>) -> Statement {
+    Statement::from_sql_and_values(backend, sql(backend, text), values)
+}
+
+impl Outbox {
+    pub(crate) async fn start(
+        options: OutboxOptions,
+        ctx: Arc<Context>,
+    ) -> Result<Outbox, ConfigError> {
+        let timeout = ctx.service.config().timeout();
+        if options.lease <= timeout {
+            return Err(ConfigError::OutboxLease {
+                lease: options.lease,
+                timeout,
+            });
+        }
+        let backend = options.db.get_database_backend();
+        create_table(&options.db)
+            .await
+            .map_err(|e| ConfigError::Outbox {
+                reason: e.to_string(),
+            })?;
+        let lease = Arc::new(Lease::new(now_ms() + options.lease.as_millis() as i64));
+        let (reports, reports_rx) = tokio::sync::mpsc::unbounded_channel();
+        let scheduler = Scheduler::start(Setup {
+            ctx: ctx.clone(),
+            reports: Some(reports),
+            track_pending: false,
+            lease: Some(lease.clone()),
+            dead_letter_leftovers: false,
+        });
+        let inner = Arc::new(Inner {
+            options,
+            backend,
+            ctx,
+            scheduler,
+            lease,
+            relay_id: uuid::Uuid::now_v7().to_string(),
+            wake: Notify::new(),
+            progress: Notify::new(),
+            stopping: AtomicBool::new(false),
+            dead_present: AtomicBool::new(true),
+            relay: Mutex::new(None),
+        });
+        let outbox = Outbox { inner };
+        outbox.refresh_pending().await;
+        let listener = relay::listen(&outbox.inner.options.db).await;
+        let task = tokio::spawn(relay::run(outbox.clone(), reports_rx, listener));
+        *outbox.inner.relay.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(outbox)
+    }
+
+    /// Writes the events of one write through the hook's `db`: they commit or roll back
+    /// with the change.
+    pub(crate) async fn insert<C: ConnectionTrait>(
+        &self,
+        db: &C,
+        ordering_key: &str,
+        unit_key: Option<&str>,
+        jobs: &[Job],
+    ) -> Result<(), DbErr> {
+        let backend = db.get_database_backend();
+        let now = now_ms();
+        let mut text = format!(
+            "INSERT INTO {TABLE} (event_id, ordering_key, unit_key, event, kind, latest_wins, \
+             body, next_attempt_at, created_at) VALUES "
+        );
+        let mut values: Vec<Value> = Vec::with_capacity(jobs.len() * 9);
+        for (i, job) in jobs.iter().enumerate() {
+            if i > 0 {
+                text.push_str(", ");
+            }
+            text.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?)");
+            let w = &job.webhook;
+            values.push(w.id().into());
+            values.push(ordering_key.into());
+            values.push(unit_key.map(str::to_owned).into());
+            values.push(w.event().into());
+            values.push(job.kind.as_str().into());
+            values.push(i16::from(job.coalesce).into());
+            values.push(w.body().as_str().into());
+            values.push(now.into());
+            values.push(now.into());
+        }
+        db.execute_raw(stmt(backend, &text, values)).await?;
+        // Wakes this process's relay now; an uncommitted row is simply not seen yet, and
+        // PostgreSQL's trigger wakes every relay at commit.
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Rows not yet delivered nor given up on.
+    pub async fn pending(&self) -> Result<u64, DbErr> {
+        pending(&self.inner.options.db).await
+    }
+
+    async fn refresh_pending(&self) -> u64 {
+        let db = &self.inner.options.db;
+        if let Ok(dead) = admin::dead_count(db).await {
+            self.inner.dead_present.store(dead > 0, Ordering::Release);
+        }
+        match self.pending().await {
+            Ok(n) => {
+                self.inner.ctx.counters.set_pending(n);
+                n
+            }
+            Err(_) => self.inner.ctx.counters.pending(),
+        }
+    }
+
+    /// Dead rows (given up on after their last attempt), oldest first, with their last
+    /// error.
+    pub async fn dead(&self, limit: u64) -> Result<Vec<OutboxRow>, DbErr> {
+        dead(&self.inner.options.db, limit).await
+    }
+
+    /// Puts dead rows back in the queue (all of them with `None`), attempts reset, except
+    /// those a newer event of their row has made stale (see [`requeue`]). They keep their
+    /// `X-Webhook-Id`, so receivers can still dedupe.
+    pub async fn requeue(&self, id: Option<i64>) -> Result<Requeued, DbErr> {
+        let n = requeue(&self.inner.options.db, id).await?;
+        self.inner.wake.notify_one();
+        Ok(n)
+    }
+
+    /// Deletes delivered rows older than `older_than`; returns how many.
+    pub async fn purge_delivered(&self, older_than: Duration) -> Result<u64, DbErr> {
+        purge_delivered(&self.inner.options.db, older_than).await
+    }
+
+    pub(crate) async fn flush(&self, deadline: Instant) -> bool {
+        loop {
+            let progress = self.inner.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            if self.refresh_pending().await == 0 {
+                return true;
+            }
+            self.inner.wake.notify_one();
+            let wait =
+                Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
+            if wait.is_zero() {
+                return false;
+            }
+            let _ = tokio::time::timeout(wait, progress).await;
+        }
+    }
+
+    /// Stops claiming, delivers what the relay holds until `deadline`, then cuts what is
+    /// in flight; every row not delivered stays in the table (its lease handed back) for
+    /// the next start. Returns what was cut and left, and the rows still pending.
+    pub(crate) async fn shutdown(&self, deadline: Duration) -> (Leftovers, u64) {
+        self.inner.stopping.store(true, Ordering::Release);
+        self.inner.wake.notify_one();
+        let leftovers = self.inner.scheduler.shutdown(deadline).await;
+        let task = self
+            .inner
+            .relay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        // The relay ends once the outcomes are written and its leases handed back.
+        if let Some(mut task) = task
+            && tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
+        }
+        (leftovers, self.refresh_pending().await)
+    }
+}
+
+/// Runs `query` so that PostgreSQL plans it for the table as it is now. A prepared statement
+/// (what SeaORM runs) gets a generic plan after five executions and keeps it: planned while
+/// the outbox was nearly empty, a claim's plan scanned every pending row's key for each
+/// candidate (5 s per claim once 20,000 rows were pending). An unnamed statement is planned
+/// at each execution, still in one round trip.
+#[cfg(feature = "postgres")]
+async fn query_planned_each_time(
+    db: &DatabaseConnection,
+    query: Statement,
+) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
+    use sqlx::Arguments;
+    if db.get_database_backend() != DbBackend::Postgres {
+        return db.query_all_raw(query).await;
+    }
+    let mut args = sqlx::postgres::PgArguments::default();
+    for value in query.values.iter().flat_map(|v| v.0.iter()) {
+        let bound = match value {
+            Value::BigInt(v) => args.add(*v),
+            Value::String(v) => args.add(v.as_deref()),
+            other => {
+                return Err(DbErr::Custom(format!(
+                    "unexpected claim parameter {other:?}"
+                )));
+            }
+        };
+        bound.map_err(|e| DbErr::Custom(e.to_string()))?;
+    }
+    let rows = sqlx::query_with(sqlx::AssertSqlSafe(query.sql), args)
+        .persistent(false)
+        .fetch_all(db.get_postgres_connection_pool())
+        .await
+        .map_err(|e| DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into())))?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn query_planned_each_time(
+    db: &DatabaseConnection,
+    query: Statement,
+) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
+    db.query_all_raw(query).await
+}
+
+/// Warns once per entity that its outbox rows are written outside a transaction.
+pub(crate) fn warn_autocommit(entity: &'static str) {
+    static WARNED: OnceLock<Mutex<Vec<&'static str>>> = OnceLock::new();
+    let mut warned = WARNED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if warned.contains(&entity) {
+        return;
+    }
+    warned.push(entity);
+    crate::diagnostics::warn(
+        crate::diagnostics::Kind::Setup,
+        format_args!(
+            "outbox: `{entity}` is written outside a transaction: the change commits before its \
+             outbox row, so a crash between the two commits loses the event (a window of one \
+             round trip and one commit); write it inside `db.transaction(…)` / `db.begin()` \
+             so that the change and its event commit together"
+        ),
+    );
+}

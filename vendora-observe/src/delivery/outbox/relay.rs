@@ -1,0 +1,422 @@
+//! The relay: claims rows, hands them to its scheduler, keeps their lease alive, and
+//! writes what became of them.
+//!
+//! The scheduler sends (and retries) on its own task; the relay only decides what to claim
+//! next. A recorder task writes outcomes behind the sends, everything that finished
+//! meanwhile in one round; a row leaves the relay's hands only once its outcome is written,
+//! so no claim ever mistakes a delivered-but-unrecorded row for a pending one.
+
+use std::time::{Duration, Instant};
+
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, TransactionTrait, Value};
+use tokio::sync::mpsc;
+
+use super::claim::{self, Claimed, Cursor, Held, Request};
+use super::{Outbox, TABLE, admin, stmt};
+use crate::delivery::scheduler::{Report, now_ms};
+
+/// What the recorder tells the relay.
+pub(super) enum Done {
+    /// Outcomes written: these rows are no longer the relay's.
+    Recorded(Vec<i64>),
+    /// Forgotten unsent (lease trouble, shutdown): their leases should end now.
+    Released(Vec<i64>),
+}
+
+#[cfg(feature = "postgres")]
+pub(super) type Listener = Option<sqlx::postgres::PgListener>;
+#[cfg(not(feature = "postgres"))]
+pub(super) type Listener = Option<()>;
+
+#[cfg(feature = "postgres")]
+pub(super) async fn listen(db: &sea_orm::DatabaseConnection) -> Listener {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return None;
+    }
+    let pool = db.get_postgres_connection_pool();
+    match sqlx::postgres::PgListener::connect_with(pool).await {
+        Ok(mut l) => match l.listen(super::CHANNEL).await {
+            Ok(()) => Some(l),
+            Err(e) => {
+                tracing::warn!("outbox: LISTEN failed, polling instead: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!("outbox: no LISTEN connection, polling instead: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "postgres"))]
+pub(super) async fn listen(_db: &sea_orm::DatabaseConnection) -> Listener {
+    None
+}
+
+/// Waits for a NOTIFY, or forever without a listener.
+async fn notified(listener: &mut Listener) {
+    #[cfg(feature = "postgres")]
+    if let Some(l) = listener {
+        if l.recv().await.is_err() {
+            // The listener reconnects by itself on the next recv; do not spin meanwhile.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        return;
+    }
+    let _ = listener;
+    std::future::pending::<()>().await
+}
+
+/// Rows a relay holds at most (claimed, not yet recorded), in batches of `batch`.
+fn max_held(batch: usize) -> usize {
+    4 * batch
+}
+
+pub(super) async fn run(
+    outbox: Outbox,
+    reports: mpsc::UnboundedReceiver<(i64, Report)>,
+    mut listener: Listener,
+) {
+    let inner = outbox.inner.clone();
+    let options = &inner.options;
+    let db = &options.db;
+    let batch = options.batch.max(1);
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let recorder = tokio::spawn(record(outbox.clone(), reports, done_tx));
+    let mut relay_id = inner.relay_id.clone();
+    let mut held = Held::default();
+    let mut cursor = Cursor::default();
+    let mut idle = false;
+    let mut next_due: Option<i64> = None;
+    let mut claim_failing = false;
+    let mut last_prune = Instant::now();
+    let mut last_analyze: Option<Instant> = None;
+    let mut heartbeat = tokio::time::interval(options.lease / 4);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = inner.stopping.load(std::sync::atomic::Ordering::Acquire);
+        let room = max_held(batch).saturating_sub(held.len());
+        if !stopping && !idle && room > 0 {
+            let want = room.min(batch);
+            let req = Request {
+                relay: &relay_id,
+                now: now_ms(),
+                lease: options.lease,
+                want,
+            };
+            match claim::claim(db, &held, &mut cursor, req).await {
+                Ok(Claimed {
+                    jobs,
+                    next_due: due,
+                }) => {
+                    if std::mem::take(&mut claim_failing) {
+                        tracing::info!("outbox: claiming rows works again");
+                    }
+                    next_due = due;
+                    idle = jobs.len() < want;
+                    if jobs.len() >= batch {
+                        outbox.refresh_statistics(&mut last_analyze);
+                    }
+                    for job in &jobs {
+                        held.insert(job.token, job.row, job.unit);
+                    }
+                    if !jobs.is_empty() {
+                        inner.scheduler.submit(jobs);
+                    }
+                }
+                Err(claim::Failure { error, leased }) => {
+                    if !std::mem::replace(&mut claim_failing, true) {
+                        tracing::warn!("outbox: claiming rows failed (will keep trying): {error}");
+                    }
+                    if leased {
+                        // Rows may have been leased without our hearing of it: they must
+                        // count as another relay's until their lease ends.
+                        relay_id = rotate(&outbox);
+                    }
+                    idle = true;
+                }
+            }
+        }
+        if idle && held.is_empty() {
+            outbox.refresh_pending().await;
+            inner.progress.notify_waiters();
+            if last_prune.elapsed() > Duration::from_secs(60) {
+                last_prune = Instant::now();
+                if let Err(e) = admin::purge_delivered(db, options.retention).await {
+                    tracing::warn!("outbox: pruning delivered rows failed: {e}");
+                }
+            }
+        }
+        // Idle: until a wake-up, a NOTIFY, the poll, or a row's retry time.
+        let wait = next_due
+            .map(|at| Duration::from_millis((at - now_ms()).max(0) as u64))
+            .unwrap_or(options.poll_interval)
+            .min(options.poll_interval);
+        tokio::select! {
+            d = done.recv() => match d {
+                Some(d) => {
+                    let mut batch_done = vec![d];
+                    while let Ok(more) = done.try_recv() {
+                        batch_done.push(more);
+                    }
+                    for d in batch_done {
+                        match d {
+                            Done::Recorded(ids) => {
+                                for id in ids {
+                                    held.remove(id);
+                                }
+                            }
+                            Done::Released(ids) => {
+                                for id in &ids {
+                                    held.remove(*id);
+                                }
+                                if let Err(e) = db
+                                    .execute_raw(claim::release_statement(inner.backend, &relay_id, &ids))
+                                    .await
+                                {
+                                    tracing::debug!("outbox: handing rows back failed ({e}); they wait for their lease");
+                                    relay_id = rotate(&outbox);
+                                }
+                            }
+                        }
+                    }
+                    // Later rows of those chains may be claimable now.
+                    idle = false;
+                }
+                // The scheduler stopped (shutdown) and every outcome is written.
+                None => break,
+            },
+            _ = heartbeat.tick() => renew(&outbox, &relay_id, &held).await,
+            _ = inner.wake.notified(), if idle => idle = false,
+            _ = notified(&mut listener), if idle => idle = false,
+            _ = tokio::time::sleep(wait), if idle => idle = false,
+        }
+    }
+    let _ = recorder.await;
+    if !held.is_empty() {
+        let _ = db
+            .execute_raw(claim::release_statement(
+                inner.backend,
+                &relay_id,
+                &held.ids(),
+            ))
+            .await;
+    }
+}
+
+/// A new identity for the relay, after rows may have stayed leased to the old one without
+/// its holding them: those rows then block their chains until their lease ends, as any other
+/// relay's would. What the scheduler holds under the old identity is no longer renewed, so
+/// it is forgotten (every row not in flight goes back; the lease ends the rest).
+fn rotate(outbox: &Outbox) -> String {
+    outbox.inner.scheduler.release_all();
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Extends the lease of every row held, so a row waiting on a long retry is never taken by
+/// another relay; the scheduler stops sending if this keeps failing.
+async fn renew(outbox: &Outbox, relay_id: &str, held: &Held) {
+    let inner = &outbox.inner;
+    let started = now_ms();
+    let until = started + inner.options.lease.as_millis() as i64;
+    let ids = held.ids();
+    for chunk in ids.chunks(500) {
+        if let Err(e) = inner
+            .options
+            .db
+            .execute_raw(claim::renew_statement(
+                inner.backend,
+                relay_id,
+                until,
+                chunk,
+            ))
+            .await
+        {
+            tracing::warn!("outbox: renewing the lease of claimed rows failed: {e}");
+            return;
+        }
+    }
+    inner.lease.extend_to(until);
+}
+
+/// Writes outcomes as they come, all that arrived meanwhile in one round, then tells the
+/// relay which rows are done. A write that fails is retried until it succeeds: until then
+/// the rows stay the relay's.
+async fn record(
+    outbox: Outbox,
+    mut reports: mpsc::UnboundedReceiver<(i64, Report)>,
+    done: mpsc::UnboundedSender<Done>,
+) {
+    let mut round = Vec::new();
+    while reports.recv_many(&mut round, usize::MAX).await > 0 {
+        let mut delivered = Vec::new();
+        let mut released = Vec::new();
+        let mut finished = Vec::new();
+        let mut writes: Vec<(String, Vec<Value>)> = Vec::new();
+        let now = now_ms();
+        for (id, report) in round.drain(..) {
+            match report {
+                Report::Delivered => delivered.push(id),
+                Report::Released | Report::Unknown => released.push(id),
+                Report::Failed {
+                    attempts,
+                    delay,
+                    error,
+                } => writes.push((
+                    format!(
+                        "UPDATE {TABLE} SET attempts = ?, next_attempt_at = ?, last_error = ? \
+                         WHERE id = ?"
+                    ),
+                    vec![
+                        (attempts as i32).into(),
+                        (now + delay.as_millis() as i64).into(),
+                        error.into(),
+                        id.into(),
+                    ],
+                )),
+                Report::Dead { attempts, error } => {
+                    outbox
+                        .inner
+                        .dead_present
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    finished.push(id);
+                    writes.push((
+                        format!(
+                            "UPDATE {TABLE} SET status = 'dead', attempts = ?, last_error = ?, \
+                             claimed_by = NULL, claimed_until = NULL WHERE id = ?"
+                        ),
+                        vec![(attempts as i32).into(), error.into(), id.into()],
+                    ));
+                }
+                Report::Superseded => {
+                    finished.push(id);
+                    writes.push((
+                        format!(
+                            "UPDATE {TABLE} SET status = 'superseded', delivered_at = ?, \
+                             claimed_by = NULL, claimed_until = NULL WHERE id = ?"
+                        ),
+                        vec![now.into(), id.into()],
+                    ));
+                }
+            }
+        }
+        // Dead first: a delivery in the same round may make them stale.
+        let mut attempt = 0;
+        while let Err(e) = write_all(&outbox, &writes).await {
+            retry_later("failed attempts", &mut attempt, e).await;
+        }
+        if !delivered.is_empty() {
+            while let Err(e) = mark_delivered(&outbox, &delivered).await {
+                retry_later("delivered rows", &mut attempt, e).await;
+            }
+            finished.extend(delivered);
+        }
+        if attempt >= 5 {
+            tracing::info!("outbox: writing the outcome of deliveries works again");
+        }
+        if !finished.is_empty() {
+            let _ = done.send(Done::Recorded(finished));
+        }
+        if !released.is_empty() {
+            let _ = done.send(Done::Released(released));
+        }
+        outbox.inner.progress.notify_waiters();
+    }
+}
+
+/// After a failed write of outcomes: logs (once loudly) and waits before the next try.
+/// Outcomes are retried until written: until then the rows stay the relay's.
+async fn retry_later(what: &str, attempt: &mut u32, e: DbErr) {
+    *attempt += 1;
+    if *attempt == 5 {
+        tracing::error!(
+            "outbox: the outcome of deliveries ({what}) cannot be written ({e}); retrying; if \
+             this process stops first, the rows are sent again after their lease, with the \
+             same X-Webhook-Id"
+        );
+    } else {
+        tracing::debug!("outbox: writing {what} failed, retrying: {e}");
+    }
+    tokio::time::sleep(Duration::from_millis(20u64 << (*attempt).min(8))).await;
+}
+
+async fn write_all(outbox: &Outbox, writes: &[(String, Vec<Value>)]) -> Result<(), DbErr> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let inner = &outbox.inner;
+    let txn = inner.options.db.begin().await?;
+    for (text, values) in writes {
+        txn.execute_raw(stmt(inner.backend, text, values.clone()))
+            .await?;
+    }
+    txn.commit().await
+}
+
+/// Marks rows delivered, 500 per statement (per-row commits would cap the relay at the
+/// database's commit rate), and marks `superseded` the dead rows of the same rows that
+/// these deliveries made stale, so that a later requeue cannot resend old state.
+async fn mark_delivered(outbox: &Outbox, ids: &[i64]) -> Result<(), DbErr> {
+    let inner = &outbox.inner;
+    let db = &inner.options.db;
+    let now = now_ms();
+    let check_dead = inner
+        .dead_present
+        .load(std::sync::atomic::Ordering::Acquire);
+    for chunk in ids.chunks(500) {
+        let marks = vec!["?"; chunk.len()].join(", ");
+        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() + 1);
+        values.push(now.into());
+        values.extend(chunk.iter().map(|id| Value::from(*id)));
+        db.execute_raw(stmt(
+            inner.backend,
+            &format!(
+                "UPDATE {TABLE} SET status = 'delivered', delivered_at = ?, \
+                 attempts = attempts + 1, last_error = NULL, claimed_by = NULL, \
+                 claimed_until = NULL WHERE id IN ({marks})"
+            ),
+            values,
+        ))
+        .await?;
+        if check_dead {
+            let mut values: Vec<Value> = vec![now.into()];
+            values.extend(chunk.iter().map(|id| Value::from(*id)));
+            db.execute_raw(stmt(
+                inner.backend,
+                &format!(
+                    "UPDATE {TABLE} SET status = 'superseded', delivered_at = ?, \
+                     last_error = COALESCE(last_error, '') || ' (superseded by a newer delivered event of its row)' \
+                     WHERE status = 'dead' AND EXISTS (SELECT 1 FROM {TABLE} d \
+                       WHERE d.id IN ({marks}) AND d.ordering_key = {TABLE}.ordering_key \
+                       AND d.id > {TABLE}.id AND {})",
+                    admin::supersedes(TABLE, "d")
+                ),
+                values,
+            ))
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+impl Outbox {
+    /// PostgreSQL: takes the outbox's planner statistics again, in the background, at most
+    /// once a minute, when a claim comes back full (a burst). A table that grew from a few
+    /// rows to thousands within autovacuum's one-minute nap was planned as if it still held
+    /// a few (50 ms per claim at 20,000 pending instead of 3 ms).
+    fn refresh_statistics(&self, last: &mut Option<Instant>) {
+        if self.inner.backend != DbBackend::Postgres
+            || last.is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        {
+            return;
+        }
+        *last = Some(Instant::now());
+        let db = self.inner.options.db.clone();
+        tokio::spawn(async move {
+            if let Err(e) = db.execute_unprepared(&format!("ANALYZE {TABLE}")).await {
+                tracing::debug!("outbox: ANALYZE {TABLE} failed (autovacuum will do it): {e}");
+            }
+        });
+    }
+}
