@@ -236,3 +236,45 @@ async fn shutdown_reports_the_cut_request_as_unknown_and_dead_letters_the_rest()
         .unwrap();
     assert_eq!(observer.stats().shed, 1);
 }
+
+/// 2,000 events shed in one burst make one log line with their count (or a few, if the
+/// burst spans more than one half-second window), soon after the burst: none unreported.
+#[tokio::test(flavor = "current_thread")]
+async fn a_shed_burst_is_logged_soon_with_its_count() {
+    let (_guard, logs) = common::capture_logs();
+    let db = memory_db().await;
+    let hole = Blackhole::start().await.unwrap();
+    let observer = Observer::builder(blackhole_config(&hole.url(), Duration::from_secs(30)))
+        .queue_capacity(10)
+        .build()
+        .await
+        .unwrap();
+    observer
+        .scope(async {
+            for i in 0..2_010 {
+                product_am(&format!("p{i}"), i).insert(&db).await.unwrap();
+            }
+        })
+        .await;
+    assert_eq!(observer.stats().shed, 2_000);
+    let reported = || -> u64 {
+        logs()
+            .lines()
+            .filter_map(|l| {
+                l.split(" webhook(s) shed")
+                    .next()
+                    .filter(|_| l.contains("shed in the last"))
+            })
+            .filter_map(|head| head.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()))
+            .sum()
+    };
+    common::eventually(Duration::from_secs(5), "the burst is reported", || async {
+        reported() == 2_000
+    })
+    .await;
+    assert!(
+        logs().contains("raise ObserverBuilder::queue_capacity"),
+        "{}",
+        logs()
+    );
+}

@@ -592,3 +592,261 @@ async fn later_events_of_one_row_follow_without_waiting_for_the_poll() {
     assert_eq!(stocks, (1..=10).collect::<Vec<i64>>());
     observer.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A request in flight when the shutdown deadline passes is reported as of unknown outcome,
+/// not dead; its row stays pending with its lease handed back, so the next start sends it
+/// again at once, with the same X-Webhook-Id.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_cuts_a_request_as_unknown_and_the_next_start_resends_it() {
+    use sea_orm::ConnectionTrait;
+    let (db, _) = sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.reply_when("cut short", Reply::Delay(Duration::from_secs(5)));
+    let observer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    observer
+        .scope(product_am("cut short", 1).insert(&db))
+        .await
+        .unwrap();
+    receiver.wait_until_arrived("cut short", WAIT).await;
+    let report = observer.shutdown(Duration::from_millis(200)).await;
+    assert_eq!(
+        (
+            report.outcome_unknown,
+            report.left,
+            report.pending_in_outbox
+        ),
+        (1, 0, 1),
+        "{report:?}"
+    );
+    assert!(!report.drained);
+    assert_eq!(report.stats.dead, 0);
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT event_id, claimed_by FROM vendora_outbox WHERE status = 'pending'",
+        ))
+        .await
+        .unwrap()
+        .expect("the row stays pending");
+    assert_eq!(
+        row.try_get::<Option<String>>("", "claimed_by").unwrap(),
+        None
+    );
+    let event_id: String = row.try_get("", "event_id").unwrap();
+    receiver.clear_rules();
+    let again = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    assert!(again.flush(WAIT).await);
+    assert_eq!(again.stats().sent, 1);
+    assert!(receiver.delivered().iter().any(|r| r.id() == event_id));
+}
+
+/// An entity of its own, so that no other test of this binary has warned about it yet
+/// (the warning is once per entity and process).
+mod note {
+    use sea_orm::entity::prelude::*;
+    use vendora_observe::Observed;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Serialize, Observed)]
+    #[sea_orm(table_name = "notes")]
+    #[observe(event = "note")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i32,
+        pub text: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+}
+
+fn note_am(text: &str) -> note::ActiveModel {
+    note::ActiveModel {
+        id: sea_orm::ActiveValue::NotSet,
+        text: Set(text.to_owned()),
+    }
+}
+
+/// The first outbox write of an entity outside a transaction says, once, that a crash
+/// between the two commits would lose its event, and what to do.
+#[tokio::test(flavor = "current_thread")]
+async fn an_autocommit_outbox_write_warns_once_per_entity() {
+    let (_guard, logs) = common::capture_logs();
+    let (db, _) = sqlite_file().await;
+    vendora_pos::db::create_table(&db, note::Entity)
+        .await
+        .unwrap();
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    observer
+        .scope(async {
+            let txn = db.begin().await.unwrap();
+            product_am("in a transaction", 1)
+                .insert(&txn)
+                .await
+                .unwrap();
+            txn.commit().await.unwrap();
+        })
+        .await;
+    assert!(!logs().contains("outside a transaction"), "{}", logs());
+    observer
+        .scope(async {
+            note_am("autocommit 1").insert(&db).await.unwrap();
+            note_am("autocommit 2").insert(&db).await.unwrap();
+        })
+        .await;
+    let text = logs();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("outside a transaction"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(warnings[0].contains("`note`"), "{}", warnings[0]);
+    assert!(warnings[0].contains("db.transaction"), "{}", warnings[0]);
+    assert!(observer.flush(WAIT).await);
+}
+
+/// The claim reads a bounded number of rows whatever the backlog: 20,000 pending rows on
+/// 10 keys (ten hot rows), measured by PostgreSQL's own row counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_claim_cost_does_not_follow_the_backlog_of_hot_rows() {
+    use sea_orm::ConnectionTrait;
+    let Some((db, _)) = postgres().await else {
+        return;
+    };
+    vendora_observe::outbox::create_table(&db).await.unwrap();
+    db.execute_unprepared(
+        "INSERT INTO vendora_outbox (event_id, ordering_key, unit_key, event, body, \
+         next_attempt_at, created_at) SELECT 'e' || i, 'product:' || (i % 10), 'u' || (i % 10), \
+         'product:updated', '{}', 0, 0 FROM generate_series(1, 20000) AS i",
+    )
+    .await
+    .unwrap();
+    db.execute_unprepared("ANALYZE vendora_outbox")
+        .await
+        .unwrap();
+    let beyond: i64 = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT id FROM vendora_outbox ORDER BY id OFFSET 511 LIMIT 1",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get("", "id")
+        .unwrap();
+    for (step, statement) in [
+        ("frontier", frontier(&db)),
+        ("skip scan", skip_scan(&db, beyond)),
+    ] {
+        let plan = explain(&db, "EXPLAIN (ANALYZE, COSTS OFF)", "QUERY PLAN", statement).await;
+        // Rows produced by every scan of the table, each loop counted.
+        let read: u64 = plan
+            .iter()
+            .filter(|l| l.contains("Scan") && l.contains("actual"))
+            .map(|l| {
+                let field = |name: &str| -> u64 {
+                    l.split(name)
+                        .nth(1)
+                        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0)
+                };
+                field(" rows=") * field(" loops=").max(1)
+            })
+            .sum();
+        assert!(
+            read < 2_000,
+            "the {step} read {read} rows of 20,000 pending: {plan:#?}"
+        );
+    }
+}
+
+/// The child of the concurrent-start test: for each database URL on stdin, connects, says
+/// "ready", waits for "go", creates the outbox table and says "ok" or the error.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "child process of postgres_schema_creation_is_safe_under_concurrent_starts"]
+async fn schema_child() {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(url)) = lines.next_line().await {
+        let db = vendora_pos::db::connect(&url).await.unwrap();
+        println!("ready");
+        let Ok(Some(_go)) = lines.next_line().await else {
+            return;
+        };
+        match vendora_observe::outbox::create_table(&db).await {
+            Ok(()) => println!("ok"),
+            Err(e) => println!("error {e}"),
+        }
+        db.close().await.unwrap();
+    }
+}
+
+/// Five instances start at once on a fresh PostgreSQL database, twenty times: every start
+/// creates or finds the outbox table (its trigger included) without an error.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_schema_creation_is_safe_under_concurrent_starts() {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+    if common::postgres_database().await.is_none() {
+        return;
+    }
+    let mut children: Vec<_> = (0..5)
+        .map(|_| {
+            let mut child = Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "schema_child",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let out = std::io::BufReader::new(child.stdout.take().unwrap());
+            (child, out)
+        })
+        .collect();
+    let next = |out: &mut std::io::BufReader<std::process::ChildStdout>| -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "a child exited");
+            // libtest prints "test schema_child ... " before the child's first line.
+            let l = line.trim().rsplit(" ... ").next().unwrap_or_default();
+            if l == "ready" || l == "ok" || l.starts_with("error") {
+                return l.to_owned();
+            }
+        }
+    };
+    let mut failures = Vec::new();
+    for round in 0..20 {
+        let url = common::postgres_database().await.unwrap();
+        for (child, _) in &mut children {
+            writeln!(child.stdin.as_mut().unwrap(), "{url}").unwrap();
+        }
+        for (_, out) in &mut children {
+            assert_eq!(next(out), "ready");
+        }
+        for (child, _) in &mut children {
+            writeln!(child.stdin.as_mut().unwrap(), "go").unwrap();
+        }
+        for (_, out) in &mut children {
+            let result = next(out);
+            if result != "ok" {
+                failures.push(format!("round {round}: {result}"));
+            }
+        }
+    }
+    for (mut child, _) in children {
+        drop(child.stdin.take());
+        child.wait().unwrap();
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 100 starts failed: {failures:#?}",
+        failures.len()
+    );
+}

@@ -89,6 +89,14 @@ fn uuid_like() -> String {
 /// `None` with a loud message when `DATABASE_URL` is not set. Under `CI=true` a missing
 /// `DATABASE_URL` is a failure: CI starts PostgreSQL.
 pub async fn postgres() -> Option<(DatabaseConnection, String)> {
+    let url = postgres_database().await?;
+    let db = db::connect(&url).await.unwrap();
+    db::create_pos_tables(&db).await.unwrap();
+    Some((db, url))
+}
+
+/// A fresh, empty PostgreSQL database: its URL (see [`postgres`]).
+pub async fn postgres_database() -> Option<String> {
     let Ok(admin_url) = std::env::var("DATABASE_URL") else {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("DATABASE_URL is not set under CI: .ci/run starts PostgreSQL and sets it");
@@ -110,10 +118,7 @@ pub async fn postgres() -> Option<(DatabaseConnection, String)> {
         .await
         .unwrap();
     let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap();
-    let url = format!("{base}/{name}");
-    let db = db::connect(&url).await.unwrap();
-    db::create_pos_tables(&db).await.unwrap();
-    Some((db, url))
+    Some(format!("{base}/{name}"))
 }
 
 /// Drops the databases of earlier test runs, once per test binary: those `postgres()`

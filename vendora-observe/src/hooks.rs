@@ -341,12 +341,6 @@ pub fn discard_stash<E: 'static>(key: &str) {
     }
 }
 
-/// How many old values are kept now (for tests: a failed save leaves none behind once the
-/// next save of its row ran).
-pub fn stash_len() -> usize {
-    stash_map().entries.len()
-}
-
 /// Logs that the old value of watched columns could not be read; the watch events are
 /// then sent as if the value changed (a spurious refresh beats a missed one).
 pub fn warn_old_value_unread(entity: &'static str, key: &str, error: &DbErr) {

@@ -101,7 +101,7 @@ pub mod __private {
     pub use crate::delivery::EventKind;
     pub use crate::hooks::{
         ActiveModelHooks, Emission, EntityInfo, discard_stash, emit, is_autocommit, key_string,
-        listening, object, stash, stash_len, take_stash, to_value, warn_delete_without_key,
+        listening, object, stash, take_stash, to_value, warn_delete_without_key,
         warn_old_value_unread,
     };
     pub use async_trait::async_trait;
