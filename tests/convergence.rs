@@ -262,7 +262,7 @@ async fn concurrent_transactions_report_every_real_change(db: DatabaseConnection
         let (db, recorder) = (db.clone(), recorder.clone());
         tasks.push(tokio::spawn(recorder.scope(async move {
             for i in 0..12 {
-                let stock = ((t + i) % 3) as i32;
+                let stock = (t + i) % 3;
                 // SQLite refuses a transaction that read a row another one changed since
                 // (SQLITE_BUSY): the application tries again, as it would in production.
                 loop {
