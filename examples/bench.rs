@@ -5,9 +5,10 @@
 //! ```text
 //! cargo run --release --example bench            # DATABASE_URL=postgres://… adds PostgreSQL
 //! cargo run --release --example bench -- --quick # fewer iterations
-//! cargo run --release --example bench -- --delivery-only [direct] [sqlite] [postgres]
+//! cargo run --release --example bench -- --delivery-only [direct] [sqlite] [postgres] [rust] [node]
 //! ```
-//! The delivery-rate comparison needs `wrk` (Debian: `apt-get install wrk`).
+//! The delivery-rate comparison needs `wrk` (Debian: `apt-get install wrk`), and node with
+//! npm for the Node socket.io server of `tests/node`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -25,7 +26,7 @@ use sea_orm::{
     TransactionTrait,
 };
 use tokio::sync::watch;
-use vendora_observe::{Observer, OutboxOptions, RetryPolicy, WebhookConfig, WebhookService};
+use vendora_observe::{Observer, Order, OutboxOptions, RetryPolicy, WebhookConfig, WebhookService};
 use vendora_pos::db;
 use vendora_pos::receiver::{Blackhole, closed_port_url};
 
@@ -201,16 +202,6 @@ impl Sink {
     }
     fn received(&self) -> u64 {
         self.counter.received.load(Ordering::Relaxed)
-    }
-    async fn wait_received(&self, n: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.received() < n {
-            if Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
-        true
     }
 }
 
@@ -665,14 +656,481 @@ async fn overhead(backend: &'static str, url: &str, n: usize, rows: &mut Vec<Ove
 }
 
 // ---------------------------------------------------------------------------------------
-// Delivery rate and commit-to-received latency.
+// Delivery: drain rates beside wrk, hot rows vs distinct rows, ordering modes, latency.
 
-struct DeliveryRow {
+/// The Node.js WebSocket server of `tests/node` (`server.js`, npm `socket.io`), started with
+/// its benchmark gate (`GATED=1`). `None` without node or its npm packages.
+struct NodeServer {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Drop for NodeServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl NodeServer {
+    fn start() -> Option<NodeServer> {
+        use std::io::BufRead;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+        if !dir.join("node_modules/socket.io").exists() {
+            let ok = std::process::Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return None;
+            }
+        }
+        let mut child = std::process::Command::new("node")
+            .arg(dir.join("server.js"))
+            .env("WEBHOOK_SECRET", SECRET)
+            .env("GATED", "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .ok()?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take()?)
+            .read_line(&mut line)
+            .ok()?;
+        let port: u16 = line.trim().strip_prefix("PORT ")?.parse().ok()?;
+        Some(NodeServer {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        })
+    }
+
+    /// One plain HTTP/1.1 exchange with the server's control endpoints.
+    async fn control(&self, method: &str, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        s.write_all(
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer).await;
+        answer
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+}
+
+/// The three delivery set-ups: direct on SQLite in memory, outbox on a SQLite file, and
+/// outbox on PostgreSQL when `DATABASE_URL` names one.
+fn all_modes(file: &std::path::Path, pg: Option<&str>) -> Vec<Mode> {
+    let mut modes = vec![
+        Mode {
+            name: "direct",
+            outbox: None,
+        },
+        Mode {
+            name: "outbox SQLite file",
+            outbox: Some(format!("sqlite://{}?mode=rwc", file.display())),
+        },
+    ];
+    if let Some(url) = pg.filter(|u| u.starts_with("postgres")) {
+        modes.push(Mode {
+            name: "outbox PostgreSQL",
+            outbox: Some(url.to_owned()),
+        });
+    }
+    modes
+}
+
+/// Where deliveries go.
+enum Target {
+    Rust(Sink),
+    Node(NodeServer),
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Rust(_) => "Rust receiver",
+            Target::Node(_) => "Node socket.io server",
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Target::Rust(s) => s.url(),
+            Target::Node(n) => format!("http://{}/webhook", n.addr),
+        }
+    }
+
+    async fn gate(&self, open: bool) {
+        match self {
+            Target::Rust(s) => {
+                s.gate.send_replace(open);
+            }
+            Target::Node(n) => {
+                let path = if open {
+                    "/__gate/open"
+                } else {
+                    "/__gate/close"
+                };
+                n.control("POST", path).await;
+            }
+        }
+    }
+
+    async fn received(&self) -> u64 {
+        match self {
+            Target::Rust(s) => s.received(),
+            Target::Node(n) => n.control("GET", "/__count").await.parse().unwrap_or(0),
+        }
+    }
+
+    async fn wait_received(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let pause = match self {
+            Target::Rust(_) => Duration::from_micros(200),
+            Target::Node(_) => Duration::from_millis(2),
+        };
+        while self.received().await < n {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(pause).await;
+        }
+        true
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Every write updates its own row.
+    Distinct,
+    /// Every write updates one of ten rows: a best seller's backlog.
+    Hot,
+}
+
+#[derive(Clone)]
+struct Mode {
+    name: &'static str,
+    /// `None`: direct mode on SQLite in memory; else outbox mode on this database.
+    outbox: Option<String>,
+}
+
+struct DrainRow {
+    target: &'static str,
+    mode: &'static str,
     case: String,
     rate: f64,
     cpu: CpuPerEvent,
-    wrk: Option<(f64, CpuPerEvent)>,
-    latency: Option<Summary>,
+}
+
+/// Writes `writes` updates of a watched column (two events each) from `writers` tasks, in
+/// transactions of 100 writes in outbox mode, held back from the receiver; then releases
+/// them and times the drain until the last event arrived.
+async fn drain(
+    target: &Target,
+    mode: &Mode,
+    order: Order,
+    writers: usize,
+    shape: Shape,
+    writes: usize,
+) -> (f64, CpuPerEvent, u64) {
+    let db = match &mode.outbox {
+        None => db::connect("sqlite::memory:").await.unwrap(),
+        // One connection for the writers: SQLite would refuse concurrent transactions that
+        // read before writing, and on PostgreSQL the hot rows serialise them anyway.
+        Some(url) => {
+            let mut options = sea_orm::ConnectOptions::new(url.clone());
+            options
+                .sqlx_logging(false)
+                .max_connections(if url.starts_with("sqlite") { 1 } else { 8 });
+            sea_orm::Database::connect(options).await.unwrap()
+        }
+    };
+    prepare(&db).await;
+    let rows = match shape {
+        Shape::Distinct => writes,
+        Shape::Hot => 10,
+    };
+    let mut ids = Vec::with_capacity(rows);
+    vendora_observe::quietly(async {
+        let txn = db.begin().await.unwrap();
+        for i in 0..rows as i32 {
+            let m = observed::ActiveModel {
+                id: NotSet,
+                name: Set(format!("d{i}")),
+                price: Set(1.0),
+                stock: Set(0),
+            }
+            .insert(&txn)
+            .await
+            .unwrap();
+            ids.push(m.id);
+        }
+        txn.commit().await.unwrap();
+    })
+    .await;
+    let events = writes as u64 * 2;
+    let builder = || {
+        Observer::builder(config(&target.url()))
+            .order(order)
+            .queue_capacity(writes * 4)
+    };
+    let outbox_options = |db: &DatabaseConnection| {
+        let mut o = OutboxOptions::new(db.clone());
+        o.poll_interval = Duration::from_millis(100);
+        o
+    };
+    let writer = match &mode.outbox {
+        None => builder().build().await.unwrap(),
+        Some(_) => {
+            // Writes only: its relay is stopped before anything is written.
+            let o = builder()
+                .outbox_options(outbox_options(&db))
+                .build()
+                .await
+                .unwrap();
+            o.shutdown(Duration::ZERO).await;
+            o
+        }
+    };
+    target.gate(false).await;
+    let before = target.received().await;
+    let per_writer = writes / writers;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (db, ids, outbox) = (db.clone(), ids.clone(), mode.outbox.is_some());
+        tasks.push(tokio::spawn(writer.scope(async move {
+            let mut done = 0;
+            while done < per_writer {
+                let chunk = if outbox {
+                    100.min(per_writer - done)
+                } else {
+                    1
+                };
+                let txn = db.begin().await.unwrap();
+                let mut targets: Vec<i32> = (done..done + chunk)
+                    .map(|j| match shape {
+                        Shape::Distinct => ids[w * per_writer + j],
+                        Shape::Hot => ids[(w + j) % 10],
+                    })
+                    .collect();
+                // One lock order for every transaction: no deadlocks on hot rows.
+                targets.sort_unstable();
+                for (k, id) in targets.into_iter().enumerate() {
+                    let am = observed::ActiveModel {
+                        id: Unchanged(id),
+                        stock: Set((w * per_writer + done + k + 1) as i32),
+                        ..Default::default()
+                    };
+                    am.update(&txn).await.unwrap();
+                }
+                txn.commit().await.unwrap();
+                done += chunk;
+            }
+        })));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let cpu_before = Cpu::now();
+    let started = Instant::now();
+    let relay = match &mode.outbox {
+        None => {
+            target.gate(true).await;
+            None
+        }
+        Some(url) => {
+            target.gate(true).await;
+            let relay_db = db::connect(url).await.unwrap();
+            Some(
+                builder()
+                    .outbox_options(outbox_options(&relay_db))
+                    .build()
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    let all = target
+        .wait_received(before + events, Duration::from_secs(600))
+        .await;
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    let cpu = Cpu::per_event(cpu_before, events);
+    assert!(all, "{}: not everything arrived", mode.name);
+    writer.shutdown(Duration::from_secs(5)).await;
+    if let Some(relay) = relay {
+        relay.shutdown(Duration::from_secs(5)).await;
+        use sea_orm::ConnectionTrait;
+        let _ = db.execute_unprepared("DELETE FROM vendora_outbox").await;
+    }
+    (rate, cpu, events)
+}
+
+/// Commit-to-received latency: 1,000 writes 2 ms apart, from the write's return to the
+/// event's arrival at the Rust receiver.
+async fn latency(sink: &Sink, mode: &Mode) -> Summary {
+    let db = match &mode.outbox {
+        None => db::connect("sqlite::memory:").await.unwrap(),
+        Some(url) => db::connect(url).await.unwrap(),
+    };
+    prepare(&db).await;
+    let builder = Observer::builder(config(&sink.url()));
+    let observer = match &mode.outbox {
+        None => builder.build().await.unwrap(),
+        Some(_) => builder.outbox(db.clone()).build().await.unwrap(),
+    };
+    sink.counter.arrivals.lock().unwrap().clear();
+    sink.counter.record.store(true, Ordering::Relaxed);
+    let mut commits = Vec::new();
+    observer
+        .scope(async {
+            for i in 0..1000 {
+                let m = observed::ActiveModel {
+                    id: NotSet,
+                    name: Set(format!("l{i}")),
+                    price: Set(1.0),
+                    stock: Set(i),
+                }
+                .insert(&db)
+                .await
+                .unwrap();
+                commits.push((m.id as i64, Instant::now()));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+    observer.flush(Duration::from_secs(60)).await;
+    let arrivals = sink.counter.arrivals.lock().unwrap().clone();
+    sink.counter.record.store(false, Ordering::Relaxed);
+    observer.shutdown(Duration::from_secs(5)).await;
+    summarize(
+        commits
+            .iter()
+            .filter_map(|(id, at)| arrivals.get(id).map(|r| r.saturating_duration_since(*at)))
+            .collect(),
+    )
+}
+
+/// The delivery section: for each receiver, wrk's rate, then each mode's drains.
+async fn deliveries(
+    modes: &[Mode],
+    writes: usize,
+    targets: &[&str],
+) -> (Vec<DrainRow>, Vec<(&'static str, f64, CpuPerEvent)>) {
+    let mut rows = Vec::new();
+    let mut wrks = Vec::new();
+    for which in targets {
+        let target = match *which {
+            "rust" => Target::Rust(Sink::start().await),
+            _ => match NodeServer::start() {
+                Some(n) => Target::Node(n),
+                None => {
+                    println!("  Node socket.io server: skipped (needs node and npm)");
+                    continue;
+                }
+            },
+        };
+        let wrk = wrk_rate(&target.url(), 8, 5);
+        match wrk {
+            Some((w, cpu)) => {
+                println!(
+                    "  {}: wrk, 8 connections: {w:.0} req/s; CPU {cpu}",
+                    target.name()
+                );
+                wrks.push((target.name(), w, cpu));
+            }
+            None => println!("  {}: wrk not found (apt-get install wrk)", target.name()),
+        }
+        let share = |rate: f64| {
+            wrk.map(|(w, _)| format!("{:.0}% of wrk", rate / w * 100.0))
+                .unwrap_or_default()
+        };
+        for mode in modes {
+            let cases = [
+                ("causal, 8 writer tasks", Order::Causal, 8, Shape::Distinct),
+                ("causal, 1 writer task", Order::Causal, 1, Shape::Distinct),
+                ("per-row, 1 writer task", Order::PerRow, 1, Shape::Distinct),
+                (
+                    "causal, 8 writer tasks, 10 hot rows",
+                    Order::Causal,
+                    8,
+                    Shape::Hot,
+                ),
+                (
+                    "per-row, 8 writer tasks, 10 hot rows",
+                    Order::PerRow,
+                    8,
+                    Shape::Hot,
+                ),
+            ];
+            for (case, order, writers, shape) in cases {
+                let (rate, cpu, _) = drain(&target, mode, order, writers, shape, writes).await;
+                println!(
+                    "  {:<22} {:<18} {case:<38} {rate:>8.0} events/s  {:<12} CPU {cpu}",
+                    target.name(),
+                    mode.name,
+                    share(rate)
+                );
+                rows.push(DrainRow {
+                    target: target.name(),
+                    mode: mode.name,
+                    case: case.to_owned(),
+                    rate,
+                    cpu,
+                });
+            }
+        }
+    }
+    (rows, wrks)
+}
+
+/// The window in which a crash loses an autocommit outbox write's event: from the
+/// change's own commit to its outbox row's commit, i.e. one autocommit INSERT of the row.
+async fn autocommit_window(url: &str, n: usize) -> Summary {
+    use sea_orm::ConnectionTrait;
+    let db = db::connect(url).await.unwrap();
+    vendora_observe::outbox::create_table(&db).await.unwrap();
+    let backend = db.get_database_backend();
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = format!(r#"{{"event":"product:updated","data":{{"id":{i},"stock":7}}}}"#);
+        let sql = "INSERT INTO vendora_outbox (event_id, ordering_key, unit_key, event, kind, \
+                   latest_wins, body, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)";
+        let sql = if backend == sea_orm::DbBackend::Postgres {
+            (1..=9).fold(sql.to_owned(), |s, k| s.replacen('?', &format!("${k}"), 1))
+        } else {
+            sql.to_owned()
+        };
+        let statement = sea_orm::Statement::from_sql_and_values(
+            backend,
+            sql,
+            [
+                format!("window-{}-{i}", std::process::id()).into(),
+                format!("product:{i}").into(),
+                "u".into(),
+                "product:updated".into(),
+                "updated".into(),
+                0i16.into(),
+                body.into(),
+                0i64.into(),
+                0i64.into(),
+            ],
+        );
+        let started = Instant::now();
+        db.execute_raw(statement).await.unwrap();
+        samples.push(started.elapsed());
+    }
+    let _ = db
+        .execute_unprepared("DELETE FROM vendora_outbox WHERE event_id LIKE 'window-%'")
+        .await;
+    summarize(samples)
 }
 
 /// `wrk`'s request rate against `url`, and the CPU per request (its own counted as
@@ -716,106 +1174,6 @@ fn wrk_rate(url: &str, connections: usize, seconds: u64) -> Option<(f64, CpuPerE
         eprintln!("wrk saw non-2xx answers:\n{text}");
     }
     Some((rate?, cpu))
-}
-
-async fn delivery(
-    name: &str,
-    db_url: Option<&str>,
-    n: usize,
-    lanes: usize,
-    rows: &mut Vec<DeliveryRow>,
-) {
-    let sink = Sink::start().await;
-    let (db, outbox) = match db_url {
-        None => (db::connect("sqlite::memory:").await.unwrap(), false),
-        Some(url) => (db::connect(url).await.unwrap(), true),
-    };
-    prepare(&db).await;
-    let builder = Observer::builder(config(&sink.url()))
-        .concurrency(lanes)
-        .queue_capacity(n * 4);
-    let observer = if outbox {
-        let mut options = OutboxOptions::new(db.clone());
-        options.poll_interval = Duration::from_millis(100);
-        options.batch = 512;
-        builder.outbox_options(options).build().await.unwrap()
-    } else {
-        builder.build().await.unwrap()
-    };
-    // Rate: fill the queue behind a closed gate, then open it and time the drain.
-    sink.gate.send_replace(false);
-    observer
-        .scope(async {
-            for i in 0..n as i32 {
-                write_observed(&db, Op::Insert, i, 1).await;
-            }
-        })
-        .await;
-    let before = sink.received();
-    let cpu_before = Cpu::now();
-    let started = Instant::now();
-    sink.gate.send_replace(true);
-    let all = sink
-        .wait_received(before + n as u64, Duration::from_secs(300))
-        .await;
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    let cpu = Cpu::per_event(cpu_before, n as u64);
-    assert!(all, "{name}: not everything arrived");
-    // Latency: paced writes, commit (the write returned) to received.
-    sink.counter.record.store(true, Ordering::Relaxed);
-    let mut commits = Vec::new();
-    observer
-        .scope(async {
-            for i in 0..1000 {
-                let m = observed::ActiveModel {
-                    id: NotSet,
-                    name: Set(format!("l{i}")),
-                    price: Set(1.0),
-                    stock: Set(i),
-                }
-                .insert(&db)
-                .await
-                .unwrap();
-                commits.push((m.id as i64, Instant::now()));
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-        .await;
-    observer.flush(Duration::from_secs(60)).await;
-    sink.wait_received(before + n as u64 + 1000, Duration::from_secs(60))
-        .await;
-    let arrivals = sink.counter.arrivals.lock().unwrap().clone();
-    let latencies: Vec<Duration> = commits
-        .iter()
-        .filter_map(|(id, at)| arrivals.get(id).map(|r| r.saturating_duration_since(*at)))
-        .collect();
-    let latency = (!latencies.is_empty()).then(|| summarize(latencies));
-    sink.counter.record.store(false, Ordering::Relaxed);
-    let wrk = wrk_rate(&sink.url(), lanes, 5);
-    observer.shutdown(Duration::from_secs(5)).await;
-    println!(
-        "  {name:<32} {:>8.0} events/s | wrk {:>8} req/s ({} connections) | {} | commit→received p50 {} p99 {}",
-        rate,
-        wrk.map(|(w, _)| format!("{w:.0}"))
-            .unwrap_or_else(|| "n/a".into()),
-        lanes,
-        wrk.map(|(w, _)| format!("{:.0}% of wrk", rate / w * 100.0))
-            .unwrap_or_default(),
-        latency.map(|l| us(l.p50)).unwrap_or_default(),
-        latency.map(|l| us(l.p99)).unwrap_or_default(),
-    );
-    println!(
-        "  {:<32} CPU per event, sender / receiver / other processes: {cpu}; wrk: {}",
-        "",
-        wrk.map(|(_, c)| c.to_string()).unwrap_or_default()
-    );
-    rows.push(DeliveryRow {
-        case: name.to_owned(),
-        rate,
-        cpu,
-        wrk,
-        latency,
-    });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1040,37 +1398,43 @@ async fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
-    // `--delivery-only [direct|sqlite|postgres]…`: delivery rates alone, for profiling;
-    // writes no file.
+    // `--delivery-only [direct|sqlite|postgres]… [rust|node]…`: the delivery drains alone,
+    // for profiling; writes no file.
     if let Some(at) = args.iter().position(|a| a == "--delivery-only") {
-        let inline_sink = Sink::start().await;
-        let _ = INLINE.set(WebhookService::new(config(&inline_sink.url())).unwrap());
-        let mut which: Vec<&str> = args[at + 1..]
+        let picked: Vec<&str> = args[at + 1..]
             .iter()
             .map(String::as_str)
             .filter(|a| !a.starts_with("--"))
             .collect();
-        if which.is_empty() {
-            which.push("direct");
+        let mut targets: Vec<&str> = picked
+            .iter()
+            .copied()
+            .filter(|a| matches!(*a, "rust" | "node"))
+            .collect();
+        if targets.is_empty() {
+            targets.push("rust");
         }
-        let mut rows = Vec::new();
-        for case in which {
-            match case {
-                "direct" => delivery("direct (SQLite memory)", None, 60_000, 8, &mut rows).await,
-                "sqlite" => {
-                    let file = std::env::temp_dir()
-                        .join(format!("vendora-bench-d-{}.sqlite", std::process::id()));
-                    let url = format!("sqlite://{}?mode=rwc", file.display());
-                    delivery("outbox (SQLite file)", Some(&url), 20_000, 8, &mut rows).await;
-                    let _ = std::fs::remove_file(&file);
-                }
-                "postgres" => {
-                    let url = std::env::var("DATABASE_URL")
-                        .expect("--delivery-only postgres needs DATABASE_URL");
-                    delivery("outbox (PostgreSQL)", Some(&url), 20_000, 8, &mut rows).await;
-                }
-                other => panic!("--delivery-only: unknown case {other} (direct, sqlite, postgres)"),
-            }
+        let file =
+            std::env::temp_dir().join(format!("vendora-bench-d-{}.sqlite", std::process::id()));
+        let pg = std::env::var("DATABASE_URL").ok();
+        let modes: Vec<Mode> = all_modes(&file, pg.as_deref())
+            .into_iter()
+            .filter(|m| {
+                let key = match m.outbox.as_deref() {
+                    None => "direct",
+                    Some(u) if u.starts_with("sqlite") => "sqlite",
+                    Some(_) => "postgres",
+                };
+                picked.contains(&key)
+                    || !picked
+                        .iter()
+                        .any(|p| matches!(*p, "direct" | "sqlite" | "postgres"))
+            })
+            .collect();
+        let writes = if quick { 1000 } else { 10_000 };
+        deliveries(&modes, writes, &targets).await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
         }
         return;
     }
@@ -1113,21 +1477,30 @@ async fn main() {
         None => println!("  PostgreSQL: skipped (set DATABASE_URL=postgres://…)"),
     }
 
-    println!("\n2. Delivery rate and commit-to-received latency");
-    let events = if quick { 2000 } else { 20_000 };
-    let mut deliveries = Vec::new();
-    delivery("direct (SQLite memory)", None, events, 8, &mut deliveries).await;
+    println!("\n2. Delivery: drained backlogs beside wrk, ordering modes, hot rows");
+    let writes = if quick { 1000 } else { 10_000 };
     let file2 = std::env::temp_dir().join(format!("vendora-bench-d-{}.sqlite", std::process::id()));
-    delivery(
-        "outbox (SQLite file)",
-        Some(&format!("sqlite://{}?mode=rwc", file2.display())),
-        events,
-        8,
-        &mut deliveries,
-    )
-    .await;
-    if let Some(url) = &pg {
-        delivery("outbox (PostgreSQL)", Some(url), events, 8, &mut deliveries).await;
+    let modes = all_modes(&file2, pg.as_deref());
+    let (drains, wrks) = deliveries(&modes, writes, &["rust", "node"]).await;
+    println!("\n   Commit → received latency (Rust receiver, 1,000 writes 2 ms apart)");
+    let latency_sink = Sink::start().await;
+    let mut latencies = Vec::new();
+    for mode in &modes {
+        let l = latency(&latency_sink, mode).await;
+        println!("  {:<18} p50 {} p99 {}", mode.name, us(l.p50), us(l.p99));
+        latencies.push((mode.name, l));
+    }
+    println!("\n   Autocommit outbox: the window between the change's commit and its event's");
+    let mut windows = Vec::new();
+    for (name, url) in [
+        ("SQLite file", Some(file_url.clone())),
+        ("PostgreSQL", pg.clone()),
+    ] {
+        if let Some(url) = url {
+            let w = autocommit_window(&url, n).await;
+            println!("  {name:<18} p50 {} p99 {}", us(w.p50), us(w.p99));
+            windows.push((name, w));
+        }
     }
 
     println!("\n3. Memory under a burst (receiver down)");
@@ -1178,48 +1551,77 @@ async fn main() {
     let _ = writeln!(md, "\n![write latency](benchmarks-latency.svg)\n");
     let _ = writeln!(
         md,
-        "## 2. Delivery\n\n{events} events queued behind a closed gate, then released: events per second until the last arrived, vs `wrk` posting the same kind of signed body to the same receiver with the same number of connections (8). Then 1,000 writes 2 ms apart: from the write's return (commit) to the receiver's arrival.\n"
+        "## 2. Delivery\n\n{writes} updates of a watched column (two events each) written by 1 or 8 tasks (in outbox mode in transactions of 100 writes), held back, then released: events per second until the last arrived. Beside it, `wrk` posting a signed body of the same kind to the same receiver with 8 connections. *Causal* is the default order (each row's history and each task's writes in order); *per-row* keeps only each row's. *10 hot rows*: every write updates one of ten rows.\n"
     );
-    let _ = writeln!(
-        md,
-        "| mode | delivered/s | wrk req/s | share of wrk | commit→received p50 | p99 |\n| --- | --- | --- | --- | --- | --- |"
-    );
-    for d in &deliveries {
+    for (name, w, cpu) in &wrks {
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {} | {} | {} | {} |",
-            d.case,
-            d.rate,
-            d.wrk
-                .map(|(w, _)| format!("{w:.0}"))
-                .unwrap_or_else(|| "n/a (install wrk)".into()),
-            d.wrk
-                .map(|(w, _)| format!("{:.0}%", d.rate / w * 100.0))
-                .unwrap_or_default(),
-            d.latency.map(|l| us(l.p50)).unwrap_or_default(),
-            d.latency.map(|l| us(l.p99)).unwrap_or_default()
+            "- wrk against the {name}: {w:.0} req/s (CPU per request, wrk + others / receiver: {:.1} / {:.1} µs)",
+            cpu.others + cpu.sender,
+            cpu.receiver
         );
     }
     let _ = writeln!(
         md,
-        "\nWhere the CPU went, in µs per event (from /proc: the receiver's own threads, the rest of the bench process, and the rest of the machine; both cores are shared by all of them):\n\n\
-         | mode | sender | receiver | other processes | wrk: wrk + others | wrk: receiver |\n| --- | --- | --- | --- | --- | --- |"
+        "\n| receiver | mode | case | events/s | share of wrk | CPU per event: sender / receiver / others |\n| --- | --- | --- | --- | --- | --- |"
     );
-    for d in &deliveries {
+    for d in &drains {
+        let wrk = wrks
+            .iter()
+            .find(|(n, _, _)| *n == d.target)
+            .map(|(_, w, _)| *w);
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {:.1} / {:.1} / {:.1} µs |",
+            d.target,
+            d.mode,
             d.case,
+            d.rate,
+            wrk.map(|w| format!("{:.0}%", d.rate / w * 100.0))
+                .unwrap_or_else(|| "n/a".into()),
             d.cpu.sender,
             d.cpu.receiver,
-            d.cpu.others,
-            d.wrk
-                .map(|(_, c)| format!("{:.1}", c.others + c.sender))
-                .unwrap_or_default(),
-            d.wrk
-                .map(|(_, c)| format!("{:.1}", c.receiver))
-                .unwrap_or_default(),
+            d.cpu.others
         );
+    }
+    let _ = writeln!(
+        md,
+        "\nHot rows vs the same volume over distinct rows (8 writer tasks; target ≥ 90%):\n\n| receiver | mode | order | distinct rows/s | 10 hot rows/s | hot / distinct |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    for hot in drains.iter().filter(|d| d.case.contains("hot rows")) {
+        let order = if hot.case.starts_with("causal") {
+            "causal"
+        } else {
+            "per-row"
+        };
+        let distinct = drains.iter().find(|d| {
+            d.target == hot.target && d.mode == hot.mode && d.case == "causal, 8 writer tasks"
+        });
+        if let Some(distinct) = distinct {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {order} | {:.0} | {:.0} | {:.0}% |",
+                hot.target,
+                hot.mode,
+                distinct.rate,
+                hot.rate,
+                hot.rate / distinct.rate * 100.0
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nCommit → received (1,000 writes from one task 2 ms apart, Rust receiver):\n\n| mode | p50 | p99 |\n| --- | --- | --- |"
+    );
+    for (mode, l) in &latencies {
+        let _ = writeln!(md, "| {mode} | {} | {} |", us(l.p50), us(l.p99));
+    }
+    let _ = writeln!(
+        md,
+        "\nOutbox writes outside a transaction commit the change first and the event's row second. A crash between the two loses the event: the window is one autocommit `INSERT` of the row ({n} measured):\n\n| database | p50 | p99 |\n| --- | --- | --- |"
+    );
+    for (name, w) in &windows {
+        let _ = writeln!(md, "| {name} | {} | {} |", us(w.p50), us(w.p99));
     }
     let _ = writeln!(
         md,

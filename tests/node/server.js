@@ -12,7 +12,25 @@ if (!secret) {
   process.exit(2);
 }
 
+// For the benchmark only (GATED=1): webhooks wait while the gate is closed
+// (POST /__gate/close, /__gate/open), and GET /__count tells how many were accepted.
+const gated = process.env.GATED === "1";
+let open = true;
+let held = [];
+let accepted = 0;
+
 const server = http.createServer((req, res) => {
+  if (gated && req.url.startsWith("/__gate/")) {
+    open = req.url === "/__gate/open";
+    if (open) held.splice(0).forEach((go) => go());
+    return res.end("ok");
+  }
+  if (gated && req.url === "/__count") return res.end(String(accepted));
+  if (gated && !open) return held.push(() => handle(req, res));
+  handle(req, res);
+});
+
+function handle(req, res) {
   if (req.method !== "POST" || req.url.startsWith("/socket.io")) return;
   const chunks = [];
   req.on("data", (c) => chunks.push(c));
@@ -27,9 +45,10 @@ const server = http.createServer((req, res) => {
     }
     const { event, data } = JSON.parse(raw.toString("utf8"));
     io.emit(event, data);
+    accepted += 1;
     res.writeHead(200, { "content-type": "application/json" });
     res.end('{"ok":true}');
   });
-});
+}
 const io = new Server(server);
 server.listen(0, "127.0.0.1", () => console.log("PORT " + server.address().port));

@@ -42,7 +42,7 @@ impl DirectQueue {
         let counters = ctx.counters.clone();
         let scheduler = Scheduler::start(Setup {
             ctx,
-            reports: None,
+            reports: std::sync::Mutex::new(None),
             track_pending: true,
             lease: None,
             dead_letter_leftovers: true,

@@ -1,42 +1,35 @@
-//! The scheduler both delivery modes run on: chains of events, a ready set, sends in
-//! flight, and retries waiting on timers.
+//! The scheduler both delivery modes run on: chains of events, a ready set, senders, and
+//! retries waiting on timers.
 //!
 //! Each event belongs to one or two chains (its row's and, under causal order, its unit of
 //! work's). A chain is a FIFO of the events in it; an event is *ready* when it heads every
-//! chain it belongs to. Ready events are sent, up to `concurrency` at once. A failed attempt
-//! goes on a timer and stays at the head of its chains, so it holds back exactly the events
-//! that must follow it, and nothing else. When an event completes (delivered, dead or
-//! superseded) it leaves its chains and the events behind it may become ready.
+//! chain it belongs to. `concurrency` senders take ready events and send them; a sender that
+//! finishes an event takes the next ready one at once, most often the next event of the
+//! same chain, so a chain's backlog goes out back to back. A failed attempt goes on a timer
+//! and stays at the head of its chains: it holds back exactly the events that must follow
+//! it, and no sender. When an event completes (delivered, dead or superseded) it leaves its
+//! chains and the events behind it may become ready.
 //!
-//! Every step is O(1) in the number of events waiting (hash maps and deques), so a row
-//! with a backlog of thousands of events streams at the receiver's pace.
+//! The state sits behind one mutex, held for a few hash-map operations per event; every
+//! step is O(1) in the number of events waiting, so a row with a backlog of thousands
+//! streams at the receiver's pace.
 //!
 //! Sources: direct mode submits the events of each write; the outbox relay submits the rows
 //! it claimed and records what the scheduler [`Report`]s.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::{
-    ChainKey, Context, DeadLetter, Decision, Delivered, DeliveryError, EventKind, Job, Leftovers,
-    decide,
+    ChainKey, Context, DeadLetter, Decision, DeliveryError, EventKind, Job, Leftovers, decide,
 };
-
-/// What the scheduler is told.
-pub(crate) enum Input {
-    /// Events in the order their chains must keep (a write's events; a claim's rows).
-    Jobs(Vec<Job>),
-    /// The outbox could not renew its lease: forget every event not in flight.
-    ReleaseAll,
-    /// No more input: finish what is there, then stop.
-    Close,
-}
 
 /// What became of an event, for a source that records it (the outbox).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,9 +74,6 @@ impl Lease {
     }
 }
 
-type Done =
-    Result<(tokio::task::Id, (u64, Result<Delivered, DeliveryError>)), tokio::task::JoinError>;
-
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -94,8 +84,9 @@ pub(crate) fn now_ms() -> i64 {
 /// How a source wants its events handled.
 pub(crate) struct Setup {
     pub(crate) ctx: Arc<Context>,
-    /// Where reports go (the outbox's recorder); `None` in direct mode.
-    pub(crate) reports: Option<mpsc::UnboundedSender<(i64, Report)>>,
+    /// Where reports go (the outbox's recorder); `None` in direct mode. Dropped at the end
+    /// of shutdown, which tells the recorder that every report is in.
+    pub(crate) reports: Mutex<Option<mpsc::UnboundedSender<(i64, Report)>>>,
     /// Direct mode: the scheduler releases the pending count as events complete.
     pub(crate) track_pending: bool,
     /// Outbox mode: the lease every attempt must fit in.
@@ -107,53 +98,221 @@ pub(crate) struct Setup {
 
 /// The handle sources hold: submit events, shut down.
 pub(crate) struct Scheduler {
-    input: mpsc::UnboundedSender<Input>,
-    abort: watch::Sender<bool>,
-    task: Mutex<Option<JoinHandle<Leftovers>>>,
+    shared: Arc<Shared>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct Shared {
+    setup: Setup,
+    state: Mutex<State>,
+    /// Signalled for each event that becomes ready (one sender per event).
+    work: Notify,
+    /// Signalled when a timer earlier than the timer task's sleep is set.
+    timers_changed: Notify,
+    /// Signalled when the last event completes (shutdown waits for it).
+    drained: Notify,
+    /// Set at the shutdown deadline: senders cut what they send and stop.
+    abort: AtomicBool,
+    aborted: Notify,
 }
 
 impl Scheduler {
     pub(crate) fn start(setup: Setup) -> Scheduler {
-        let (input, rx) = mpsc::unbounded_channel();
-        let (abort, abort_rx) = watch::channel(false);
-        let engine = Engine::new(setup);
-        let task = tokio::spawn(engine.run(rx, abort_rx));
+        let concurrency = setup.ctx.concurrency.max(1);
+        let shared = Arc::new(Shared {
+            setup,
+            state: Mutex::new(State::default()),
+            work: Notify::new(),
+            timers_changed: Notify::new(),
+            drained: Notify::new(),
+            abort: AtomicBool::new(false),
+            aborted: Notify::new(),
+        });
+        let mut tasks: Vec<JoinHandle<()>> = (0..concurrency)
+            .map(|_| tokio::spawn(sender(shared.clone())))
+            .collect();
+        tasks.push(tokio::spawn(timers(shared.clone())));
         Scheduler {
-            input,
-            abort,
-            task: Mutex::new(Some(task)),
+            shared,
+            tasks: Mutex::new(tasks),
         }
     }
 
-    /// Hands events over; `false` once the scheduler has stopped.
+    /// Hands over events, in the order their chains must keep (a write's events, a
+    /// claim's rows); `false` once the scheduler is closed.
     pub(crate) fn submit(&self, jobs: Vec<Job>) -> bool {
-        self.input.send(Input::Jobs(jobs)).is_ok()
+        let mut state = self.shared.lock();
+        if state.closed {
+            return false;
+        }
+        let woken = state.add(jobs);
+        drop(state);
+        for _ in 0..woken {
+            self.shared.work.notify_one();
+        }
+        true
     }
 
+    /// Forgets every event that is not in flight (reported `Released`): the outbox could
+    /// not renew its lease.
     pub(crate) fn release_all(&self) {
-        let _ = self.input.send(Input::ReleaseAll);
+        let mut state = self.shared.lock();
+        state.release_all(&self.shared.setup);
+        if state.jobs.is_empty() {
+            self.shared.drained.notify_waiters();
+        }
     }
 
     /// Finishes what was submitted until `deadline`, then cuts what is in flight and
     /// leaves the rest. Returns what was cut and left.
     pub(crate) async fn shutdown(&self, deadline: Duration) -> Leftovers {
-        let _ = self.input.send(Input::Close);
-        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(mut task) = task else {
-            return Leftovers::default();
-        };
-        match tokio::time::timeout(deadline, &mut task).await {
-            Ok(result) => result.unwrap_or_default(),
-            Err(_) => {
-                let _ = self.abort.send(true);
-                task.await.unwrap_or_default()
+        let deadline = Instant::now() + deadline;
+        loop {
+            let drained = self.shared.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            {
+                let mut state = self.shared.lock();
+                state.closed = true;
+                if state.jobs.is_empty() {
+                    break;
+                }
             }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                break;
+            }
+        }
+        self.shared.abort.store(true, Ordering::Release);
+        self.shared.aborted.notify_waiters();
+        self.shared.work.notify_waiters();
+        self.shared.timers_changed.notify_one();
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+        let mut state = self.shared.lock();
+        let mut out = Leftovers {
+            unknown: state.cut,
+            left: 0,
+        };
+        let mut left: Vec<u64> = state.jobs.keys().copied().collect();
+        left.sort_unstable();
+        for seq in left {
+            out.left += 1;
+            if self.shared.setup.dead_letter_leftovers {
+                state.dead_letter(
+                    &self.shared.setup,
+                    seq,
+                    "shutdown deadline passed before delivery".into(),
+                );
+            }
+            state.forget(&self.shared.setup, seq, Report::Released);
+        }
+        drop(state);
+        self.shared
+            .setup
+            .reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        out
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn aborting(&self) -> bool {
+        self.abort.load(Ordering::Acquire)
+    }
+}
+
+/// One sender: takes a ready event, sends it, records the outcome, takes the next.
+async fn sender(shared: Arc<Shared>) {
+    let setup = &shared.setup;
+    let timeout = setup.ctx.service.config().timeout();
+    loop {
+        let work = shared.work.notified();
+        tokio::pin!(work);
+        work.as_mut().enable();
+        if shared.aborting() {
+            return;
+        }
+        let (taken, empty) = {
+            let mut state = shared.lock();
+            let taken = state.take(setup, timeout);
+            (taken, state.jobs.is_empty())
+        };
+        let Some((seq, webhook)) = taken else {
+            if empty {
+                // The last events may have completed unsent (superseded, released).
+                shared.drained.notify_waiters();
+            }
+            work.await;
+            continue;
+        };
+        let aborted = shared.aborted.notified();
+        tokio::pin!(aborted);
+        aborted.as_mut().enable();
+        if shared.aborting() {
+            shared.lock().cut(setup, seq);
+            return;
+        }
+        let result = tokio::select! {
+            r = setup.ctx.service.send(&webhook) => r,
+            _ = aborted => {
+                shared.lock().cut(setup, seq);
+                return;
+            }
+        };
+        let mut state = shared.lock();
+        let outcome = state.finish(setup, seq, result);
+        let empty = state.jobs.is_empty();
+        drop(state);
+        match outcome {
+            Finished::Woke(n) => {
+                // This sender takes one of them itself on its next turn.
+                for _ in 1..n {
+                    shared.work.notify_one();
+                }
+            }
+            Finished::Retrying => shared.timers_changed.notify_one(),
+        }
+        if empty {
+            shared.drained.notify_waiters();
+        }
+    }
+}
+
+/// Moves events whose retry time came back to the ready set.
+async fn timers(shared: Arc<Shared>) {
+    loop {
+        let changed = shared.timers_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if shared.aborting() {
+            return;
+        }
+        let (woken, next) = shared.lock().fire_timers(Instant::now());
+        for _ in 0..woken {
+            shared.work.notify_one();
+        }
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = changed => {}
+                }
+            }
+            None => changed.await,
         }
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+enum Step {
     /// Behind another event of one of its chains.
     Waiting,
     /// In the ready set.
@@ -165,11 +324,11 @@ enum State {
 
 struct Entry {
     job: Job,
-    state: State,
+    step: Step,
 }
 
 impl Entry {
-    fn chains(&self) -> impl Iterator<Item = ChainKey> {
+    fn chains(&self) -> impl Iterator<Item = ChainKey> + use<> {
         std::iter::once(self.job.row).chain(self.job.unit)
     }
 }
@@ -185,88 +344,38 @@ struct Chain {
     newest_watch: Vec<(Box<str>, u64)>,
 }
 
-struct Engine {
-    setup: Setup,
+/// What finishing an attempt led to.
+enum Finished {
+    /// The event completed; this many events became ready.
+    Woke(usize),
+    /// The event waits on a retry timer.
+    Retrying,
+}
+
+#[derive(Default)]
+struct State {
     jobs: HashMap<u64, Entry>,
     chains: HashMap<ChainKey, Chain>,
     ready: VecDeque<u64>,
-    timers: BinaryHeap<Reverse<(tokio::time::Instant, u64)>>,
-    in_flight: JoinSet<(u64, Result<Delivered, DeliveryError>)>,
-    flight: HashMap<tokio::task::Id, u64>,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
     next_seq: u64,
     /// Attempts are failing and none has succeeded since: log one line per streak.
     failing: bool,
     closed: bool,
+    /// Requests cut in flight at the shutdown deadline.
+    cut: u64,
 }
 
-impl Engine {
-    fn new(setup: Setup) -> Engine {
-        Engine {
-            setup,
-            jobs: HashMap::new(),
-            chains: HashMap::new(),
-            ready: VecDeque::new(),
-            timers: BinaryHeap::new(),
-            in_flight: JoinSet::new(),
-            flight: HashMap::new(),
-            next_seq: 1,
-            failing: false,
-            closed: false,
-        }
-    }
-
-    async fn run(
-        mut self,
-        mut rx: mpsc::UnboundedReceiver<Input>,
-        mut abort: watch::Receiver<bool>,
-    ) -> Leftovers {
-        let mut inputs = Vec::new();
-        // Until the handle is dropped; then only the closed input ends the run.
-        let mut abort_open = true;
-        loop {
-            self.dispatch();
-            if self.closed && self.jobs.is_empty() {
-                return Leftovers::default();
-            }
-            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
-            tokio::select! {
-                biased;
-                changed = abort.changed(), if abort_open => {
-                    if changed.is_err() {
-                        abort_open = false;
-                    } else if *abort.borrow_and_update() {
-                        return self.abandon().await;
-                    }
-                }
-                Some(done) = self.in_flight.join_next_with_id(), if !self.in_flight.is_empty() => {
-                    self.on_done(done);
-                }
-                n = rx.recv_many(&mut inputs, 256), if !self.closed => {
-                    if n == 0 {
-                        self.closed = true;
-                    }
-                    for input in inputs.drain(..) {
-                        match input {
-                            Input::Jobs(jobs) => self.add(jobs),
-                            Input::ReleaseAll => self.release_all(),
-                            Input::Close => self.closed = true,
-                        }
-                    }
-                }
-                _ = tokio::time::sleep_until(next_timer.unwrap_or_else(tokio::time::Instant::now)), if next_timer.is_some() => {
-                    self.fire_timers();
-                }
-            }
-        }
-    }
-
-    fn add(&mut self, jobs: Vec<Job>) {
+impl State {
+    /// Adds events in order; returns how many became ready.
+    fn add(&mut self, jobs: Vec<Job>) -> usize {
+        let mut woken = 0;
         for job in jobs {
-            let seq = self.next_seq;
             self.next_seq += 1;
+            let seq = self.next_seq;
             let entry = Entry {
                 job,
-                state: State::Waiting,
+                step: Step::Waiting,
             };
             for key in entry.chains() {
                 self.chains.entry(key).or_default().queue.push_back(seq);
@@ -288,25 +397,27 @@ impl Engine {
                 EventKind::Created => {}
             }
             self.jobs.insert(seq, entry);
-            self.wake(seq);
+            woken += usize::from(self.wake(seq));
         }
+        woken
     }
 
     /// Moves `seq` to the ready set if it is waiting and heads all its chains.
-    fn wake(&mut self, seq: u64) {
+    fn wake(&mut self, seq: u64) -> bool {
         let Some(entry) = self.jobs.get(&seq) else {
-            return;
+            return false;
         };
-        if entry.state != State::Waiting {
-            return;
+        if entry.step != Step::Waiting {
+            return false;
         }
         let heads = entry
             .chains()
             .all(|k| self.chains.get(&k).and_then(|c| c.queue.front()) == Some(&seq));
         if heads {
-            self.jobs.get_mut(&seq).expect("present").state = State::Ready;
+            self.jobs.get_mut(&seq).expect("present").step = Step::Ready;
             self.ready.push_back(seq);
         }
+        heads
     }
 
     /// Whether a newer event of the same row makes `seq` stale (latest-wins).
@@ -329,58 +440,44 @@ impl Engine {
         }
     }
 
-    fn dispatch(&mut self) {
-        while self.in_flight.len() < self.setup.ctx.concurrency {
-            let Some(seq) = self.ready.pop_front() else {
-                break;
-            };
+    /// The next ready event to send, marked in flight; superseded events met on the way
+    /// are completed.
+    fn take(&mut self, setup: &Setup, attempt: Duration) -> Option<(u64, super::Webhook)> {
+        while let Some(seq) = self.ready.pop_front() {
             match self.jobs.get(&seq) {
-                Some(e) if e.state == State::Ready => {}
+                Some(e) if e.step == Step::Ready => {}
                 _ => continue,
             }
             if self.jobs[&seq].job.coalesce && self.superseded(seq) {
-                self.setup.ctx.counters.superseded();
-                self.complete(seq, Report::Superseded);
+                setup.ctx.counters.superseded();
+                self.complete(setup, seq, Report::Superseded);
                 continue;
             }
-            if let Some(lease) = &self.setup.lease
-                && !lease.covers(self.setup.ctx.service.config().timeout())
+            if let Some(lease) = &setup.lease
+                && !lease.covers(attempt)
             {
                 // The relay could not renew its lease: another relay may take these rows
                 // once it ends, and two relays must never send one row at once.
                 self.ready.push_front(seq);
-                self.release_all();
-                break;
+                self.release_all(setup);
+                return None;
             }
             let entry = self.jobs.get_mut(&seq).expect("checked");
-            entry.state = State::InFlight;
-            let service = self.setup.ctx.service.clone();
-            let webhook = entry.job.webhook.clone();
-            let handle = self
-                .in_flight
-                .spawn(async move { (seq, service.send(&webhook).await) });
-            self.flight.insert(handle.id(), seq);
+            entry.step = Step::InFlight;
+            return Some((seq, entry.job.webhook.clone()));
         }
+        None
     }
 
-    fn on_done(&mut self, done: Done) {
-        let (seq, result) = match done {
-            Ok((id, (seq, result))) => {
-                self.flight.remove(&id);
-                (seq, result)
-            }
-            Err(e) => {
-                // Only a panic in the HTTP stack ends a send this way: count it as a
-                // failed attempt, so the event is retried like any other failure.
-                let Some(seq) = self.flight.remove(&e.id()) else {
-                    return;
-                };
-                let reason = format!("the send task ended abnormally: {e}");
-                (seq, Err(DeliveryError::Transport { reason }))
-            }
-        };
-        let ctx = self.setup.ctx.clone();
-        match result {
+    /// Records an attempt's outcome.
+    fn finish(
+        &mut self,
+        setup: &Setup,
+        seq: u64,
+        result: Result<super::Delivered, DeliveryError>,
+    ) -> Finished {
+        let ctx = &setup.ctx;
+        let error = match result {
             Ok(_) => {
                 ctx.counters.sent();
                 if std::mem::take(&mut self.failing) {
@@ -389,96 +486,103 @@ impl Engine {
                         "webhook receiver reachable again"
                     );
                 }
-                self.complete(seq, Report::Delivered);
+                return Finished::Woke(self.complete(setup, seq, Report::Delivered));
             }
-            Err(error) => {
-                ctx.counters.failed();
-                let entry = self.jobs.get_mut(&seq).expect("in flight");
-                entry.job.attempts += 1;
-                let attempts = entry.job.attempts;
-                let webhook = &entry.job.webhook;
-                if !self.failing || !error.is_retryable() {
-                    // One line when attempts start failing, not one per attempt; a final
-                    // answer (a 401, a 400) always gets its own.
-                    ctx.service
-                        .log_failure(webhook.event(), Some(webhook.id()), &error);
-                    self.failing |= error.is_retryable();
-                } else {
-                    tracing::debug!(
-                        event = webhook.event(),
-                        id = webhook.id(),
+            Err(e) => e,
+        };
+        ctx.counters.failed();
+        let entry = self.jobs.get_mut(&seq).expect("in flight");
+        entry.job.attempts += 1;
+        let attempts = entry.job.attempts;
+        let webhook = &entry.job.webhook;
+        if !self.failing || !error.is_retryable() {
+            // One line when attempts start failing, not one per attempt; a final answer
+            // (a 401, a 400) always gets its own.
+            ctx.service
+                .log_failure(webhook.event(), Some(webhook.id()), &error);
+            self.failing |= error.is_retryable();
+        } else {
+            tracing::debug!(
+                event = webhook.event(),
+                id = webhook.id(),
+                attempts,
+                "webhook attempt failed: {error}"
+            );
+        }
+        let described = format!("{}: {error}", error.kind());
+        match decide(&ctx.policy, attempts, &error) {
+            Decision::Retry(delay) => {
+                ctx.counters.retried();
+                entry.step = Step::Retrying;
+                self.timers.push(Reverse((Instant::now() + delay, seq)));
+                self.report(
+                    setup,
+                    seq,
+                    Report::Failed {
                         attempts,
-                        "webhook attempt failed: {error}"
-                    );
-                }
-                let described = format!("{}: {error}", error.kind());
-                match decide(&ctx.policy, attempts, &error) {
-                    Decision::Retry(delay) => {
-                        ctx.counters.retried();
-                        entry.state = State::Retrying;
-                        self.timers
-                            .push(Reverse((tokio::time::Instant::now() + delay, seq)));
-                        self.report(
-                            seq,
-                            Report::Failed {
-                                attempts,
-                                delay,
-                                error: described,
-                            },
-                        );
-                    }
-                    Decision::Dead => {
-                        self.dead_letter(seq, described.clone());
-                        self.complete(
-                            seq,
-                            Report::Dead {
-                                attempts,
-                                error: described,
-                            },
-                        );
-                    }
-                }
+                        delay,
+                        error: described,
+                    },
+                );
+                Finished::Retrying
+            }
+            Decision::Dead => {
+                self.dead_letter(setup, seq, described.clone());
+                Finished::Woke(self.complete(
+                    setup,
+                    seq,
+                    Report::Dead {
+                        attempts,
+                        error: described,
+                    },
+                ))
             }
         }
     }
 
-    fn fire_timers(&mut self) {
-        let now = tokio::time::Instant::now();
+    /// Moves events whose retry time came to the ready set: how many, and the next time.
+    fn fire_timers(&mut self, now: Instant) -> (usize, Option<Instant>) {
+        let mut woken = 0;
         while let Some(Reverse((at, seq))) = self.timers.peek().copied() {
             if at > now {
-                break;
+                return (woken, Some(at));
             }
             self.timers.pop();
             if let Some(entry) = self.jobs.get_mut(&seq)
-                && entry.state == State::Retrying
+                && entry.step == Step::Retrying
             {
-                entry.state = State::Ready;
+                entry.step = Step::Ready;
                 self.ready.push_back(seq);
+                woken += 1;
             }
         }
+        (woken, None)
     }
 
-    fn report(&self, seq: u64, report: Report) {
-        if let Some(reports) = &self.setup.reports {
+    fn report(&self, setup: &Setup, seq: u64, report: Report) {
+        if let Some(reports) = &*setup.reports.lock().unwrap_or_else(|p| p.into_inner()) {
             let _ = reports.send((self.jobs[&seq].job.token, report));
         }
     }
 
-    fn dead_letter(&self, seq: u64, last_error: String) {
-        let ctx = &self.setup.ctx;
+    fn dead_letter(&self, setup: &Setup, seq: u64, last_error: String) {
+        let ctx = &setup.ctx;
         let job = &self.jobs[&seq].job;
         ctx.counters.dead();
-        let hint = if self.setup.reports.is_some() {
-            " (kept in the outbox: requeue it with Outbox::requeue or `vendora-observe outbox retry`)"
-        } else {
+        let hint = if setup.dead_letter_leftovers {
             ""
+        } else {
+            " (kept in the outbox: requeue it with Outbox::requeue or `vendora-observe outbox retry`)"
         };
-        tracing::error!(
-            event = job.webhook.event(),
-            id = job.webhook.id(),
-            attempts = job.attempts,
-            url = ctx.service.endpoint_for_logs(),
-            "webhook dead-lettered{hint}: {last_error}"
+        crate::diagnostics::error(
+            crate::diagnostics::Kind::Delivery,
+            format_args!(
+                "webhook {} (X-Webhook-Id {}) dead-lettered after {} attempt(s) to {}{hint}: {last_error}",
+                job.webhook.event(),
+                job.webhook.id(),
+                job.attempts,
+                ctx.service.endpoint_for_logs(),
+            ),
         );
         if let Some(handler) = &ctx.dead_letter {
             handler(DeadLetter {
@@ -490,10 +594,11 @@ impl Engine {
     }
 
     /// `seq` is done: it leaves its chains, and what was behind it may become ready.
-    fn complete(&mut self, seq: u64, report: Report) {
-        self.report(seq, report);
+    /// Returns how many became ready.
+    fn complete(&mut self, setup: &Setup, seq: u64, report: Report) -> usize {
+        self.report(setup, seq, report);
         let Some(entry) = self.jobs.remove(&seq) else {
-            return;
+            return 0;
         };
         let mut next = [None, None];
         for (slot, key) in next.iter_mut().zip(entry.chains()) {
@@ -512,72 +617,57 @@ impl Engine {
                 }
             }
         }
-        if self.setup.track_pending {
-            self.setup.ctx.counters.release(1);
+        if setup.track_pending {
+            setup.ctx.counters.release(1);
         }
-        for seq in next.into_iter().flatten() {
-            self.wake(seq);
-        }
+        next.into_iter()
+            .flatten()
+            .map(|seq| usize::from(self.wake(seq)))
+            .sum()
     }
 
     /// Forgets every event that is not in flight (reported `Released`).
-    fn release_all(&mut self) {
+    fn release_all(&mut self, setup: &Setup) {
         let mut unsent: Vec<u64> = self
             .jobs
             .iter()
-            .filter(|(_, e)| e.state != State::InFlight)
+            .filter(|(_, e)| e.step != Step::InFlight)
             .map(|(s, _)| *s)
             .collect();
         unsent.sort_unstable_by(|a, b| b.cmp(a));
         for seq in unsent {
-            self.complete(seq, Report::Released);
+            self.complete(setup, seq, Report::Released);
         }
         self.ready.clear();
         self.timers.clear();
     }
 
-    /// The shutdown deadline passed: cut what is in flight, leave the rest.
-    async fn abandon(mut self) -> Leftovers {
-        self.in_flight.abort_all();
-        while let Some(done) = self.in_flight.join_next_with_id().await {
-            // A send that finished before the abort reached it still counts.
-            if let Ok((id, (seq, Ok(_)))) = done {
-                self.flight.remove(&id);
-                self.setup.ctx.counters.sent();
-                self.complete(seq, Report::Delivered);
-            }
-        }
-        let mut out = Leftovers::default();
-        let mut cut: Vec<u64> = self.flight.drain().map(|(_, seq)| seq).collect();
-        cut.sort_unstable();
-        for seq in cut {
-            out.unknown += 1;
-            let job = &self.jobs[&seq].job;
-            tracing::warn!(
-                event = job.webhook.event(),
-                id = job.webhook.id(),
-                "webhook outcome unknown: its request was cut at the shutdown deadline; the \
-                 receiver may have processed it (a resend carries the same X-Webhook-Id)"
+    /// A request cut in flight at the shutdown deadline.
+    fn cut(&mut self, setup: &Setup, seq: u64) {
+        self.cut += 1;
+        if let Some(entry) = self.jobs.get(&seq) {
+            crate::diagnostics::warn(
+                crate::diagnostics::Kind::Delivery,
+                format_args!(
+                    "webhook {} (X-Webhook-Id {}): outcome unknown, its request was cut at the \
+                     shutdown deadline; the receiver may have processed it (a resend carries \
+                     the same X-Webhook-Id)",
+                    entry.job.webhook.event(),
+                    entry.job.webhook.id()
+                ),
             );
-            self.complete_quietly(seq, Report::Unknown);
         }
-        let mut left: Vec<u64> = self.jobs.keys().copied().collect();
-        left.sort_unstable();
-        for seq in left {
-            out.left += 1;
-            if self.setup.dead_letter_leftovers {
-                self.dead_letter(seq, "shutdown deadline passed before delivery".into());
-            }
-            self.complete_quietly(seq, Report::Released);
-        }
-        out
+        self.forget(setup, seq, Report::Unknown);
     }
 
-    /// Completes without waking successors (everything is being torn down).
-    fn complete_quietly(&mut self, seq: u64, report: Report) {
-        self.report(seq, report);
-        if self.jobs.remove(&seq).is_some() && self.setup.track_pending {
-            self.setup.ctx.counters.release(1);
+    /// Removes an event without waking what follows it (everything is being torn down).
+    fn forget(&mut self, setup: &Setup, seq: u64, report: Report) {
+        if self.jobs.contains_key(&seq) {
+            self.report(setup, seq, report);
+            self.jobs.remove(&seq);
+            if setup.track_pending {
+                setup.ctx.counters.release(1);
+            }
         }
     }
 }

@@ -122,7 +122,20 @@ pub(super) async fn run(
                         held.insert(job.token, job.row, job.unit);
                     }
                     if !jobs.is_empty() {
-                        inner.scheduler.submit(jobs);
+                        let ids: Vec<i64> = jobs.iter().map(|j| j.token).collect();
+                        if !inner.scheduler.submit(jobs) {
+                            // Shutting down: the rows go back at once.
+                            for id in &ids {
+                                held.remove(*id);
+                            }
+                            let _ = db
+                                .execute_raw(claim::release_statement(
+                                    inner.backend,
+                                    &relay_id,
+                                    &ids,
+                                ))
+                                .await;
+                        }
                     }
                 }
                 Err(claim::Failure { error, leased }) => {
