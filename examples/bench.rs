@@ -1053,6 +1053,7 @@ async fn deliveries(
                 .unwrap_or_default()
         };
         for mode in modes {
+            let only = std::env::var("BENCH_CASE").ok();
             let cases = [
                 ("causal, 8 writer tasks", Order::Causal, 8, Shape::Distinct),
                 ("causal, 1 writer task", Order::Causal, 1, Shape::Distinct),
@@ -1071,6 +1072,9 @@ async fn deliveries(
                 ),
             ];
             for (case, order, writers, shape) in cases {
+                if only.as_deref().is_some_and(|o| o != case) {
+                    continue;
+                }
                 let (rate, cpu, _) = drain(&target, mode, order, writers, shape, writes).await;
                 println!(
                     "  {:<22} {:<18} {case:<38} {rate:>8.0} events/s  {:<12} CPU {cpu}",

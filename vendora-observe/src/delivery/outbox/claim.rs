@@ -3,7 +3,7 @@
 //!
 //! A row may be sent once every earlier pending row of each of its chains (its row's
 //! `ordering_key`, its unit of work's `unit_key`) is delivered, dead, or held by the same
-//! relay (which sends its rows in chain order). Three steps:
+//! relay (which sends its rows in chain order). The steps:
 //!
 //! 1. **Frontier.** The oldest pending rows that this relay does not hold, by id: a prefix
 //!    of the table's pending rows, so any earlier pending row of a row's chain is in it. The
@@ -11,12 +11,17 @@
 //!    live lease of another relay) and due, and no earlier row of its chains was passed
 //!    over. A hot row's backlog is taken as a run of consecutive rows ("several consecutive
 //!    events per chain"), up to a per-chain cap, so it streams.
-//! 2. **Skip scan.** When the frontier is all blocked (a chain retrying or leased by another
-//!    relay, with a backlog longer than the frontier), the heads of other chains are found
-//!    by a loose index scan over the pending rows' keys, a bounded number of keys per claim,
-//!    resuming where the last one stopped: one index probe per chain, never a walk over a
-//!    blocked backlog.
-//! 3. **Lease.** The chosen rows are leased in one `UPDATE … WHERE` that takes only rows
+//! 2. **Unit runs.** When the frontier gives little (several tasks wrote long transactions,
+//!    and most of them lie beyond it), the units of work with pending rows are found by a
+//!    loose index scan over their keys, and each unit's next rows are read after the newest
+//!    one held, each with its predecessor on its row and on its unit: a row is taken when
+//!    both are this relay's, or taken now.
+//! 3. **Skip scan.** When the frontier is all blocked (a chain retrying or leased by another
+//!    relay, with a backlog longer than the frontier), the heads of other rows' chains are
+//!    found by a loose index scan over the pending rows' keys, a bounded number of keys per
+//!    claim, resuming where the last one stopped, at most once a second: one index probe
+//!    per chain, never a walk over a blocked backlog.
+//! 4. **Lease.** The chosen rows are leased in one `UPDATE … WHERE` that takes only rows
 //!    still free (a compare-and-set, so two relays never hold one row). Should another
 //!    relay have won a row meanwhile, the rows of its chains behind it are handed back.
 
@@ -31,13 +36,15 @@ use crate::delivery::{ChainKey, EventKind, Job, Webhook};
 
 /// Rows of one chain a relay holds at most: a hot row streams, yet cannot take every slot
 /// from the other rows.
-pub(crate) const PER_CHAIN: usize = 32;
+pub(crate) const PER_CHAIN: usize = 64;
 
 /// What a relay holds: rows it claimed and has not yet recorded an outcome for.
 #[derive(Debug, Default)]
 pub(crate) struct Held {
     rows: HashMap<i64, (ChainKey, Option<ChainKey>)>,
     per_chain: HashMap<ChainKey, usize>,
+    /// The newest row held of each chain: the next rows of the chain lie after it.
+    newest: HashMap<ChainKey, i64>,
 }
 
 impl Held {
@@ -61,10 +68,17 @@ impl Held {
         self.per_chain.get(&key).copied().unwrap_or(0)
     }
 
+    /// The newest row held of `key`, if any.
+    fn newest(&self, key: ChainKey) -> Option<i64> {
+        self.newest.get(&key).copied()
+    }
+
     pub(crate) fn insert(&mut self, id: i64, row: ChainKey, unit: Option<ChainKey>) {
         if self.rows.insert(id, (row, unit)).is_none() {
             for key in std::iter::once(row).chain(unit) {
                 *self.per_chain.entry(key).or_default() += 1;
+                let newest = self.newest.entry(key).or_insert(id);
+                *newest = (*newest).max(id);
             }
         }
     }
@@ -76,6 +90,7 @@ impl Held {
                     *n -= 1;
                     if *n == 0 {
                         self.per_chain.remove(&key);
+                        self.newest.remove(&key);
                     }
                 }
             }
@@ -91,6 +106,9 @@ struct Candidate {
     unit: Option<ChainKey>,
     claimed_until: Option<i64>,
     next_attempt_at: i64,
+    /// Unit runs only: the pending rows just before it on its row and on its unit.
+    prev_key: Option<i64>,
+    prev_unit: Option<i64>,
 }
 
 impl Candidate {
@@ -103,6 +121,8 @@ impl Candidate {
             unit: unit.as_deref().map(ChainKey::unit),
             claimed_until: r.try_get("", "claimed_until")?,
             next_attempt_at: r.try_get("", "next_attempt_at")?,
+            prev_key: r.try_get("", "prev_key").unwrap_or(None),
+            prev_unit: r.try_get("", "prev_unit").unwrap_or(None),
         })
     }
 
@@ -124,11 +144,17 @@ pub(crate) struct Claimed {
     pub(crate) next_due: Option<i64>,
 }
 
-/// The claim's memory between runs: where the skip scan resumes.
+/// The claim's memory between runs: where the scans over keys and units resume.
 #[derive(Debug, Default)]
 pub(crate) struct Cursor {
     after_key: String,
+    after_unit: String,
+    /// When the skip scan over keys last ran (it is the slow path, for stuck frontiers).
+    last_skip_scan: Option<i64>,
 }
+
+/// Units of work whose runs one claim reads at most.
+const UNITS_PER_CLAIM: usize = 16;
 
 /// The parameters of one claim.
 pub(crate) struct Request<'a> {
@@ -175,9 +201,59 @@ pub(crate) async fn claim(
     for c in &frontier {
         choice.consider(c);
     }
+    // Units of work whose oldest rows lie beyond the frontier (several tasks writing long
+    // transactions): each unit's next rows, with their predecessors on both chains. Only
+    // when the frontier gave little: the frontier is the cheaper read.
+    if choice.chosen.len() < req.want / 2 && frontier.len() == window {
+        let units = super::query_planned_each_time(
+            db,
+            unit_scan_statement(backend, &cursor.after_unit, UNITS_PER_CLAIM),
+        )
+        .await
+        .map_err(read)?
+        .iter()
+        .map(|r| r.try_get::<String>("", "u"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read)?;
+        cursor.after_unit = match units.last() {
+            Some(u) if units.len() >= UNITS_PER_CLAIM => u.clone(),
+            _ => String::new(),
+        };
+        // Units already holding their share send first; read only what the others can take.
+        // A unit's next rows lie after its newest row held (an index range, not a walk).
+        let units: Vec<Run> = units
+            .into_iter()
+            .map(|u| {
+                let key = ChainKey::unit(&u);
+                Run {
+                    rows: PER_CHAIN.saturating_sub(held.chain_count(key)),
+                    after: held.newest(key).unwrap_or(0),
+                    unit: u,
+                }
+            })
+            .filter(|run| run.rows > 0)
+            .collect();
+        if !units.is_empty() {
+            let mut runs = db
+                .query_all_raw(unit_runs_statement(backend, req.relay, &units))
+                .await
+                .map_err(read)?
+                .iter()
+                .map(Candidate::from_row)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(read)?;
+            runs.sort_by_key(|c| c.id);
+            for c in &runs {
+                choice.consider_run(c);
+            }
+        }
+    }
     // The frontier is full and yields too little: its rows belong to blocked chains with
-    // long backlogs. Look past them, chain by chain.
-    if choice.chosen.len() < req.want && frontier.len() == window {
+    // long backlogs. Look past them, key by key; this is the slow path, for chains without
+    // a unit (per-row order), run at most once per second.
+    let skip_due = cursor.last_skip_scan.is_none_or(|at| req.now - at >= 1_000);
+    if choice.chosen.len() < req.want && frontier.len() == window && skip_due {
+        cursor.last_skip_scan = Some(req.now);
         let beyond = frontier.last().map_or(0, |c| c.id);
         let probes = (4 * req.want).clamp(16, 1024);
         let rows = super::query_planned_each_time(
@@ -204,7 +280,8 @@ pub(crate) async fn claim(
         };
     }
     let next_due = choice.next_due;
-    let chosen = choice.chosen;
+    let mut chosen = choice.chosen;
+    chosen.sort_by_key(|c| c.id);
     if chosen.is_empty() {
         return Ok(Claimed {
             jobs: Vec::new(),
@@ -251,6 +328,10 @@ struct Choice<'a> {
     blocked: HashSet<ChainKey>,
     taken: HashMap<ChainKey, usize>,
     chosen: Vec<Candidate>,
+    /// Rows already considered (taken or not).
+    seen: HashSet<i64>,
+    /// Rows taken.
+    accepted: HashSet<i64>,
     next_due: Option<i64>,
 }
 
@@ -263,11 +344,49 @@ impl<'a> Choice<'a> {
             blocked: HashSet::new(),
             taken: HashMap::new(),
             chosen: Vec::new(),
+            seen: HashSet::new(),
+            accepted: HashSet::new(),
             next_due: None,
         }
     }
 
+    fn room(&self, k: ChainKey) -> bool {
+        self.held.chain_count(k) + self.taken.get(&k).copied().unwrap_or(0) < PER_CHAIN
+    }
+
+    fn take(&mut self, c: &Candidate) {
+        for k in c.chains() {
+            *self.taken.entry(k).or_default() += 1;
+        }
+        self.accepted.insert(c.id);
+        self.chosen.push(c.clone());
+    }
+
+    /// A row read with its predecessors: taken when each is this relay's or taken now (so
+    /// everything before it in its chains is), and it is free and due.
+    fn consider_run(&mut self, c: &Candidate) {
+        if !self.seen.insert(c.id) || self.held.contains(c.id) {
+            return;
+        }
+        let ours =
+            |p: Option<i64>| p.is_none_or(|p| self.held.contains(p) || self.accepted.contains(&p));
+        let ok = c.free(self.now)
+            && c.next_attempt_at <= self.now
+            && self.chosen.len() < self.want
+            && ours(c.prev_key)
+            && ours(c.prev_unit)
+            && c.chains().all(|k| self.room(k));
+        if ok {
+            self.take(c);
+        }
+    }
+
+    /// A row of the frontier (a prefix of the pending rows, in id order) or a head found by
+    /// the skip scan.
     fn consider(&mut self, c: &Candidate) {
+        if !self.seen.insert(c.id) {
+            return;
+        }
         let free = c.free(self.now);
         let due = c.next_attempt_at <= self.now;
         if free && !due {
@@ -276,18 +395,13 @@ impl<'a> Choice<'a> {
                     .map_or(c.next_attempt_at, |d| d.min(c.next_attempt_at)),
             );
         }
-        let room = |k: ChainKey| {
-            self.held.chain_count(k) + self.taken.get(&k).copied().unwrap_or(0) < PER_CHAIN
-        };
         let ok = free
             && due
             && self.chosen.len() < self.want
-            && c.chains().all(|k| !self.blocked.contains(&k) && room(k));
+            && c.chains()
+                .all(|k| !self.blocked.contains(&k) && self.room(k));
         if ok {
-            for k in c.chains() {
-                *self.taken.entry(k).or_default() += 1;
-            }
-            self.chosen.push(c.clone());
+            self.take(c);
         } else {
             // Nothing behind it in its chains may go before it.
             self.blocked.extend(c.chains());
@@ -380,6 +494,78 @@ pub fn skip_scan_statement(
         ),
         vec![after_key.into(), (probes as i64).into(), beyond.into()],
     )
+}
+
+/// Step 2: a loose index scan over the pending rows' unit keys after `after_unit`, `units`
+/// of them at most.
+#[doc(hidden)] // public for the query-plan tests
+pub fn unit_scan_statement(
+    backend: DbBackend,
+    after_unit: &str,
+    units: usize,
+) -> sea_orm::Statement {
+    let unit_index = by_index(backend, "pending_unit");
+    stmt(
+        backend,
+        &format!(
+            "WITH RECURSIVE units(u, n) AS ( \
+               SELECT (SELECT MIN(unit_key) FROM {TABLE}{unit_index} \
+                       WHERE status = 'pending' AND unit_key > ?), 1 \
+               UNION ALL \
+               SELECT (SELECT MIN(unit_key) FROM {TABLE}{unit_index} \
+                       WHERE status = 'pending' AND unit_key > units.u), units.n + 1 \
+               FROM units WHERE units.u IS NOT NULL AND units.n < ? \
+             ) \
+             SELECT u FROM units WHERE u IS NOT NULL ORDER BY n"
+        ),
+        vec![after_unit.into(), (units as i64).into()],
+    )
+}
+
+/// One unit's next rows to read: `rows` of them after row `after`.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// The unit key.
+    pub unit: String,
+    /// Rows to read at most.
+    pub rows: usize,
+    /// Read rows after this id.
+    pub after: i64,
+}
+
+/// Step 2: the next pending rows of each unit not held by `relay`, each with the pending
+/// rows just before it on its row (`prev_key`) and on its unit (`prev_unit`).
+#[doc(hidden)] // public for the query-plan tests
+pub fn unit_runs_statement(backend: DbBackend, relay: &str, units: &[Run]) -> sea_orm::Statement {
+    let key_index = by_index(backend, "pending_key");
+    let unit_index = by_index(backend, "pending_unit");
+    let one = format!(
+        "SELECT * FROM (SELECT o.id AS id, o.ordering_key AS ordering_key, \
+           o.unit_key AS unit_key, o.claimed_until AS claimed_until, \
+           o.next_attempt_at AS next_attempt_at, \
+           (SELECT p.id FROM {TABLE} p{key_index} WHERE p.status = 'pending' \
+              AND p.ordering_key = o.ordering_key AND p.id < o.id \
+              ORDER BY p.ordering_key DESC, p.id DESC LIMIT 1) AS prev_key, \
+           (SELECT q.id FROM {TABLE} q{unit_index} WHERE q.status = 'pending' \
+              AND q.unit_key = o.unit_key AND q.id < o.id \
+              ORDER BY q.unit_key DESC, q.id DESC LIMIT 1) AS prev_unit \
+         FROM {TABLE} o{unit_index} WHERE o.status = 'pending' AND o.unit_key = ? AND o.id > ? \
+           AND (o.claimed_by IS NULL OR o.claimed_by <> ?) ORDER BY o.unit_key, o.id LIMIT ?) AS r"
+    );
+    let mut values: Vec<Value> = Vec::with_capacity(units.len() * 3);
+    let parts: Vec<String> = units
+        .iter()
+        .enumerate()
+        .map(|(i, run)| {
+            values.push(run.unit.as_str().into());
+            values.push(run.after.into());
+            values.push(relay.into());
+            values.push((run.rows as i64).into());
+            one.replace(" AS r", &format!(" AS r{i}"))
+        })
+        .collect();
+    stmt(backend, &parts.join(" UNION ALL "), values)
 }
 
 /// Pads an id list to a few fixed lengths (repeating the last id), so that the database's
@@ -476,6 +662,8 @@ mod tests {
             unit: unit.map(ChainKey::unit),
             claimed_until: None,
             next_attempt_at: 0,
+            prev_key: None,
+            prev_unit: None,
         }
     }
 
@@ -522,6 +710,26 @@ mod tests {
         }
         assert_eq!(choice.chosen.iter().map(|c| c.id).collect::<Vec<_>>(), [3]);
         assert_eq!(choice.next_due, Some(50));
+    }
+
+    #[test]
+    fn a_run_row_is_taken_only_behind_rows_that_are_ours() {
+        let mut held = Held::default();
+        held.insert(10, ChainKey::row("p:1"), Some(ChainKey::unit("t")));
+        let run = |id, prev_key, prev_unit| Candidate {
+            prev_key,
+            prev_unit,
+            ..cand(id, &format!("p:{id}"), Some("t"))
+        };
+        let mut choice = Choice::new(&held, 10, 10);
+        choice.consider_run(&run(11, None, Some(10))); // behind a held row: taken
+        choice.consider_run(&run(12, None, Some(11))); // behind a row taken now: taken
+        choice.consider_run(&run(13, Some(5), Some(12))); // its row has an older row: not
+        choice.consider_run(&run(14, None, Some(13))); // behind one not taken: not
+        assert_eq!(
+            choice.chosen.iter().map(|c| c.id).collect::<Vec<_>>(),
+            [11, 12]
+        );
     }
 
     #[test]

@@ -54,7 +54,9 @@ use tokio::task::JoinHandle;
 
 pub use admin::{Counts, OutboxRow, Requeued, counts, dead, pending, purge_delivered, requeue};
 #[doc(hidden)] // public for the query-plan tests
-pub use claim::{frontier_statement, skip_scan_statement};
+pub use claim::{
+    frontier_statement, skip_scan_statement, unit_runs_statement, unit_scan_statement,
+};
 pub use schema::{create_table, table_exists};
 
 use super::scheduler::{Lease, Scheduler, Setup, now_ms};

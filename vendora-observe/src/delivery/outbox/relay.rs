@@ -68,6 +68,9 @@ async fn notified(listener: &mut Listener) {
     std::future::pending::<()>().await
 }
 
+/// Rows recorded after which a relay that found nothing more to claim looks again.
+const REFILL: usize = 16;
+
 /// Rows a relay holds at most (claimed, not yet recorded), in batches of `batch`.
 fn max_held(batch: usize) -> usize {
     4 * batch
@@ -88,6 +91,9 @@ pub(super) async fn run(
     let mut held = Held::default();
     let mut cursor = Cursor::default();
     let mut idle = false;
+    // Rows recorded since the last claim: a chain streaming one row at a time is refilled
+    // every REFILL rows, not after each one.
+    let mut freed = 0usize;
     let mut next_due: Option<i64> = None;
     let mut claim_failing = false;
     let mut last_prune = Instant::now();
@@ -115,6 +121,7 @@ pub(super) async fn run(
                     }
                     next_due = due;
                     idle = jobs.len() < want;
+                    freed = 0;
                     if jobs.len() >= batch {
                         outbox.refresh_statistics(&mut last_analyze);
                     }
@@ -176,11 +183,13 @@ pub(super) async fn run(
                     for d in batch_done {
                         match d {
                             Done::Recorded(ids) => {
+                                freed += ids.len();
                                 for id in ids {
                                     held.remove(id);
                                 }
                             }
                             Done::Released(ids) => {
+                                freed += ids.len();
                                 for id in &ids {
                                     held.remove(*id);
                                 }
@@ -195,7 +204,9 @@ pub(super) async fn run(
                         }
                     }
                     // Later rows of those chains may be claimable now.
-                    idle = false;
+                    if freed >= REFILL || held.is_empty() {
+                        idle = false;
+                    }
                 }
                 // The scheduler stopped (shutdown) and every outcome is written.
                 None => break,
@@ -373,17 +384,33 @@ async fn write_all(outbox: &Outbox, writes: &[(String, Vec<Value>)]) -> Result<(
 async fn mark_delivered(outbox: &Outbox, ids: &[i64]) -> Result<(), DbErr> {
     let inner = &outbox.inner;
     let db = &inner.options.db;
-    let now = now_ms();
     let check_dead = inner
         .dead_present
         .load(std::sync::atomic::Ordering::Acquire);
+    if !check_dead {
+        return mark_on(db, inner.backend, ids, false).await;
+    }
+    // One transaction: a row is never seen delivered while the dead rows it made stale
+    // still look current (a requeue in between would resend them).
+    let txn = db.begin().await?;
+    mark_on(&txn, inner.backend, ids, true).await?;
+    txn.commit().await
+}
+
+async fn mark_on<C: ConnectionTrait>(
+    db: &C,
+    backend: DbBackend,
+    ids: &[i64],
+    check_dead: bool,
+) -> Result<(), DbErr> {
+    let now = now_ms();
     for chunk in ids.chunks(500) {
         let marks = vec!["?"; chunk.len()].join(", ");
         let mut values: Vec<Value> = Vec::with_capacity(chunk.len() + 1);
         values.push(now.into());
         values.extend(chunk.iter().map(|id| Value::from(*id)));
         db.execute_raw(stmt(
-            inner.backend,
+            backend,
             &format!(
                 "UPDATE {TABLE} SET status = 'delivered', delivered_at = ?, \
                  attempts = attempts + 1, last_error = NULL, claimed_by = NULL, \
@@ -396,7 +423,7 @@ async fn mark_delivered(outbox: &Outbox, ids: &[i64]) -> Result<(), DbErr> {
             let mut values: Vec<Value> = vec![now.into()];
             values.extend(chunk.iter().map(|id| Value::from(*id)));
             db.execute_raw(stmt(
-                inner.backend,
+                backend,
                 &format!(
                     "UPDATE {TABLE} SET status = 'superseded', delivered_at = ?, \
                      last_error = COALESCE(last_error, '') || ' (superseded by a newer delivered event of its row)' \
