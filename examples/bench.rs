@@ -647,8 +647,8 @@ async fn overhead(backend: &'static str, url: &str, n: usize, rows: &mut Vec<Ove
                 Op::InsertInTxn,
                 side_by_side(&db, Some(&observer), Op::InsertInTxn, n, false).await,
             );
-            if receiver == "up" {
-                observer.flush(Duration::from_secs(60)).await;
+            if receiver == "up" && !observer.flush(Duration::from_secs(60)).await {
+                eprintln!("  (events still pending after 60 s)");
             }
             observer.shutdown(Duration::from_millis(500)).await;
         }
@@ -1006,7 +1006,9 @@ async fn latency(sink: &Sink, mode: &Mode) -> Summary {
             }
         })
         .await;
-    observer.flush(Duration::from_secs(60)).await;
+    if !observer.flush(Duration::from_secs(60)).await {
+        eprintln!("  (events still pending after 60 s)");
+    }
     let arrivals = sink.counter.arrivals.lock().unwrap().clone();
     sink.counter.record.store(false, Ordering::Relaxed);
     observer.shutdown(Duration::from_secs(5)).await;

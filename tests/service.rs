@@ -161,7 +161,7 @@ async fn a_redirect_is_a_failure_and_is_not_followed() {
     let err = s.try_dispatch("x:y", &json!({})).await.unwrap_err();
     match &err {
         DeliveryError::Redirect { status, location } => {
-            assert_eq!(status.as_u16(), 302);
+            assert_eq!(*status, 302);
             assert_eq!(location.as_deref(), Some("/elsewhere"));
         }
         other => panic!("{other:?}"),
@@ -181,7 +181,7 @@ async fn status_errors_are_reported_and_a_401_names_the_secret() {
     let s = service(&receiver.url(), Duration::from_secs(5));
     let err = s.try_dispatch("x:y", &json!({})).await.unwrap_err();
     assert!(
-        matches!(&err, DeliveryError::Status { status, .. } if status.as_u16() == 401),
+        matches!(&err, DeliveryError::Status { status, .. } if *status == 401),
         "{err:?}"
     );
     assert!(!err.is_retryable());
@@ -195,7 +195,7 @@ async fn status_errors_are_reported_and_a_401_names_the_secret() {
     let s = service(&receiver.url(), Duration::from_secs(5));
     let err = s.try_dispatch("x:y", &json!({})).await.unwrap_err();
     assert!(
-        matches!(&err, DeliveryError::Status { status, .. } if status.as_u16() == 500),
+        matches!(&err, DeliveryError::Status { status, .. } if *status == 500),
         "{err:?}"
     );
     assert!(err.is_retryable());

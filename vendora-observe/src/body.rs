@@ -29,36 +29,19 @@ use serde_json::{Map, Number, Value};
 pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 
 /// The data could not be turned into a webhook body.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BodyError {
     /// The data's `Serialize` impl failed, or produced something JSON cannot hold
     /// (a map with non-string keys, a 128-bit integer out of range, …).
+    #[error("the data of event {event:?} cannot be serialised to JSON: {source}")]
     Serialize {
         /// The event being built.
         event: String,
         /// What serde_json said.
+        #[source]
         source: serde_json::Error,
     },
-}
-
-impl fmt::Display for BodyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BodyError::Serialize { event, source } => write!(
-                f,
-                "the data of event {event:?} cannot be serialised to JSON: {source}"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for BodyError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            BodyError::Serialize { source, .. } => Some(source),
-        }
-    }
 }
 
 /// The exact bytes of one webhook: compact `{"event":"<name>","data":<data>}`, keys in that
@@ -277,7 +260,7 @@ fn write_number(out: &mut Vec<u8>, n: &Number, unsafe_integer: &mut bool) {
 /// Formats `v` exactly as JavaScript's `Number.prototype.toString()` (ECMA-262
 /// Number::toString with radix 10). Non-finite values, which JSON cannot hold, become
 /// `null` as `JSON.stringify` makes them.
-pub fn write_js_f64(out: &mut Vec<u8>, v: f64) {
+pub(crate) fn write_js_f64(out: &mut Vec<u8>, v: f64) {
     if !v.is_finite() {
         out.extend_from_slice(b"null");
         return;

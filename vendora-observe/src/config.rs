@@ -47,133 +47,138 @@ impl fmt::Display for Secret {
     }
 }
 
-/// A setting that cannot be used. The message names the setting, the bad value (never a
-/// secret) and the fix.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The largest `WEBHOOK_TIMEOUT_MS` accepted: five minutes. A webhook that takes longer
+/// than that is not coming back, and a longer timeout would only hold a sender.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A setting that cannot be used. The message names the setting, the bad value (with any
+/// password or query value masked, never a secret) and the fix; `Debug` prints the same
+/// message, so `?` in `main` shows it too.
+#[derive(thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConfigError {
     /// The URL does not parse.
+    #[error(
+        "{ENV_URL} is not a valid URL: {value:?} ({reason}); set it to the WebSocket server's \
+         webhook endpoint, e.g. {ENV_URL}={DEFAULT_URL}"
+    )]
     InvalidUrl {
-        /// The value given.
+        /// The value given, masked.
         value: String,
         /// Why it does not parse.
         reason: String,
     },
     /// The URL parses but is not `http` or `https`.
+    #[error(
+        "{ENV_URL} must be an http:// or https:// URL, got {value:?}; set it to the WebSocket \
+         server's webhook endpoint, e.g. {ENV_URL}={DEFAULT_URL}"
+    )]
     UnsupportedScheme {
-        /// The value given.
+        /// The value given, masked.
         value: String,
     },
     /// No secret, or an empty one.
+    #[error(
+        "{ENV_SECRET} is not set or empty: webhooks are signed with it and the WebSocket server \
+         rejects unsigned ones; set {ENV_SECRET} (in the environment or .env) to the same value \
+         as the server's, e.g. one made with `openssl rand -hex 32`"
+    )]
     MissingSecret,
     /// The timeout is zero.
+    #[error(
+        "{ENV_TIMEOUT_MS} is 0: a request needs time to complete; set it to a number of \
+         milliseconds, e.g. {ENV_TIMEOUT_MS}=5000 (the default)"
+    )]
     ZeroTimeout,
+    /// The timeout is longer than [`MAX_TIMEOUT`].
+    #[error(
+        "{ENV_TIMEOUT_MS} is {} ms, longer than the 300000 ms (5 minutes) allowed: a receiver \
+         that has not answered by then will not; set it to at most 300000, e.g. \
+         {ENV_TIMEOUT_MS}=5000 (the default)",
+        .timeout.as_millis()
+    )]
+    TimeoutTooLong {
+        /// The timeout given.
+        timeout: Duration,
+    },
     /// The timeout is not a whole number of milliseconds.
+    #[error(
+        "{ENV_TIMEOUT_MS} is not a whole number of milliseconds: {value:?}; set it like \
+         {ENV_TIMEOUT_MS}=5000 (the default)"
+    )]
     InvalidTimeout {
         /// The value given.
         value: String,
     },
     /// A boolean switch has a value other than true/false/1/0.
+    #[error("{name} must be true or false, got {value:?}; set {name}=true or remove it")]
     InvalidSwitch {
         /// The environment variable.
         name: &'static str,
         /// The value given.
         value: String,
     },
-    /// The HTTP client could not be built (no usable TLS trust store, …).
-    HttpClient {
-        /// What went wrong.
-        reason: String,
-    },
-    /// The outbox table could not be created or read.
-    Outbox {
-        /// What the database said.
-        reason: String,
-    },
-    /// The outbox's claim lease is not longer than the request timeout.
-    OutboxLease {
-        /// `OutboxOptions::lease`.
-        lease: Duration,
-        /// The whole-request timeout.
-        timeout: Duration,
-    },
-    /// The observer was built outside a Tokio runtime, so it cannot start its senders.
-    NoRuntime,
     /// `.env` exists but cannot be read.
+    #[error(
+        ".env exists but cannot be read ({reason}); fix its syntax (KEY=value lines) or remove it"
+    )]
     DotEnv {
         /// What went wrong.
         reason: String,
     },
 }
 
-impl fmt::Display for ConfigError {
+impl fmt::Debug for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::InvalidUrl { value, reason } => write!(
-                f,
-                "{ENV_URL} is not a valid URL: {value:?} ({reason}); \
-                 set it to the WebSocket server's webhook endpoint, e.g. {ENV_URL}={DEFAULT_URL}"
-            ),
-            ConfigError::UnsupportedScheme { value } => write!(
-                f,
-                "{ENV_URL} must be an http:// or https:// URL, got {value:?}; \
-                 set it to the WebSocket server's webhook endpoint, e.g. {ENV_URL}={DEFAULT_URL}"
-            ),
-            ConfigError::MissingSecret => write!(
-                f,
-                "{ENV_SECRET} is not set or empty: webhooks are signed with it and the \
-                 WebSocket server rejects unsigned ones; set {ENV_SECRET} (in the environment \
-                 or .env) to the same value as the server's, e.g. one made with \
-                 `openssl rand -hex 32`"
-            ),
-            ConfigError::ZeroTimeout => write!(
-                f,
-                "{ENV_TIMEOUT_MS} is 0: a request needs time to complete; set it to a number \
-                 of milliseconds, e.g. {ENV_TIMEOUT_MS}=5000 (the default)"
-            ),
-            ConfigError::InvalidTimeout { value } => write!(
-                f,
-                "{ENV_TIMEOUT_MS} is not a whole number of milliseconds: {value:?}; \
-                 set it like {ENV_TIMEOUT_MS}=5000 (the default)"
-            ),
-            ConfigError::InvalidSwitch { name, value } => write!(
-                f,
-                "{name} must be true or false, got {value:?}; set {name}=true or remove it"
-            ),
-            ConfigError::HttpClient { reason } => write!(
-                f,
-                "the HTTP client for webhooks cannot be built: {reason}; check that the \
-                 system's CA certificates are installed (Debian: ca-certificates)"
-            ),
-            ConfigError::Outbox { reason } => write!(
-                f,
-                "the outbox table vendora_outbox cannot be created in the database given to \
-                 ObserverBuilder::outbox ({reason}); check that the connection may create \
-                 tables, or create it beforehand with vendora_observe::outbox::create_table"
-            ),
-            ConfigError::OutboxLease { lease, timeout } => write!(
-                f,
-                "OutboxOptions::lease ({} ms) must be longer than {ENV_TIMEOUT_MS} ({} ms), or a \
-                 slow delivery could be claimed again and sent twice; raise the lease or lower \
-                 the timeout",
-                lease.as_millis(),
-                timeout.as_millis()
-            ),
-            ConfigError::NoRuntime => write!(
-                f,
-                "the observer must be built inside a Tokio runtime (its senders are Tokio \
-                 tasks); build it in `#[tokio::main] async fn main` or after entering a runtime"
-            ),
-            ConfigError::DotEnv { reason } => write!(
-                f,
-                ".env exists but cannot be read ({reason}); fix its syntax (KEY=value lines) \
-                 or remove it"
-            ),
-        }
+        fmt::Display::fmt(self, f)
     }
 }
 
-impl std::error::Error for ConfigError {}
+/// `url` with its password and query values masked (`***`), for messages and logs. Works
+/// on text that does not parse as a URL too.
+pub(crate) fn mask_url(url: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let mut out = String::with_capacity(url.len());
+    match head.split_once("://") {
+        Some((scheme, rest)) => {
+            out.push_str(scheme);
+            out.push_str("://");
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(authority_end);
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    match userinfo.split_once(':') {
+                        Some((user, _password)) => {
+                            out.push_str(user);
+                            out.push_str(":***");
+                        }
+                        None => out.push_str(userinfo),
+                    }
+                    out.push('@');
+                    out.push_str(host);
+                }
+                None => out.push_str(authority),
+            }
+            out.push_str(path);
+        }
+        None => out.push_str(head),
+    }
+    if let Some(query) = query {
+        out.push('?');
+        let masked: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) => format!("{k}=***"),
+                None => pair.to_owned(),
+            })
+            .collect();
+        out.push_str(&masked.join("&"));
+    }
+    out
+}
 
 /// Where webhooks go, how they are signed, how long a request may take.
 ///
@@ -190,7 +195,7 @@ impl std::error::Error for ConfigError {}
 ///     .secret("s3cr3t")
 ///     .timeout(Duration::from_secs(2))
 ///     .build()?;
-/// assert_eq!(config.url().as_str(), "http://127.0.0.1:3001/webhook");
+/// assert_eq!(config.url(), "http://127.0.0.1:3001/webhook");
 /// assert!(!format!("{config:?}").contains("s3cr3t"));
 ///
 /// let err = WebhookConfig::builder().url("ftp://example.com").secret("x").build().unwrap_err();
@@ -209,7 +214,7 @@ pub struct WebhookConfig {
 impl fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookConfig")
-            .field("url", &self.url.as_str())
+            .field("url", &mask_url(self.url.as_str()))
             .field("secret", &self.secret)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -224,20 +229,17 @@ impl WebhookConfig {
         WebhookConfigBuilder::default()
     }
 
-    /// Reads `.env` in the working directory when present (variables already in the
-    /// environment win, as with Laravel), then `WEBSOCKET_SERVER_URL`, `WEBHOOK_SECRET`,
-    /// `WEBHOOK_TIMEOUT_MS` and `WEBHOOK_STANDARD_HEADERS`.
+    /// Reads `WEBSOCKET_SERVER_URL`, `WEBHOOK_SECRET`, `WEBHOOK_TIMEOUT_MS` and
+    /// `WEBHOOK_STANDARD_HEADERS` from the environment, and from `.env` in the working
+    /// directory when present (variables already in the environment win, as with Laravel).
+    /// `.env` is read, never loaded into the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        match dotenvy::dotenv() {
-            Ok(_) => {}
-            Err(e) if e.not_found() => {}
-            Err(e) => {
-                return Err(ConfigError::DotEnv {
-                    reason: e.to_string(),
-                });
-            }
-        }
-        Self::from_lookup(|name| std::env::var(name).ok())
+        let dotenv = read_dotenv(std::path::Path::new(".env"))?;
+        Self::from_lookup(|name| {
+            std::env::var(name)
+                .ok()
+                .or_else(|| dotenv.get(name).cloned())
+        })
     }
 
     /// Like [`from_env`](Self::from_env) without `.env`, reading variables through `lookup`
@@ -273,8 +275,14 @@ impl WebhookConfig {
         builder.build()
     }
 
-    /// The endpoint, used as given (it may carry a path).
-    pub fn url(&self) -> &Url {
+    /// The endpoint, used as given (it may carry a path, and credentials: log
+    /// [`WebhookService::endpoint_for_logs`](crate::WebhookService::endpoint_for_logs)
+    /// instead).
+    pub fn url(&self) -> &str {
+        self.url.as_str()
+    }
+
+    pub(crate) fn parsed_url(&self) -> &Url {
         &self.url
     }
 
@@ -299,6 +307,25 @@ impl WebhookConfig {
     }
 }
 
+/// The variables of a `.env` file, or none when it does not exist.
+fn read_dotenv(
+    path: &std::path::Path,
+) -> Result<std::collections::HashMap<String, String>, ConfigError> {
+    match dotenvy::from_path_iter(path) {
+        Ok(iter) => iter
+            .map(|item| {
+                item.map_err(|e| ConfigError::DotEnv {
+                    reason: e.to_string(),
+                })
+            })
+            .collect(),
+        Err(e) if e.not_found() => Ok(Default::default()),
+        Err(e) => Err(ConfigError::DotEnv {
+            reason: e.to_string(),
+        }),
+    }
+}
+
 /// Builds a [`WebhookConfig`]; [`build`](Self::build) validates.
 #[must_use]
 #[derive(Clone, Default)]
@@ -313,7 +340,7 @@ pub struct WebhookConfigBuilder {
 impl fmt::Debug for WebhookConfigBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookConfigBuilder")
-            .field("url", &self.url)
+            .field("url", &self.url.as_deref().map(mask_url))
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
@@ -356,11 +383,13 @@ impl WebhookConfigBuilder {
     pub fn build(self) -> Result<WebhookConfig, ConfigError> {
         let raw = self.url.unwrap_or_else(|| DEFAULT_URL.to_owned());
         let url = Url::parse(raw.trim()).map_err(|e| ConfigError::InvalidUrl {
-            value: raw.clone(),
+            value: mask_url(&raw),
             reason: e.to_string(),
         })?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err(ConfigError::UnsupportedScheme { value: raw });
+            return Err(ConfigError::UnsupportedScheme {
+                value: mask_url(&raw),
+            });
         }
         let secret = match self.secret {
             Some(s) if !s.trim().is_empty() => Secret(s),
@@ -369,6 +398,9 @@ impl WebhookConfigBuilder {
         let timeout = self.timeout.unwrap_or(DEFAULT_TIMEOUT);
         if timeout.is_zero() {
             return Err(ConfigError::ZeroTimeout);
+        }
+        if timeout > MAX_TIMEOUT {
+            return Err(ConfigError::TimeoutTooLong { timeout });
         }
         Ok(WebhookConfig {
             url,
@@ -396,7 +428,7 @@ mod tests {
     #[test]
     fn defaults_apply_when_only_the_secret_is_set() {
         let c = from(&[(ENV_SECRET, "abc")]).unwrap();
-        assert_eq!(c.url().as_str(), "http://localhost:3001/");
+        assert_eq!(c.url(), "http://localhost:3001/");
         assert_eq!(c.timeout(), Duration::from_millis(5000));
         assert!(!c.standard_headers());
     }
@@ -408,7 +440,7 @@ mod tests {
             (ENV_SECRET, "k"),
         ])
         .unwrap();
-        assert_eq!(c.url().as_str(), "https://ws.example.com/hooks/pos");
+        assert_eq!(c.url(), "https://ws.example.com/hooks/pos");
     }
 
     #[test]
@@ -510,6 +542,72 @@ mod tests {
         assert!(!format!("{b:?}").contains(secret));
         let msg = b.build().unwrap_err().to_string();
         assert!(!msg.contains(secret));
+    }
+
+    #[test]
+    fn a_timeout_beyond_five_minutes_is_refused_with_the_bound() {
+        let msg = from(&[(ENV_SECRET, "k"), (ENV_TIMEOUT_MS, "99999999999999")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("WEBHOOK_TIMEOUT_MS is 99999999999999 ms"),
+            "{msg}"
+        );
+        assert!(msg.contains("at most 300000"), "{msg}");
+        assert!(from(&[(ENV_SECRET, "k"), (ENV_TIMEOUT_MS, "300000")]).is_ok());
+    }
+
+    #[test]
+    fn passwords_and_query_values_never_show_in_debug_or_errors() {
+        let url = "https://user:hunter2@ws.example.com/hook?token=abc123&x";
+        let c = from(&[(ENV_SECRET, "k"), (ENV_URL, url)]).unwrap();
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("abc123"),
+            "{debug}"
+        );
+        assert!(
+            debug.contains("user:***@ws.example.com/hook?token=***&x"),
+            "{debug}"
+        );
+        let bad = "ftp://user:hunter2@ws.example.com/?token=abc123";
+        let msg = from(&[(ENV_SECRET, "k"), (ENV_URL, bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(!msg.contains("hunter2") && !msg.contains("abc123"), "{msg}");
+        let unparsable = "http://user:hunter2@[bad/?token=abc123";
+        let msg = from(&[(ENV_SECRET, "k"), (ENV_URL, unparsable)])
+            .unwrap_err()
+            .to_string();
+        assert!(!msg.contains("hunter2") && !msg.contains("abc123"), "{msg}");
+        let builder = WebhookConfig::builder().url(url);
+        assert!(!format!("{builder:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn debug_of_an_error_is_its_message() {
+        let err = from(&[]).unwrap_err();
+        assert_eq!(format!("{err:?}"), err.to_string());
+    }
+
+    #[test]
+    fn dotenv_is_read_without_touching_the_environment() {
+        let dir = std::env::temp_dir().join(format!("vo-dotenv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(".env");
+        std::fs::write(&path, "VO_TEST_ONLY_IN_DOTENV=from-file\n").unwrap();
+        let vars = read_dotenv(&path).unwrap();
+        assert_eq!(vars["VO_TEST_ONLY_IN_DOTENV"], "from-file");
+        assert!(std::env::var_os("VO_TEST_ONLY_IN_DOTENV").is_none());
+        std::fs::write(&path, "NOT A LINE").unwrap();
+        let err = read_dotenv(&path).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(".env exists but cannot be read"),
+            "{err}"
+        );
+        assert!(read_dotenv(&dir.join("missing")).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -103,7 +103,7 @@ tokio::task_local! {
 /// }).await;
 /// # }
 /// ```
-pub fn quietly<F: Future>(f: F) -> tokio::task::futures::TaskLocalFuture<(), F> {
+pub fn quietly<F: Future>(f: F) -> impl Future<Output = F::Output> {
     QUIET.scope((), f)
 }
 

@@ -74,6 +74,7 @@ pub mod body;
 pub mod config;
 pub mod delivery;
 mod diagnostics;
+mod error;
 mod hooks;
 mod observer;
 pub mod receiver;
@@ -88,6 +89,7 @@ pub use delivery::{
     DeadLetter, Delivered, DeliveryError, Order, Overflow, RetryPolicy, Stats, Webhook,
     WebhookService,
 };
+pub use error::StartError;
 pub use hooks::{ActiveModelHooks, is_quiet, quietly};
 pub use observer::{Observer, ObserverBuilder, ShutdownReport};
 pub use signature::{sign, verify};

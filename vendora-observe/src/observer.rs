@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DbErr};
 
-use crate::config::{ConfigError, WebhookConfig};
+use crate::config::WebhookConfig;
 use crate::delivery::direct::DirectQueue;
 use crate::delivery::outbox::{Outbox, OutboxOptions};
 use crate::delivery::{
     Context, Counters, DeadLetter, DeadLetterHandler, Job, Order, Overflow, RetryPolicy, Stats,
     WebhookService,
 };
+use crate::error::StartError;
 
 /// What [`Observer::shutdown`] achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +63,7 @@ pub(crate) struct ObserverInner {
 /// ```no_run
 /// use vendora_observe::Observer;
 ///
-/// # async fn start() -> Result<(), vendora_observe::ConfigError> {
+/// # async fn start() -> Result<(), vendora_observe::StartError> {
 /// // WEBSOCKET_SERVER_URL, WEBHOOK_SECRET, WEBHOOK_TIMEOUT_MS from the environment or .env
 /// let observer = Observer::from_env().await?;
 /// observer.install();
@@ -98,7 +99,7 @@ tokio::task_local! {
 
 impl Observer {
     /// A direct-mode observer configured from the environment and `.env`.
-    pub async fn from_env() -> Result<Observer, ConfigError> {
+    pub async fn from_env() -> Result<Observer, StartError> {
         Self::builder(WebhookConfig::from_env()?).build().await
     }
 
@@ -130,7 +131,7 @@ impl Observer {
 
     /// Runs `f` with this observer for every hook inside it, whatever is installed. Tasks
     /// that `f` spawns do not inherit it: scope them too.
-    pub fn scope<F: Future>(&self, f: F) -> tokio::task::futures::TaskLocalFuture<Observer, F> {
+    pub fn scope<F: Future>(&self, f: F) -> impl Future<Output = F::Output> + use<F> {
         SCOPED.scope(self.clone(), f)
     }
 
@@ -164,6 +165,7 @@ impl Observer {
 
     /// Waits until every accepted event has been delivered or dead-lettered, or `timeout`
     /// passes; returns whether it got there. Keeps accepting events meanwhile.
+    #[must_use = "false means events were still pending when the timeout passed"]
     pub async fn flush(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         match &self.inner.sink {
@@ -307,9 +309,9 @@ impl ObserverBuilder {
 
     /// Starts the observer's background tasks (and, in outbox mode, creates the outbox
     /// table when missing).
-    pub async fn build(self) -> Result<Observer, ConfigError> {
+    pub async fn build(self) -> Result<Observer, StartError> {
         if tokio::runtime::Handle::try_current().is_err() {
-            return Err(ConfigError::NoRuntime);
+            return Err(StartError::NoRuntime);
         }
         let service = WebhookService::new(self.config)?;
         let counters = Arc::new(Counters::default());

@@ -131,6 +131,7 @@ impl Dedupe {
     }
 
     /// `true` the first time `id` is seen (process the event), `false` after.
+    #[must_use = "false means the event is a redelivery and must not be processed again"]
     pub fn first_time(&self, id: &str) -> bool {
         let mut guard = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let (set, order) = &mut *guard;

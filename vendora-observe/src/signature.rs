@@ -41,6 +41,7 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
 /// Whether `header` is the hex HMAC-SHA256 of `body` under `secret`, compared in constant
 /// time. Accepts upper- or lowercase hex and surrounding white space; anything else that
 /// is not 64 hex digits is `false`.
+#[must_use = "a signature that does not verify must be refused"]
 pub fn verify(secret: &[u8], body: &[u8], header: &str) -> bool {
     let mut expected = [0u8; 32];
     if hex::decode_to_slice(header.trim(), &mut expected).is_err() {

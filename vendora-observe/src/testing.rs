@@ -79,7 +79,7 @@ impl Recorder {
 
     /// Runs `f`, capturing the events its writes emit. May be used several times, and on
     /// several tasks (clone the recorder into spawned tasks and scope them too).
-    pub fn scope<F: Future>(&self, f: F) -> tokio::task::futures::TaskLocalFuture<Recorder, F> {
+    pub fn scope<F: Future>(&self, f: F) -> impl Future<Output = F::Output> + use<F> {
         RECORDER.scope(self.clone(), f)
     }
 

@@ -122,14 +122,16 @@ async fn send(event: &str, json: &str) -> Result<ExitCode, Error> {
             println!(
                 "{} {} in {:.1} ms",
                 service.endpoint_for_logs(),
-                delivered.status,
+                reqwest::StatusCode::from_u16(delivered.status)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|_| delivered.status.to_string()),
                 started.elapsed().as_secs_f64() * 1000.0
             );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
             let hint = match &e {
-                DeliveryError::Status { status, .. } if status.as_u16() == 401 => {
+                DeliveryError::Status { status: 401, .. } => {
                     "\nhint: the server rejected the signature: WEBHOOK_SECRET differs from the server's"
                 }
                 DeliveryError::Connect { .. } => {

@@ -425,7 +425,7 @@ mod tests {
             ..RetryPolicy::default()
         };
         let unavailable = DeliveryError::Status {
-            status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
+            status: 503,
             retry_after: Some(Duration::from_secs(2)),
         };
         assert_eq!(
@@ -434,7 +434,7 @@ mod tests {
         );
         assert_eq!(decide(&policy, 3, &unavailable), Decision::Dead);
         let unauthorized = DeliveryError::Status {
-            status: reqwest::StatusCode::UNAUTHORIZED,
+            status: 401,
             retry_after: None,
         };
         assert_eq!(decide(&policy, 1, &unauthorized), Decision::Dead);

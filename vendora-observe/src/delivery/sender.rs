@@ -13,13 +13,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, LOCATION, RETRY_AFTER, USER_AGENT};
-use reqwest::{StatusCode, Url, redirect};
+use reqwest::{Url, redirect};
 use serde::Serialize;
 
 use super::Webhook;
 
 use crate::body::BodyError;
-use crate::config::{ConfigError, ENV_SECRET, WebhookConfig};
+use crate::config::{ENV_SECRET, WebhookConfig, mask_url};
+use crate::error::{Cause, StartError};
 use crate::signature;
 
 /// `User-Agent` of every request.
@@ -31,48 +32,85 @@ pub const ID_HEADER: &str = "x-webhook-id";
 
 /// A successful delivery: the receiver answered 2xx.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Delivered {
-    /// The status the receiver answered.
-    pub status: StatusCode,
+    /// The HTTP status the receiver answered (2xx).
+    pub status: u16,
     /// From sending the request to the answer's head.
     pub elapsed: Duration,
 }
 
-/// Why one attempt did not deliver.
-#[derive(Debug)]
+/// Why one attempt did not deliver. The message says what happened and, where it can,
+/// what to do; the underlying error is the [`source`](std::error::Error::source).
+#[derive(thiserror::Error, Debug)]
 #[non_exhaustive]
 pub enum DeliveryError {
     /// The data could not be serialised (only from [`WebhookService::try_dispatch`]).
-    Body(BodyError),
+    #[error(transparent)]
+    Body(#[from] BodyError),
     /// No connection could be made (receiver down, port closed, DNS failure).
+    #[error("cannot connect to the receiver: {reason}")]
     Connect {
-        /// The error's description.
+        /// The error and its causes, as text.
         reason: String,
+        /// The error.
+        #[source]
+        source: Cause,
     },
     /// No complete answer within the configured timeout.
+    #[error("the receiver did not answer within {} ms", .after.as_millis())]
     Timeout {
         /// The timeout that passed.
         after: Duration,
     },
     /// The receiver answered a status other than 2xx or 3xx.
+    #[error("{}", status_message(*.status, *.retry_after))]
     Status {
-        /// The status.
-        status: StatusCode,
+        /// The HTTP status.
+        status: u16,
         /// `Retry-After`, when the receiver sent one.
         retry_after: Option<Duration>,
     },
     /// The receiver answered a redirect, which is never followed with a signed body.
+    #[error(
+        "the receiver answered {status} redirecting to {}; a signed webhook is never \
+         redirected: set WEBSOCKET_SERVER_URL to the final URL",
+        .location.as_deref().unwrap_or("<no Location>")
+    )]
     Redirect {
-        /// The status.
-        status: StatusCode,
+        /// The HTTP status.
+        status: u16,
         /// Where it pointed.
         location: Option<String>,
     },
     /// The connection broke during the exchange.
+    #[error("the exchange with the receiver failed: {reason}")]
     Transport {
-        /// The error's description.
+        /// The error and its causes, as text.
         reason: String,
+        /// The error.
+        #[source]
+        source: Cause,
     },
+}
+
+fn status_message(status: u16, retry_after: Option<Duration>) -> String {
+    let name = reqwest::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .map(|r| format!("{status} {r}"))
+        .unwrap_or_else(|| status.to_string());
+    match (status, retry_after) {
+        (401, _) => format!(
+            "the receiver answered {name}: it rejected the signature, so {ENV_SECRET} \
+             probably differs from the WebSocket server's secret"
+        ),
+        (_, Some(after)) => format!(
+            "the receiver answered {name} (Retry-After {} s)",
+            after.as_secs()
+        ),
+        _ => format!("the receiver answered {name}"),
+    }
 }
 
 impl DeliveryError {
@@ -85,9 +123,7 @@ impl DeliveryError {
             | DeliveryError::Timeout { .. }
             | DeliveryError::Transport { .. } => true,
             DeliveryError::Status { status, .. } => {
-                status.is_server_error()
-                    || *status == StatusCode::REQUEST_TIMEOUT
-                    || *status == StatusCode::TOO_MANY_REQUESTS
+                (500..600).contains(status) || *status == 408 || *status == 429
             }
         }
     }
@@ -96,12 +132,18 @@ impl DeliveryError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             DeliveryError::Status {
-                status,
+                status: 429 | 503,
                 retry_after,
-            } if *status == StatusCode::TOO_MANY_REQUESTS
-                || *status == StatusCode::SERVICE_UNAVAILABLE =>
-            {
-                *retry_after
+            } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The HTTP status the receiver answered, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            DeliveryError::Status { status, .. } | DeliveryError::Redirect { status, .. } => {
+                Some(*status)
             }
             _ => None,
         }
@@ -117,62 +159,6 @@ impl DeliveryError {
             DeliveryError::Redirect { .. } => "redirect",
             DeliveryError::Transport { .. } => "transport",
         }
-    }
-}
-
-impl fmt::Display for DeliveryError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DeliveryError::Body(e) => write!(f, "{e}"),
-            DeliveryError::Connect { reason } => {
-                write!(f, "cannot connect to the receiver: {reason}")
-            }
-            DeliveryError::Timeout { after } => {
-                write!(
-                    f,
-                    "the receiver did not answer within {} ms",
-                    after.as_millis()
-                )
-            }
-            DeliveryError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => write!(
-                f,
-                "the receiver answered {status}: it rejected the signature, so {ENV_SECRET} \
-                 probably differs from the WebSocket server's secret"
-            ),
-            DeliveryError::Status {
-                status,
-                retry_after: Some(after),
-            } => write!(
-                f,
-                "the receiver answered {status} (Retry-After {} s)",
-                after.as_secs()
-            ),
-            DeliveryError::Status { status, .. } => write!(f, "the receiver answered {status}"),
-            DeliveryError::Redirect { status, location } => write!(
-                f,
-                "the receiver answered {status} redirecting to {}; a signed webhook is never \
-                 redirected: set WEBSOCKET_SERVER_URL to the final URL",
-                location.as_deref().unwrap_or("<no Location>")
-            ),
-            DeliveryError::Transport { reason } => {
-                write!(f, "the exchange with the receiver failed: {reason}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for DeliveryError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            DeliveryError::Body(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<BodyError> for DeliveryError {
-    fn from(e: BodyError) -> Self {
-        DeliveryError::Body(e)
     }
 }
 
@@ -215,9 +201,9 @@ impl fmt::Debug for WebhookService {
 
 impl WebhookService {
     /// A service for `config`, with its own connection pool.
-    pub fn new(config: WebhookConfig) -> Result<Self, ConfigError> {
-        let client = build_client(&config).map_err(|reason| ConfigError::HttpClient { reason })?;
-        let log_url = redact_url(config.url());
+    pub fn new(config: WebhookConfig) -> Result<Self, StartError> {
+        let client = build_client(&config).map_err(|source| StartError::HttpClient { source })?;
+        let log_url = mask_url(&redact_url(config.parsed_url()));
         Ok(WebhookService {
             inner: Arc::new(Inner {
                 config,
@@ -289,7 +275,7 @@ impl WebhookService {
         let result = self
             .inner
             .client
-            .post(config.url().clone())
+            .post(config.parsed_url().clone())
             .headers(headers)
             .body(bytes)
             .send()
@@ -301,11 +287,14 @@ impl WebhookService {
         let elapsed = started.elapsed();
         let status = response.status();
         if status.is_success() {
-            return Ok(Delivered { status, elapsed });
+            return Ok(Delivered {
+                status: status.as_u16(),
+                elapsed,
+            });
         }
         let error = if status.is_redirection() {
             DeliveryError::Redirect {
-                status,
+                status: status.as_u16(),
                 location: response
                     .headers()
                     .get(LOCATION)
@@ -314,7 +303,7 @@ impl WebhookService {
             }
         } else {
             DeliveryError::Status {
-                status,
+                status: status.as_u16(),
                 retry_after: response
                     .headers()
                     .get(RETRY_AFTER)
@@ -325,38 +314,35 @@ impl WebhookService {
         Err(error)
     }
 
-    /// Logs a failed attempt the way every part of the crate does.
+    /// Logs a failed attempt the way every part of the crate does (and on stderr when no
+    /// `tracing` subscriber listens).
     pub(crate) fn log_failure(&self, event: &str, id: Option<&str>, error: &DeliveryError) {
+        use crate::diagnostics::{Kind, fallback};
         let url = self.endpoint_for_logs();
         let id = id.unwrap_or("-");
-        match error {
-            DeliveryError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => {
-                tracing::error!(
-                    event,
-                    id,
-                    url,
-                    kind = error.kind(),
-                    status = status.as_u16(),
-                    "webhook rejected: {error}"
-                )
-            }
-            DeliveryError::Status { status, .. } => {
-                tracing::warn!(
-                    event,
-                    id,
-                    url,
-                    kind = error.kind(),
-                    status = status.as_u16(),
-                    "webhook not delivered: {error}"
-                )
-            }
-            _ => tracing::warn!(
+        let kind = error.kind();
+        let status = error.status();
+        if status == Some(401) {
+            tracing::error!(event, id, url, kind, status, "webhook rejected: {error}");
+            fallback(
+                Kind::Delivery,
+                "error",
+                format_args!("webhook {event} (X-Webhook-Id {id}) to {url} rejected: {error}"),
+            );
+        } else {
+            tracing::warn!(
                 event,
                 id,
                 url,
-                kind = error.kind(),
+                kind,
+                status,
                 "webhook not delivered: {error}"
-            ),
+            );
+            fallback(
+                Kind::Delivery,
+                "warning",
+                format_args!("webhook {event} (X-Webhook-Id {id}) to {url} not delivered: {error}"),
+            );
         }
     }
 }
@@ -366,16 +352,14 @@ fn header_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
-fn build_client(config: &WebhookConfig) -> Result<reqwest::Client, String> {
+fn build_client(config: &WebhookConfig) -> Result<reqwest::Client, Cause> {
     use rustls_platform_verifier::BuilderVerifierExt as _;
     // ring rather than aws-lc-rs: no C/CMake build, and TLS speed is not what limits a
     // webhook sender. The platform verifier uses the system's trust store.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_platform_verifier()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
+        .with_platform_verifier()?
         .with_no_client_auth();
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
@@ -386,7 +370,7 @@ fn build_client(config: &WebhookConfig) -> Result<reqwest::Client, String> {
         .tcp_nodelay(true)
         .no_proxy()
         .build()
-        .map_err(|e| e.to_string())
+        .map_err(Into::into)
 }
 
 fn classify(e: reqwest::Error, timeout: Duration) -> DeliveryError {
@@ -397,10 +381,12 @@ fn classify(e: reqwest::Error, timeout: Duration) -> DeliveryError {
     } else if e.is_connect() {
         DeliveryError::Connect {
             reason: error_chain(&e),
+            source: Box::new(e),
         }
     } else {
         DeliveryError::Transport {
             reason: error_chain(&e),
+            source: Box::new(e),
         }
     }
 }
@@ -460,7 +446,7 @@ mod tests {
     #[test]
     fn only_transient_failures_are_retryable() {
         let status = |s: u16| DeliveryError::Status {
-            status: StatusCode::from_u16(s).unwrap(),
+            status: s,
             retry_after: None,
         };
         for s in [408, 429, 500, 502, 503, 504] {
@@ -477,7 +463,7 @@ mod tests {
         );
         assert!(
             !DeliveryError::Redirect {
-                status: StatusCode::FOUND,
+                status: 302,
                 location: None
             }
             .is_retryable()
@@ -487,7 +473,7 @@ mod tests {
     #[test]
     fn a_401_names_the_secret() {
         let e = DeliveryError::Status {
-            status: StatusCode::UNAUTHORIZED,
+            status: 401,
             retry_after: None,
         };
         assert!(

@@ -61,7 +61,7 @@ pub use schema::{create_table, table_exists};
 
 use super::scheduler::{Lease, Scheduler, Setup, now_ms};
 use super::{Context, Job, Leftovers};
-use crate::config::ConfigError;
+use crate::error::StartError;
 
 /// The outbox table's name.
 pub const TABLE: &str = "vendora_outbox";
@@ -153,10 +153,10 @@ impl Outbox {
     pub(crate) async fn start(
         options: OutboxOptions,
         ctx: Arc<Context>,
-    ) -> Result<Outbox, ConfigError> {
+    ) -> Result<Outbox, StartError> {
         let timeout = ctx.service.config().timeout();
         if options.lease <= timeout {
-            return Err(ConfigError::OutboxLease {
+            return Err(StartError::OutboxLease {
                 lease: options.lease,
                 timeout,
             });
@@ -164,9 +164,7 @@ impl Outbox {
         let backend = options.db.get_database_backend();
         create_table(&options.db)
             .await
-            .map_err(|e| ConfigError::Outbox {
-                reason: e.to_string(),
-            })?;
+            .map_err(|source| StartError::Outbox { source })?;
         let lease = Arc::new(Lease::new(now_ms() + options.lease.as_millis() as i64));
         let (reports, reports_rx) = tokio::sync::mpsc::unbounded_channel();
         let scheduler = Scheduler::start(Setup {
