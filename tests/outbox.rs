@@ -238,25 +238,6 @@ async fn two_relays_on_one_postgres_send_no_duplicates_and_keep_order() {
     assert_eq!(a.stats().sent + b.stats().sent, total as u64);
 }
 
-/// The child of the crash test: writes products in outbox mode, printing each commit,
-/// until it is killed. Runs only when the crash test starts it.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "child process of crash_mid_stream_then_restart_delivers_every_committed_event"]
-async fn crash_child_writer() {
-    let db_url = std::env::var("VENDORA_CHILD_DB").expect("run by the crash test");
-    let hook_url = std::env::var("VENDORA_CHILD_HOOK").unwrap();
-    let db = vendora_pos::db::connect(&db_url).await.unwrap();
-    let observer = outbox_observer(&db, &hook_url, fast_retries()).await;
-    observer.install();
-    for i in 0.. {
-        product_am(&format!("crash {i}"), i)
-            .insert(&db)
-            .await
-            .unwrap();
-        println!("committed {i}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_mid_stream_then_restart_delivers_every_committed_event() {
     use sea_orm::EntityTrait;
@@ -265,16 +246,8 @@ async fn crash_mid_stream_then_restart_delivers_every_committed_event() {
     let receiver = Receiver::start(SECRET).await.unwrap();
     // The receiver answers slowly so that the child dies with events still queued.
     receiver.set_reply(Reply::Delay(Duration::from_millis(20)));
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "crash_child_writer",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("VENDORA_CHILD_DB", &db_url)
-        .env("VENDORA_CHILD_HOOK", receiver.url())
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vendora-test-child"))
+        .args(["crash-writer", &db_url, &receiver.url()])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -761,27 +734,6 @@ async fn postgres_claim_cost_does_not_follow_the_backlog_of_hot_rows() {
     }
 }
 
-/// The child of the concurrent-start test: for each database URL on stdin, connects, says
-/// "ready", waits for "go", creates the outbox table and says "ok" or the error.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "child process of postgres_schema_creation_is_safe_under_concurrent_starts"]
-async fn schema_child() {
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    while let Ok(Some(url)) = lines.next_line().await {
-        let db = vendora_pos::db::connect(&url).await.unwrap();
-        println!("ready");
-        let Ok(Some(_go)) = lines.next_line().await else {
-            return;
-        };
-        match vendora_observe::outbox::create_table(&db).await {
-            Ok(()) => println!("ok"),
-            Err(e) => println!("error {e}"),
-        }
-        db.close().await.unwrap();
-    }
-}
-
 /// Five instances start at once on a fresh PostgreSQL database, twenty times: every start
 /// creates or finds the outbox table (its trigger included) without an error.
 #[tokio::test(flavor = "multi_thread")]
@@ -793,14 +745,8 @@ async fn postgres_schema_creation_is_safe_under_concurrent_starts() {
     }
     let mut children: Vec<_> = (0..5)
         .map(|_| {
-            let mut child = Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "schema_child",
-                    "--ignored",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
+            let mut child = Command::new(env!("CARGO_BIN_EXE_vendora-test-child"))
+                .arg("schema")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()
@@ -814,8 +760,7 @@ async fn postgres_schema_creation_is_safe_under_concurrent_starts() {
         loop {
             line.clear();
             assert!(out.read_line(&mut line).unwrap() > 0, "a child exited");
-            // libtest prints "test schema_child ... " before the child's first line.
-            let l = line.trim().rsplit(" ... ").next().unwrap_or_default();
+            let l = line.trim();
             if l == "ready" || l == "ok" || l.starts_with("error") {
                 return l.to_owned();
             }

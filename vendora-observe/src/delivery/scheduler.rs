@@ -114,6 +114,8 @@ struct Shared {
     /// Set at the shutdown deadline: senders cut what they send and stop.
     abort: AtomicBool,
     aborted: Notify,
+    /// Whether the events lost to a stopped runtime were reported (once).
+    reported_exit: AtomicBool,
 }
 
 impl Scheduler {
@@ -127,6 +129,7 @@ impl Scheduler {
             drained: Notify::new(),
             abort: AtomicBool::new(false),
             aborted: Notify::new(),
+            reported_exit: AtomicBool::new(false),
         });
         let mut tasks: Vec<JoinHandle<()>> = (0..concurrency)
             .map(|_| tokio::spawn(sender(shared.clone())))
@@ -219,6 +222,56 @@ impl Scheduler {
     }
 }
 
+/// The last handle is gone (the observer was dropped without `shutdown`): what is queued
+/// is still delivered in the background, then the senders stop.
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.work.notify_waiters();
+        self.shared.timers_changed.notify_one();
+    }
+}
+
+/// Held by each sender task. Dropped without `clean`, the task was cancelled: its runtime
+/// stopped (the program left `main`) with events still in hand. Says so, once.
+struct ExitGuard {
+    shared: Arc<Shared>,
+    clean: bool,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        if self.clean || self.shared.aborting() {
+            return;
+        }
+        let left = self.shared.lock().jobs.len();
+        if left == 0 || self.shared.reported_exit.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let kind = crate::diagnostics::Kind::Delivery;
+        if self.shared.setup.dead_letter_leftovers {
+            crate::diagnostics::error(
+                kind,
+                format_args!(
+                    "{left} webhook(s) were never delivered: the program ended (its Tokio runtime \
+                     stopped) before they were sent; call `observer.shutdown(Duration::from_secs(5)).await` \
+                     before returning from main: it delivers what is queued and reports what it could not"
+                ),
+            );
+        } else {
+            crate::diagnostics::warn(
+                kind,
+                format_args!(
+                    "the program ended with {left} outbox event(s) claimed and not yet delivered; they \
+                     stay in vendora_outbox and go out at the next start, after their lease; call \
+                     `observer.shutdown(Duration::from_secs(5)).await` before returning from main to \
+                     deliver them now"
+                ),
+            );
+        }
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -231,6 +284,10 @@ impl Shared {
 
 /// One sender: takes a ready event, sends it, records the outcome, takes the next.
 async fn sender(shared: Arc<Shared>) {
+    let mut guard = ExitGuard {
+        shared: shared.clone(),
+        clean: false,
+    };
     let setup = &shared.setup;
     let timeout = setup.ctx.service.config().timeout();
     loop {
@@ -238,17 +295,25 @@ async fn sender(shared: Arc<Shared>) {
         tokio::pin!(work);
         work.as_mut().enable();
         if shared.aborting() {
+            guard.clean = true;
             return;
         }
-        let (taken, empty) = {
+        let (taken, empty, closed) = {
             let mut state = shared.lock();
             let taken = state.take(setup, timeout);
-            (taken, state.jobs.is_empty())
+            (taken, state.jobs.is_empty(), state.closed)
         };
         let Some((seq, webhook)) = taken else {
             if empty {
                 // The last events may have completed unsent (superseded, released).
                 shared.drained.notify_waiters();
+                if closed {
+                    // Nothing left and nothing more to come.
+                    shared.work.notify_waiters();
+                    shared.timers_changed.notify_one();
+                    guard.clean = true;
+                    return;
+                }
             }
             work.await;
             continue;
@@ -258,12 +323,14 @@ async fn sender(shared: Arc<Shared>) {
         aborted.as_mut().enable();
         if shared.aborting() {
             shared.lock().cut(setup, seq);
+            guard.clean = true;
             return;
         }
         let result = tokio::select! {
             r = setup.ctx.service.send(&webhook) => r,
             _ = aborted => {
                 shared.lock().cut(setup, seq);
+                guard.clean = true;
                 return;
             }
         };
@@ -295,7 +362,14 @@ async fn timers(shared: Arc<Shared>) {
         if shared.aborting() {
             return;
         }
-        let (woken, next) = shared.lock().fire_timers(Instant::now());
+        let (woken, next, done) = {
+            let mut state = shared.lock();
+            let (woken, next) = state.fire_timers(Instant::now());
+            (woken, next, state.closed && state.jobs.is_empty())
+        };
+        if done {
+            return;
+        }
         for _ in 0..woken {
             shared.work.notify_one();
         }
