@@ -251,6 +251,7 @@ fn generate(spec: &Spec) -> TokenStream {
                 where
                     C: __vo::sea_orm::ConnectionTrait,
                 {
+                    __vo::expect_write::<Entity>();
                     let am = self;
                     #user_before_save
                     #watch_read
@@ -282,6 +283,7 @@ fn generate(spec: &Spec) -> TokenStream {
                 where
                     C: __vo::sea_orm::ConnectionTrait,
                 {
+                    __vo::expect_write::<Entity>();
                     let am = self;
                     #user_before_delete
                     ::core::result::Result::Ok(am)

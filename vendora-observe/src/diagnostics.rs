@@ -47,12 +47,12 @@ pub(crate) fn fallback(kind: Kind, level: &str, message: fmt::Arguments<'_>) {
 
 /// A warning: through `tracing`, or to stderr when nothing listens.
 pub(crate) fn warn(kind: Kind, message: fmt::Arguments<'_>) {
-    tracing::warn!("{message}");
+    tracing::warn!(target: "vendora_observe", "{message}");
     fallback(kind, "warning", message);
 }
 
 /// An error: through `tracing`, or to stderr when nothing listens.
 pub(crate) fn error(kind: Kind, message: fmt::Arguments<'_>) {
-    tracing::error!("{message}");
+    tracing::error!(target: "vendora_observe", "{message}");
     fallback(kind, "error", message);
 }

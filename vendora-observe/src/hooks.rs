@@ -176,6 +176,9 @@ pub async fn emit<C: ConnectionTrait>(
     let unit = unit_key.as_deref().map(ChainKey::unit);
     let mut jobs = Vec::with_capacity(events.len());
     for (event, kind, data) in events {
+        if kind == EventKind::Watch {
+            check_watch_name(event, entity.event);
+        }
         let data = match data {
             Ok(d) => d,
             Err(e) => {
@@ -213,6 +216,39 @@ pub async fn emit<C: ConnectionTrait>(
         }
         _ => Ok(()),
     }
+}
+
+/// Reports, once per name, a watch event name that two entities emit (`watch = "status"`
+/// on orders and on categories both send `status:updated`): apps cannot tell them apart.
+fn check_watch_name(name: &'static str, entity: &'static str) {
+    static OWNERS: OnceLock<Mutex<HashMap<&'static str, &'static str>>> = OnceLock::new();
+    static REPORTED: OnceLock<Mutex<Vec<&'static str>>> = OnceLock::new();
+    let owner = *OWNERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(name)
+        .or_insert(entity);
+    if owner == entity {
+        return;
+    }
+    let mut reported = REPORTED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if reported.contains(&name) {
+        return;
+    }
+    reported.push(name);
+    crate::diagnostics::warn(
+        crate::diagnostics::Kind::Setup,
+        format_args!(
+            "`{name}` is sent by two entities, `{owner}` and `{entity}`, so apps cannot tell \
+             them apart; give one its own name, e.g. #[observe(event = \"{entity}\", \
+             watch({field} = \"{entity}_{field}:updated\"))]",
+            field = name.split(':').next().unwrap_or(name)
+        ),
+    );
 }
 
 /// The unit of work the current code runs in: the Tokio task (so a request handler, and
@@ -265,12 +301,12 @@ struct StashKey {
 }
 
 #[derive(Hash, PartialEq, Eq, Clone, Copy, Debug)]
-enum Origin {
+pub(crate) enum Origin {
     Task(tokio::task::Id),
     Thread(std::thread::ThreadId),
 }
 
-fn origin() -> Origin {
+pub(crate) fn origin() -> Origin {
     match tokio::task::try_id() {
         Some(id) => Origin::Task(id),
         None => Origin::Thread(std::thread::current().id()),

@@ -71,6 +71,7 @@
 #![warn(missing_docs)]
 
 pub mod body;
+mod bypass;
 pub mod config;
 pub mod delivery;
 mod diagnostics;
@@ -83,6 +84,7 @@ pub mod testing;
 
 pub use async_trait::async_trait;
 pub use body::{BodyError, WebhookBody};
+pub use bypass::detect_bypass;
 pub use config::{ConfigError, Secret, WebhookConfig, WebhookConfigBuilder};
 pub use delivery::outbox::{self, Outbox, OutboxOptions, OutboxRow};
 pub use delivery::{
@@ -100,6 +102,7 @@ pub use vendora_observe_macros::Observed;
 /// What generated code names. Not public API: it may change in any release.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::bypass::expect_write;
     pub use crate::delivery::EventKind;
     pub use crate::hooks::{
         ActiveModelHooks, Emission, EntityInfo, discard_stash, emit, is_autocommit, key_string,
