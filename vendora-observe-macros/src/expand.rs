@@ -46,15 +46,19 @@ fn combine(errors: Vec<syn::Error>) -> Option<syn::Error> {
 }
 
 /// On an attribute error, an empty `ActiveModelBehavior` keeps SeaORM's own derives from
-/// adding "ActiveModelBehavior is not implemented" to the real message.
+/// adding "ActiveModelBehavior is not implemented" to the real message. It names the
+/// runtime through `crate = "…"` when that key could be read.
 fn stub(input: &DeriveInput) -> TokenStream {
     let is_named_struct =
         matches!(&input.data, Data::Struct(s) if matches!(s.fields, Fields::Named(_)));
     if !is_named_struct || input.ident == "ModelEx" {
         return TokenStream::new();
     }
+    let krate = attr::parse(&input.attrs, &mut Vec::new())
+        .krate
+        .unwrap_or_else(|| syn::parse_quote!(::vendora_observe));
     quote! {
-        impl ::vendora_observe::__private::sea_orm::ActiveModelBehavior for ActiveModel {}
+        impl #krate::__private::sea_orm::ActiveModelBehavior for ActiveModel {}
     }
 }
 

@@ -92,3 +92,22 @@ fn errors_are_all_collected() {
     assert!(messages[2].starts_with("missing `event`"));
     assert!(messages[3].starts_with("`watch` names no field of `Model`: there is no `nope`"));
 }
+
+#[test]
+fn the_error_stub_names_the_renamed_crate() {
+    let input: DeriveInput = parse_quote! {
+        #[derive(DeriveEntityModel, Serialize, Observed)]
+        #[sea_orm(table_name = "tags")]
+        #[observe(crate = "crate::reexport::vo", evnt = "tag")]
+        pub struct Model {
+            #[sea_orm(primary_key)]
+            pub id: i32,
+        }
+    };
+    let out = crate::expand::derive(&input).to_string();
+    assert!(
+        out.contains("impl crate :: reexport :: vo :: __private :: sea_orm :: ActiveModelBehavior"),
+        "{out}"
+    );
+    assert!(!out.contains(":: vendora_observe ::"), "{out}");
+}

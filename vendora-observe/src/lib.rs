@@ -96,7 +96,263 @@ pub use hooks::{ActiveModelHooks, is_quiet, quietly};
 pub use observer::{Observer, ObserverBuilder, ShutdownReport};
 pub use signature::{sign, verify};
 
-/// `#[derive(Observed)]`: emit signed webhooks for a SeaORM entity's writes.
+/// `#[derive(Observed)]`: every `insert`, `update`, `save` and `delete` of a SeaORM entity
+/// sends a signed webhook.
+///
+/// Put it beside `DeriveEntityModel` on the entity's `Model`, with `serde::Serialize` (the
+/// full-model events send the model's `Serialize` form, so `#[serde(...)]` attributes shape
+/// them) and one `#[observe(...)]` attribute. It writes the entity's
+/// `ActiveModelBehavior` impl:
+///
+/// - do **not** write `impl ActiveModelBehavior for ActiveModel {}` yourself (sea-orm-cli
+///   generates that line: delete it). Both would implement the trait, and the compiler
+///   reports E0119 "conflicting implementations of trait `ActiveModelBehavior`" at
+///   `Observed`. To keep hooks of your own, use [`hooks`](#hooks).
+/// - only `ActiveModel::{insert, update, save, delete}` and `Model::delete` run hooks:
+///   `insert_many`, `update_many`, `delete_many` and raw SQL send nothing (see
+///   [`detect_bypass`]).
+///
+/// Events go to the installed [`Observer`]; in tests, a [`testing::Recorder`] captures them
+/// (as below). Inside [`quietly`] nothing is sent.
+///
+/// # `event = "E"` (required)
+///
+/// The prefix of the event names: `E:created` and `E:updated` carry the full model,
+/// `E:deleted` carries `{"id": <primary key>}` (a composite key is an object of its
+/// columns). The prefix has no `:` and no spaces.
+///
+/// ```
+/// # use sea_orm::{entity::prelude::*, ActiveValue::NotSet, Database, Schema, Set};
+/// # use vendora_observe::testing::Recorder;
+/// mod category {
+///     use sea_orm::entity::prelude::*;
+///
+///     #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Serialize, vendora_observe::Observed)]
+///     #[sea_orm(table_name = "categories")]
+///     #[observe(event = "category")]
+///     pub struct Model {
+///         #[sea_orm(primary_key)]
+///         pub id: i32,
+///         pub name: String,
+///     }
+///
+///     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+///     pub enum Relation {}
+/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), DbErr> {
+/// # let db = Database::connect("sqlite::memory:").await?;
+/// # db.execute(&Schema::new(db.get_database_backend()).create_table_from_entity(category::Entity)).await?;
+/// let recorder = Recorder::new();
+/// recorder
+///     .scope(async {
+///         let c = category::ActiveModel { id: NotSet, name: Set("Tea".into()) }.insert(&db).await?;
+///         let mut am: category::ActiveModel = c.into();
+///         am.name = Set("Green tea".into());
+///         am.update(&db).await?.delete(&db).await?;
+///         Ok::<_, DbErr>(())
+///     })
+///     .await?;
+/// assert_eq!(recorder.names(), ["category:created", "category:updated", "category:deleted"]);
+/// assert_eq!(recorder.events()[1].data()["name"], "Green tea");
+/// assert_eq!(recorder.events()[2].body.as_str(), r#"{"event":"category:deleted","data":{"id":1}}"#);
+/// # Ok(()) }
+/// ```
+///
+/// # `on(created, updated, deleted)`
+///
+/// Only these events (default: all three). Orders are never deleted, so:
+///
+/// ```
+/// # use sea_orm::{entity::prelude::*, ActiveValue::NotSet, Database, Schema, Set};
+/// # use vendora_observe::testing::Recorder;
+/// mod order {
+///     use sea_orm::entity::prelude::*;
+///
+///     #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Serialize, vendora_observe::Observed)]
+///     #[sea_orm(table_name = "orders")]
+///     #[observe(event = "order", on(created, updated))]
+///     pub struct Model {
+///         #[sea_orm(primary_key)]
+///         pub id: i32,
+///         pub status: String,
+///     }
+///
+///     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+///     pub enum Relation {}
+/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), DbErr> {
+/// # let db = Database::connect("sqlite::memory:").await?;
+/// # db.execute(&Schema::new(db.get_database_backend()).create_table_from_entity(order::Entity)).await?;
+/// let recorder = Recorder::new();
+/// recorder
+///     .scope(async {
+///         let o = order::ActiveModel { id: NotSet, status: Set("paid".into()) }.insert(&db).await?;
+///         o.delete(&db).await?;
+///         Ok::<_, DbErr>(())
+///     })
+///     .await?;
+/// assert_eq!(recorder.names(), ["order:created"]);
+/// # Ok(()) }
+/// ```
+///
+/// # `watch = "f"`, `watch(f, g = "name")`
+///
+/// After `E:updated`, also `f:updated` with `{"<E>Id": <primary key>, "new<F>": <value>}`
+/// (camelCase), only when the stored value differed before the write, as Laravel's
+/// `wasChanged`: `Set(same value)` is not a change. `g = "name"` names that event. Several
+/// `watch` keys add up. The old value is read in `before_save` through the write's own
+/// connection (inside a transaction it locks the row, so concurrent writers each report
+/// their real change), and only when the watched column is `Set`.
+///
+/// ```
+/// # use sea_orm::{entity::prelude::*, ActiveValue::NotSet, Database, Schema, Set};
+/// # use vendora_observe::testing::Recorder;
+/// mod product {
+///     use sea_orm::entity::prelude::*;
+///
+///     #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Serialize, vendora_observe::Observed)]
+///     #[sea_orm(table_name = "products")]
+///     #[observe(event = "product", watch(stock, price = "price:changed"))]
+///     pub struct Model {
+///         #[sea_orm(primary_key)]
+///         pub id: i32,
+///         pub stock: i32,
+///         pub price: f64,
+///     }
+///
+///     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+///     pub enum Relation {}
+/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), DbErr> {
+/// # let db = Database::connect("sqlite::memory:").await?;
+/// # db.execute(&Schema::new(db.get_database_backend()).create_table_from_entity(product::Entity)).await?;
+/// let recorder = Recorder::new();
+/// recorder
+///     .scope(async {
+///         let p = product::ActiveModel { id: NotSet, stock: Set(10), price: Set(2.5) }
+///             .insert(&db)
+///             .await?;
+///         let mut am: product::ActiveModel = p.into();
+///         am.stock = Set(7);
+///         am.price = Set(2.5); // the same price: not a change
+///         am.update(&db).await?;
+///         Ok::<_, DbErr>(())
+///     })
+///     .await?;
+/// assert_eq!(recorder.names(), ["product:created", "product:updated", "stock:updated"]);
+/// assert_eq!(
+///     recorder.events()[2].body.as_str(),
+///     r#"{"event":"stock:updated","data":{"productId":1,"newStock":7}}"#
+/// );
+/// # Ok(()) }
+/// ```
+///
+/// # `latest_wins`
+///
+/// Latest-wins coalescing: when a row has a backlog (the receiver is slow or down), an
+/// `E:updated` or watch event that a newer event of the same row and kind already waiting
+/// behind it supersedes is not sent, and counted in [`Stats::superseded`]. An app then sees
+/// every `E:created` and `E:deleted`, and of each run of updates of a row at least the
+/// last, in order. Without a backlog every event is sent. For entities whose apps only need
+/// the current state (prices, stock levels); leave it off where apps count the updates.
+///
+/// ```
+/// mod price {
+///     use sea_orm::entity::prelude::*;
+///
+///     #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Serialize, vendora_observe::Observed)]
+///     #[sea_orm(table_name = "prices")]
+///     #[observe(event = "price", watch = "amount", latest_wins)]
+///     pub struct Model {
+///         #[sea_orm(primary_key)]
+///         pub id: i32,
+///         pub amount: i32,
+///     }
+///
+///     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+///     pub enum Relation {}
+/// }
+/// ```
+///
+/// # `hooks`
+///
+/// A type has one `ActiveModelBehavior` impl, and the derive writes it. With `hooks`, the
+/// generated impl also runs your [`ActiveModelHooks`] impl (the same methods, the same
+/// `#[async_trait]`): your `before_*` first, your `after_*` before the event is emitted, and
+/// the event carries the model your `after_save` returns.
+///
+/// ```
+/// mod note {
+///     use sea_orm::{Set, entity::prelude::*};
+///
+///     #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Serialize, vendora_observe::Observed)]
+///     #[sea_orm(table_name = "notes")]
+///     #[observe(event = "note", hooks)]
+///     pub struct Model {
+///         #[sea_orm(primary_key)]
+///         pub id: i32,
+///         pub text: String,
+///     }
+///
+///     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+///     pub enum Relation {}
+///
+///     #[vendora_observe::async_trait]
+///     impl vendora_observe::ActiveModelHooks for ActiveModel {
+///         async fn before_save<C>(mut self, _db: &C, _insert: bool) -> Result<Self, DbErr>
+///         where
+///             C: ConnectionTrait,
+///         {
+///             let text = self.text.clone().unwrap();
+///             self.text = Set(text.trim().to_owned());
+///             Ok(self)
+///         }
+///     }
+/// }
+/// ```
+///
+/// # `crate = "path"`
+///
+/// Where `vendora_observe` is, when it is renamed or re-exported (the generated code names
+/// everything through it):
+///
+/// ```
+/// /// The application's own façade over its dependencies.
+/// mod deps {
+///     pub use ::vendora_observe::*;
+/// }
+///
+/// mod tag {
+///     use sea_orm::entity::prelude::*;
+///
+///     #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Serialize, crate::deps::Observed)]
+///     #[sea_orm(table_name = "tags")]
+///     #[observe(event = "tag", crate = "crate::deps")]
+///     pub struct Model {
+///         #[sea_orm(primary_key)]
+///         pub id: i32,
+///     }
+///
+///     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+///     pub enum Relation {}
+/// }
+/// # fn main() {}
+/// ```
+///
+/// # Compile errors
+///
+/// A wrong attribute gets one message at the offending token:
+///
+/// ```text
+/// error: `watch` names no field of `Model`: there is no `stok`; did you mean `stock`?
+///  --> src/entities/product.rs:7:38
+///   |
+/// 7 | #[observe(event = "product", watch = "stok")]
+///   |                                      ^^^^^^
+/// ```
 pub use vendora_observe_macros::Observed;
 
 /// What generated code names. Not public API: it may change in any release.
