@@ -13,15 +13,13 @@
 //!
 //! Without `WEBSOCKET_SERVER_URL` it starts a receiver that verifies every signature and
 //! prints each event as an app would see it, then checks that exactly the scenario's 11
-//! events arrived, in order, correctly signed. Exits 0 when they did.
+//! events arrived, in order, correctly signed. Exits 0 when they did. The code is
+//! `vendora_pos::demo`, which the tests run too.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
-use vendora_observe::{Observer, WebhookConfig};
-use vendora_pos::db;
-use vendora_pos::receiver::{Receiver, Request};
-use vendora_pos::scenario::{self, EXPECTED, Step};
+use vendora_observe::WebhookConfig;
+use vendora_pos::demo::{Demo, Error};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -31,8 +29,14 @@ async fn main() -> ExitCode {
         )
         .with_target(false)
         .init();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
+    match demo() {
+        Ok(demo) => match demo.run(&mut std::io::stdout()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -40,124 +44,25 @@ async fn main() -> ExitCode {
     }
 }
 
-type Error = Box<dyn std::error::Error>;
-
-async fn run() -> Result<(), Error> {
-    // Our own receiver unless a WebSocket server is configured.
-    let (config, receiver) = match server_configured() {
-        true => (WebhookConfig::from_env()?, None),
-        false => {
-            let secret = std::env::var("WEBHOOK_SECRET")
-                .ok()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| format!("demo-{:016x}", fastrand_u64()));
-            let receiver = Receiver::start(&secret).await?;
-            println!(
-                "receiver: listening on {} (verifies X-Webhook-Signature)",
-                receiver.url()
-            );
-            let config = WebhookConfig::builder()
-                .url(receiver.url())
-                .secret(secret)
-                .build()?;
-            (config, Some(receiver))
-        }
-    };
-    println!("sending to {}", config.url());
-    let outbox_file = outbox_file()?;
-    let db = match &outbox_file {
-        Some(path) => {
-            // A fresh file each run, so the scenario's ids and events are the same.
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-            }
-            db::connect(&format!("sqlite://{}?mode=rwc", path.display())).await?
-        }
-        None => db::connect("sqlite::memory:").await?,
-    };
-    db::create_pos_tables(&db).await?;
-    let observer = match &outbox_file {
-        Some(path) => {
-            println!("mode: outbox in {}", path.display());
-            Observer::builder(config).outbox(db.clone()).build().await?
-        }
-        None => {
-            println!("mode: direct (in-memory queue)");
-            Observer::builder(config).build().await?
-        }
-    };
-    observer.install();
-    let mut shown = 0;
-    let mut n = 0;
-    scenario::run(&db, outbox_file.is_some(), async |step: Step| {
-        n += 1;
-        println!("\n{n:>2}. {}", step.label);
-        show(&receiver, &mut shown, step.events).await;
-    })
-    .await?;
-
-    let delivered = observer.flush(Duration::from_secs(15)).await;
-    let stats = observer.shutdown(Duration::from_secs(5)).await.stats;
-    println!(
-        "\nobserver: sent {}, retried {}, dead {}, shed {}, pending {}",
-        stats.sent, stats.retried, stats.dead, stats.shed, stats.pending
-    );
-    if !delivered || stats.sent != EXPECTED.len() as u64 {
-        return Err(format!(
-            "expected {} webhooks delivered, got {}",
-            EXPECTED.len(),
-            stats.sent
-        )
-        .into());
-    }
-    if let Some(receiver) = &receiver {
-        let got = receiver.requests();
-        let names: Vec<String> = got.iter().map(Request::event).collect();
-        if names != EXPECTED || !got.iter().all(|r| r.signature_ok) {
-            return Err(format!("the receiver saw {names:?}").into());
-        }
-        println!(
-            "receiver: exactly the {} expected events, in order, every signature valid",
-            got.len()
-        );
-    }
-    Ok(())
-}
-
-/// Prints the next `n` events the receiver got, as an app would see them.
-async fn show(receiver: &Option<Receiver>, shown: &mut usize, n: usize) {
-    let Some(receiver) = receiver else { return };
-    if n == 0 {
-        return;
-    }
-    let got = receiver
-        .wait_delivered(*shown + n, Duration::from_secs(10))
-        .await;
-    for r in &got[*shown..] {
-        let sig = if r.signature_ok {
-            "signature ok"
-        } else {
-            "BAD SIGNATURE"
-        };
-        println!("    app <- {:<17} {}  ({sig})", r.event(), r.data());
-    }
-    *shown = got.len();
-}
-
-/// `--outbox [FILE]`: the SQLite file of outbox mode.
-fn outbox_file() -> Result<Option<std::path::PathBuf>, Error> {
+/// The demo the command line asks for.
+fn demo() -> Result<Demo, Error> {
     let mut args = std::env::args().skip(1);
-    match args.next().as_deref() {
-        None => Ok(None),
-        Some("--outbox") => Ok(Some(
+    let outbox = match args.next().as_deref() {
+        None => None,
+        Some("--outbox") => Some(
             args.next()
                 .map(Into::into)
                 .unwrap_or_else(|| "pos-outbox.sqlite".into()),
-        )),
+        ),
         Some(other) => {
-            Err(format!("unknown argument {other:?}; usage: pos [--outbox [FILE]]").into())
+            return Err(format!("unknown argument {other:?}; usage: pos [--outbox [FILE]]").into());
         }
-    }
+    };
+    // A WebSocket server configured in the environment or .env: send there.
+    let server = server_configured()
+        .then(WebhookConfig::from_env)
+        .transpose()?;
+    Ok(Demo { server, outbox })
 }
 
 /// Whether a WebSocket server is configured, in the environment or in `.env`.
@@ -171,9 +76,4 @@ fn server_configured() -> bool {
                 .any(|(k, v)| k == "WEBSOCKET_SERVER_URL" && !v.is_empty())
         })
         .unwrap_or(false)
-}
-
-fn fastrand_u64() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(std::time::SystemTime::now())
 }

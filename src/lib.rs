@@ -2,6 +2,7 @@
 //! HTTP receiver on 127.0.0.1 and database set-up for SQLite and PostgreSQL.
 
 pub mod db;
+pub mod demo;
 pub mod entities;
 pub mod receiver;
 pub mod scenario;

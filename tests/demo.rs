@@ -1,56 +1,38 @@
-//! The README's demo command works: the POS example, built by `cargo test`, runs its
-//! scenario against its own receiver and exits 0 after checking every event.
+//! The README's demo works: the POS demo's own code (`vendora_pos::demo`, which
+//! `cargo run --example pos` runs) in-process, in both modes, against its own receiver.
 
-use std::process::Command;
+use vendora_pos::demo::Demo;
 
-fn run_demo(args: &[&str]) -> String {
-    // cargo builds examples for `cargo test`; they sit beside the test binaries' folder.
-    let deps = std::env::current_exe().unwrap();
-    let exe = deps
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| {
-            d.join("examples")
-                .join(format!("pos{}", std::env::consts::EXE_SUFFIX))
-        })
-        .unwrap();
-    assert!(exe.exists(), "{} was not built", exe.display());
-    let out = Command::new(&exe)
-        .args(args)
-        .env_remove("WEBSOCKET_SERVER_URL")
-        .env_remove("WEBHOOK_SECRET")
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+async fn run_demo(outbox: Option<std::path::PathBuf>) -> String {
+    let mut out = Vec::new();
+    let result = Demo {
+        server: None,
+        outbox,
+    }
+    .run(&mut out)
+    .await;
+    let text = String::from_utf8(out).unwrap();
+    assert!(result.is_ok(), "{result:?}\n{text}");
     assert!(
-        out.status.success(),
-        "exit {:?}\n{stdout}\n{stderr}",
-        out.status
+        text.contains("exactly the 11 expected events, in order, every signature valid"),
+        "{text}"
     );
     assert!(
-        stdout.contains("exactly the 11 expected events, in order, every signature valid"),
-        "{stdout}"
+        text.contains(r#"app <- stock:updated     {"productId":1,"newStock":7}"#),
+        "{text}"
     );
-    assert!(
-        stdout.contains(r#"app <- stock:updated     {"productId":1,"newStock":7}"#),
-        "{stdout}"
-    );
-    assert_eq!(stdout.matches("(signature ok)").count(), 11, "{stdout}");
-    stdout.into_owned()
+    assert_eq!(text.matches("(signature ok)").count(), 11, "{text}");
+    text
 }
 
-#[test]
-fn the_pos_demo_delivers_its_eleven_events() {
-    let out = run_demo(&[]);
+/// Both modes in one test: the demo installs its observer for the process.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pos_demo_delivers_its_eleven_events_in_both_modes() {
+    let out = run_demo(None).await;
     assert!(out.contains("mode: direct"), "{out}");
-}
 
-#[test]
-fn the_outbox_demo_never_sends_the_rolled_back_product() {
     let file = std::env::temp_dir().join(format!("pos-outbox-{}.sqlite", std::process::id()));
-    let out = run_demo(&["--outbox", file.to_str().unwrap()]);
+    let out = run_demo(Some(file.clone())).await;
     assert!(out.contains("mode: outbox"), "{out}");
     assert!(out.contains("then roll back (nothing is sent)"), "{out}");
     assert!(!out.contains("Never sold"), "{out}");

@@ -15,18 +15,15 @@ use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Map, Value, json};
 use vendora_observe::{WebhookBody, WebhookConfig, WebhookService};
 
-/// `None` (with the reason printed) where node is missing; a failure under CI, which
-/// installs it.
-fn node() -> Option<&'static str> {
+/// `node`, or a failure saying what to install: the tests that call it are ignored unless
+/// asked for.
+fn node() -> &'static str {
     match Command::new("node").arg("--version").output() {
-        Ok(o) if o.status.success() => Some("node"),
-        _ => {
-            if std::env::var_os("CI").is_some() {
-                panic!("node is required under CI for the interop tests but was not found");
-            }
-            eprintln!("SKIPPED: node not found on PATH; install Node.js to run the interop tests");
-            None
-        }
+        Ok(o) if o.status.success() => "node",
+        _ => panic!(
+            "node is not on PATH: this test needs Node.js; install it, or run bash .ci/run, \
+             which installs it"
+        ),
     }
 }
 
@@ -92,10 +89,15 @@ fn value() -> impl Strategy<Value = Value> {
 }
 
 fn generated(n: usize) -> Vec<WebhookBody> {
-    let mut runner = TestRunner::new(Config {
-        rng_algorithm: proptest::test_runner::RngAlgorithm::ChaCha,
-        ..Config::default()
-    });
+    // A fixed seed: every run checks the same 3,000 bodies, so a failure reproduces.
+    let algorithm = proptest::test_runner::RngAlgorithm::ChaCha;
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            rng_algorithm: algorithm,
+            ..Config::default()
+        },
+        proptest::test_runner::TestRng::deterministic_rng(algorithm),
+    );
     let strategy = (text(), value());
     (0..n)
         .map(|_| {
@@ -106,6 +108,7 @@ fn generated(n: usize) -> Vec<WebhookBody> {
 }
 
 #[test]
+#[ignore = "needs node: run with --include-ignored (bash .ci/run)"]
 fn bodies_survive_json_parse_and_stringify_in_node() {
     let bodies = generated(3000);
     // The Rust side first: the body is JSON and means the data it was built from.
@@ -113,7 +116,7 @@ fn bodies_survive_json_parse_and_stringify_in_node() {
         let back: Value = serde_json::from_slice(b.as_bytes()).unwrap();
         assert_eq!(back["event"], b.event());
     }
-    let Some(node) = node() else { return };
+    let node = node();
     let mut child = Command::new(node)
         .arg(script("restringify.js"))
         .stdin(Stdio::piped())
@@ -147,8 +150,9 @@ fn bodies_survive_json_parse_and_stringify_in_node() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs node: run with --include-ignored (bash .ci/run)"]
 async fn a_node_receiver_verifies_raw_and_restringified_bodies() {
-    let Some(node) = node() else { return };
+    let node = node();
     let mut child = tokio::process::Command::new(node)
         .arg(script("receiver.js"))
         .env("WEBHOOK_SECRET", common::SECRET)

@@ -99,10 +99,9 @@ async fn outbox_one_task_arrives_in_write_order_through_an_outage_and_retries() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
 async fn postgres_three_relays_keep_one_task_in_write_order() {
-    let Some((db, url)) = common::postgres().await else {
-        return;
-    };
+    let (db, url) = common::postgres().await;
     let addr = reserved_addr().await;
     let hook = format!("http://{addr}/webhook");
     let writer = common::outbox_observer(&db, &hook, patient()).await;
@@ -209,15 +208,17 @@ async fn failing_event_holds_only_its_chains(
         !names.iter().any(|n| n.contains("stuck")),
         "the stuck event or the one behind it went out: {names:?}"
     );
-    assert!(
+    // It keeps failing and being retried, still holding only its own chains.
+    common::eventually(WAIT, "the stuck event retried", || async {
         receiver
             .requests()
             .iter()
             .filter(|r| r.status == 503)
             .count()
-            >= 2,
-        "the stuck event was retried meanwhile"
-    );
+            >= 3
+    })
+    .await;
+    assert_eq!(receiver.delivered().len(), 50);
     receiver.clear_rules();
     receiver.wait_delivered(52, WAIT).await;
     let names: Vec<String> = receiver
@@ -306,10 +307,9 @@ async fn sqlite_a_blocked_backlog_longer_than_the_frontier_holds_no_other_row() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
 async fn postgres_a_blocked_backlog_longer_than_the_frontier_holds_no_other_row() {
-    let Some((db, _)) = common::postgres().await else {
-        return;
-    };
+    let (db, _) = common::postgres().await;
     blocked_backlog_holds_no_other_row(db).await;
 }
 
@@ -388,9 +388,8 @@ async fn sqlite_hot_rows_stream_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
 async fn postgres_hot_rows_stream_in_order() {
-    let Some((db, _)) = common::postgres().await else {
-        return;
-    };
+    let (db, _) = common::postgres().await;
     hot_rows_stream_in_order(db).await;
 }

@@ -22,17 +22,14 @@ fn node_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node")
 }
 
-/// Installs the npm peers from the lockfile when missing. `None` (with the reason printed)
-/// where node is absent, a failure under CI.
-fn npm_ready() -> Option<()> {
-    if Command::new("node").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "node is required under CI"
-        );
-        eprintln!("SKIPPED: node not found; install Node.js to run the socket.io tests");
-        return None;
-    }
+/// Installs the npm peers from the lockfile when missing; fails saying what to install
+/// where node is absent (the tests that call it are ignored unless asked for).
+fn npm_ready() {
+    assert!(
+        Command::new("node").arg("--version").output().is_ok(),
+        "node is not on PATH: this test needs Node.js and npm; install them, or run \
+         bash .ci/run, which installs them"
+    );
     static INSTALL: std::sync::Once = std::sync::Once::new();
     INSTALL.call_once(|| {
         if !node_dir().join("node_modules/socket.io-client").exists() {
@@ -44,7 +41,6 @@ fn npm_ready() -> Option<()> {
             assert!(status.success(), "npm ci failed in tests/node");
         }
     });
-    Some(())
 }
 
 /// A child process whose stdout lines arrive on a channel; killed on drop.
@@ -168,8 +164,9 @@ fn assert_scenario(app: &Peer) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs node and npm: run with --include-ignored (bash .ci/run)"]
 async fn the_scenario_reaches_a_socket_io_app_through_the_rust_twin() {
-    let Some(()) = npm_ready() else { return };
+    npm_ready();
     let (_twin, base) = twin();
     let app = app(&base);
     let observer = run_scenario_to(&format!("{base}/webhook")).await;
@@ -213,8 +210,9 @@ async fn the_scenario_reaches_a_socket_io_app_through_the_rust_twin() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs node and npm: run with --include-ignored (bash .ci/run)"]
 async fn the_scenario_reaches_a_socket_io_app_through_a_node_socket_io_server() {
-    let Some(()) = npm_ready() else { return };
+    npm_ready();
     let (_server, base) = node_server();
     let app = app(&base);
     let observer = run_scenario_to(&format!("{base}/webhook")).await;

@@ -25,22 +25,34 @@ use crate::testing;
 /// `after_*` hooks before it emits, and emits only when they succeed. The methods mirror
 /// `ActiveModelBehavior`'s, and like it the impl needs `#[async_trait]`.
 ///
-/// ```ignore
-/// #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize, Observed)]
+/// ```
+/// use sea_orm::{Set, entity::prelude::*};
+/// use vendora_observe::{ActiveModelHooks, Observed, async_trait};
+///
+/// #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Serialize, Observed)]
 /// #[sea_orm(table_name = "products")]
 /// #[observe(event = "product", hooks)]
-/// pub struct Model { /* … */ }
+/// pub struct Model {
+///     #[sea_orm(primary_key)]
+///     pub id: i32,
+///     pub name: String,
+///     pub updated_at: i64,
+/// }
 ///
-/// #[vendora_observe::async_trait]
-/// impl vendora_observe::ActiveModelHooks for ActiveModel {
-///     async fn before_save<C>(mut self, _db: &C, insert: bool) -> Result<Self, DbErr>
+/// #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+/// pub enum Relation {}
+///
+/// #[async_trait]
+/// impl ActiveModelHooks for ActiveModel {
+///     async fn before_save<C>(mut self, _db: &C, _insert: bool) -> Result<Self, DbErr>
 ///     where
 ///         C: ConnectionTrait,
 ///     {
-///         self.updated_at = Set(chrono::Utc::now());
+///         self.updated_at = Set(std::time::UNIX_EPOCH.elapsed().unwrap().as_secs() as i64);
 ///         Ok(self)
 ///     }
 /// }
+/// # fn main() {}
 /// ```
 #[allow(unused_variables)]
 #[async_trait::async_trait]
