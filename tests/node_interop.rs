@@ -232,3 +232,121 @@ async fn a_node_receiver_verifies_raw_and_restringified_bodies() {
     }
     let _ = child.kill().await;
 }
+
+/// Installs the npm packages of tests/node from the lockfile when missing.
+fn npm_ready() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+        if !dir.join("node_modules/express").exists() {
+            let status = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&dir)
+                .status()
+                .expect("npm is needed to install the Node peers");
+            assert!(status.success(), "npm ci failed in tests/node");
+        }
+    });
+}
+
+/// The README's Express server (tests/node/express-server.js, the same text) verifies our
+/// webhooks, refuses forged, missing, short and non-JSON requests without falling over,
+/// and acknowledges a redelivery without broadcasting it again.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs node and npm: run with --include-ignored (bash .ci/run)"]
+async fn the_readme_express_server_verifies_and_refuses_what_it_should() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .unwrap();
+    let file = std::fs::read_to_string(script("express-server.js")).unwrap();
+    let at = readme
+        .find("## Connecting your Node server")
+        .expect("README has the Node section");
+    let start = readme[at..].find("```js\n").expect("a js block") + at + 6;
+    let end = readme[start..].find("\n```").unwrap() + start;
+    assert_eq!(
+        &readme[start..=end],
+        file,
+        "README.md's Express snippet differs from tests/node/express-server.js"
+    );
+
+    npm_ready();
+    let mut child = tokio::process::Command::new(node())
+        .arg(script("express-server.js"))
+        .env("WEBHOOK_SECRET", common::SECRET)
+        .env("PORT", "0")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    use tokio::io::AsyncBufReadExt;
+    tokio::time::timeout(Duration::from_secs(20), stdout.read_line(&mut line))
+        .await
+        .expect("the server printed its port")
+        .unwrap();
+    let port: u16 = line.trim().strip_prefix("PORT ").unwrap().parse().unwrap();
+    let url = format!("http://127.0.0.1:{port}/webhook");
+    let service = |secret: &str| {
+        WebhookService::new(
+            WebhookConfig::builder()
+                .url(url.clone())
+                .secret(secret)
+                .build()
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let ok = service(common::SECRET);
+    let hook = vendora_observe::Webhook::build("stock:updated", &json!({"productId": 1, "newStock": 7}))
+        .unwrap();
+    assert_eq!(ok.send(&hook).await.unwrap().status, 200);
+    // A redelivery: acknowledged.
+    assert_eq!(ok.send(&hook).await.unwrap().status, 200);
+    let wrong = service("not-the-secret")
+        .try_dispatch("stock:updated", &json!({"productId": 1}))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.status(), Some(401), "{wrong}");
+    let body = br#"{"event":"x","data":1}"#.to_vec();
+    for (content_type, signature, expected) in [
+        ("application/json", None, 401),
+        ("application/json", Some("abc".to_owned()), 401),
+        ("application/json", Some("0".repeat(64)), 401),
+        ("text/plain", None, 415),
+    ] {
+        let got = raw_post(&url, content_type, signature.clone(), body.clone()).await;
+        assert_eq!(got, expected, "{content_type} {signature:?}");
+    }
+    // Still standing.
+    let again = vendora_observe::Webhook::build("ping:sent", &json!({"n": 1})).unwrap();
+    assert_eq!(ok.send(&again).await.unwrap().status, 200);
+    let _ = child.kill().await;
+}
+
+/// A raw POST returning the status, through a plain TCP exchange so that nothing is
+/// signed for us.
+async fn raw_post(url: &str, content_type: &str, signature: Option<String>, body: Vec<u8>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    let mut head = format!(
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if let Some(sig) = signature {
+        head.push_str(&format!("X-Webhook-Signature: {sig}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let _ = s.write_all(&body).await;
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
