@@ -255,8 +255,8 @@ fn npm_ready() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs node and npm: run with --include-ignored (bash .ci/run)"]
 async fn the_readme_express_server_verifies_and_refuses_what_it_should() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let file = std::fs::read_to_string(script("express-server.js")).unwrap();
     let at = readme
         .find("## Connecting your Node server")
@@ -298,8 +298,9 @@ async fn the_readme_express_server_verifies_and_refuses_what_it_should() {
         .unwrap()
     };
     let ok = service(common::SECRET);
-    let hook = vendora_observe::Webhook::build("stock:updated", &json!({"productId": 1, "newStock": 7}))
-        .unwrap();
+    let hook =
+        vendora_observe::Webhook::build("stock:updated", &json!({"productId": 1, "newStock": 7}))
+            .unwrap();
     assert_eq!(ok.send(&hook).await.unwrap().status, 200);
     // A redelivery: acknowledged.
     assert_eq!(ok.send(&hook).await.unwrap().status, 200);

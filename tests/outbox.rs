@@ -400,7 +400,7 @@ async fn fill_outbox(db: &DatabaseConnection, delivered: i64, pending: i64) {
 
 /// The claim's first step on `db`: the oldest pending rows not held by this relay.
 fn frontier(db: &DatabaseConnection) -> sea_orm::Statement {
-    vendora_observe::outbox::frontier_statement(
+    vendora_observe::__private::outbox_plan::frontier_statement(
         sea_orm::ConnectionTrait::get_database_backend(db),
         "test-relay",
         512,
@@ -409,7 +409,7 @@ fn frontier(db: &DatabaseConnection) -> sea_orm::Statement {
 
 /// The claim's second step: chain heads found by their keys, beyond row `beyond`.
 fn skip_scan(db: &DatabaseConnection, beyond: i64) -> sea_orm::Statement {
-    vendora_observe::outbox::skip_scan_statement(
+    vendora_observe::__private::outbox_plan::skip_scan_statement(
         sea_orm::ConnectionTrait::get_database_backend(db),
         "",
         512,

@@ -67,9 +67,15 @@ async fn the_quick_start_delivers_its_three_webhooks() {
     assert!(stdout.contains("sent 3 webhook(s)"), "{stdout}");
     let got = receiver.delivered();
     let names: Vec<String> = got.iter().map(|r| r.event()).collect();
-    assert_eq!(names, ["product:created", "product:updated", "stock:updated"]);
+    assert_eq!(
+        names,
+        ["product:created", "product:updated", "stock:updated"]
+    );
     assert!(got.iter().all(|r| r.signature_ok));
-    assert_eq!(got[2].data(), serde_json::json!({"productId": 1, "newStock": 7}));
+    assert_eq!(
+        got[2].data(),
+        serde_json::json!({"productId": 1, "newStock": 7})
+    );
 }
 
 /// Without a secret the Quick start stops at once, saying what to set.
@@ -84,7 +90,8 @@ async fn the_quick_start_without_a_secret_says_what_to_set() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("WEBHOOK_SECRET is not set or empty") && stderr.contains("set WEBHOOK_SECRET"),
+        stderr.contains("WEBHOOK_SECRET is not set or empty")
+            && stderr.contains("set WEBHOOK_SECRET"),
         "{stderr}"
     );
 }

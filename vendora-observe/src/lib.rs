@@ -367,6 +367,11 @@ pub mod __private {
     };
     pub use async_trait::async_trait;
     pub use sea_orm;
+
+    /// The outbox claim's statements, for the query-plan tests.
+    pub mod outbox_plan {
+        pub use crate::delivery::outbox::claim::{frontier_statement, skip_scan_statement};
+    }
     pub use serde;
     pub use serde_json;
 

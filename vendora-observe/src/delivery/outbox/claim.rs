@@ -441,7 +441,6 @@ fn by_index(backend: DbBackend, index: &str) -> String {
 }
 
 /// Step 1: the oldest `window` pending rows not held by `relay`.
-#[doc(hidden)] // public for the query-plan tests
 pub fn frontier_statement(backend: DbBackend, relay: &str, window: usize) -> sea_orm::Statement {
     stmt(
         backend,
@@ -459,7 +458,6 @@ pub fn frontier_statement(backend: DbBackend, relay: &str, window: usize) -> sea
 /// at most; for each key, its oldest pending row when that row lies beyond the frontier
 /// (`id > beyond`) and heads its unit of work too. Rows come with `k`, the key visited
 /// (`id` is NULL where the key's head did not qualify).
-#[doc(hidden)] // public for the query-plan tests
 pub fn skip_scan_statement(
     backend: DbBackend,
     after_key: &str,
@@ -498,8 +496,7 @@ pub fn skip_scan_statement(
 
 /// Step 2: a loose index scan over the pending rows' unit keys after `after_unit`, `units`
 /// of them at most.
-#[doc(hidden)] // public for the query-plan tests
-pub fn unit_scan_statement(
+pub(crate) fn unit_scan_statement(
     backend: DbBackend,
     after_unit: &str,
     units: usize,
@@ -523,21 +520,23 @@ pub fn unit_scan_statement(
 }
 
 /// One unit's next rows to read: `rows` of them after row `after`.
-#[doc(hidden)]
 #[derive(Debug, Clone)]
-pub struct Run {
+pub(crate) struct Run {
     /// The unit key.
-    pub unit: String,
+    pub(crate) unit: String,
     /// Rows to read at most.
-    pub rows: usize,
+    pub(crate) rows: usize,
     /// Read rows after this id.
-    pub after: i64,
+    pub(crate) after: i64,
 }
 
 /// Step 2: the next pending rows of each unit not held by `relay`, each with the pending
 /// rows just before it on its row (`prev_key`) and on its unit (`prev_unit`).
-#[doc(hidden)] // public for the query-plan tests
-pub fn unit_runs_statement(backend: DbBackend, relay: &str, units: &[Run]) -> sea_orm::Statement {
+pub(crate) fn unit_runs_statement(
+    backend: DbBackend,
+    relay: &str,
+    units: &[Run],
+) -> sea_orm::Statement {
     let key_index = by_index(backend, "pending_key");
     let unit_index = by_index(backend, "pending_unit");
     let one = format!(

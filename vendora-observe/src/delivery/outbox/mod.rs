@@ -40,7 +40,7 @@
 //! [`Order::PerRow`]: crate::Order::PerRow
 
 mod admin;
-mod claim;
+pub(crate) mod claim;
 mod relay;
 mod schema;
 
@@ -53,10 +53,6 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 pub use admin::{Counts, OutboxRow, Requeued, counts, dead, pending, purge_delivered, requeue};
-#[doc(hidden)] // public for the query-plan tests
-pub use claim::{
-    frontier_statement, skip_scan_statement, unit_runs_statement, unit_scan_statement,
-};
 pub use schema::{create_table, table_exists};
 
 use super::scheduler::{Lease, Scheduler, Setup, now_ms};
