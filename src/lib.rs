@@ -6,3 +6,4 @@ pub mod demo;
 pub mod entities;
 pub mod receiver;
 pub mod scenario;
+pub mod twin;

@@ -2,7 +2,7 @@
 //! the same time as others, or that exit in a particular way. Not a tool for users.
 //!
 //! ```text
-//! vendora-test-child crash-writer DB_URL HOOK_URL   # outbox writes until killed, "committed N"
+//! vendora-test-child crash-writer DB_URL HOOK_URL   # outbox writes in transactions until killed, "committed N"
 //! vendora-test-child schema                         # per stdin URL: "ready", wait "go", create
 //! vendora-test-child write HOOK_URL SECRET N [exit|shutdown]  # N products, no tracing subscriber
 //! vendora-test-child no-observer                    # writes with no observer installed
@@ -11,7 +11,7 @@
 use std::io::BufRead;
 use std::time::Duration;
 
-use sea_orm::{ActiveModelTrait, ActiveValue::NotSet, Set};
+use sea_orm::{ActiveModelTrait, ActiveValue::NotSet, Set, TransactionTrait};
 use vendora_observe::{Observer, OutboxOptions, RetryPolicy, WebhookConfig};
 use vendora_pos::db;
 use vendora_pos::entities::product;
@@ -61,7 +61,7 @@ async fn main() {
     }
 }
 
-/// Outbox writes, one per autocommit insert, printing each commit, until killed.
+/// Outbox writes, one insert per transaction, printing each commit, until killed.
 async fn crash_writer(db_url: &str, hook_url: &str) {
     let db = db::connect(db_url).await.unwrap();
     let mut options = OutboxOptions::new(db.clone());
@@ -74,8 +74,13 @@ async fn crash_writer(db_url: &str, hook_url: &str) {
         .await
         .unwrap();
     observer.install();
+    // In transactions: the row and its event commit together, so that every row found
+    // after the kill has an event to deliver (an autocommit insert has a window between
+    // the two, see the README's delivery guarantees).
     for i in 0.. {
-        product(&format!("crash {i}"), i).insert(&db).await.unwrap();
+        let txn = db.begin().await.unwrap();
+        product(&format!("crash {i}"), i).insert(&txn).await.unwrap();
+        txn.commit().await.unwrap();
         println!("committed {i}");
     }
 }

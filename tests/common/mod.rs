@@ -275,3 +275,228 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A child process whose stdout lines arrive on a channel; killed on drop.
+pub struct Peer {
+    pub child: std::process::Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+    /// The lines `wait_for` went past.
+    pub skipped: std::cell::RefCell<Vec<String>>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Peer {
+    pub fn spawn(mut cmd: std::process::Command) -> Peer {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Peer {
+            child,
+            lines,
+            skipped: Default::default(),
+        }
+    }
+
+    /// The next line for which `pick` gives a value, skipping others; panics after 30 s.
+    pub fn wait_for<T>(&self, what: &str, mut pick: impl FnMut(&str) -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+            if let Some(v) = pick(&line) {
+                return v;
+            }
+            self.skipped.borrow_mut().push(line);
+        }
+    }
+
+    /// The process's resident memory now, in KiB (Linux).
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// The directory of the Node.js peers (tests/node), their npm packages installed from the
+/// lockfile when missing. Panics saying what to install without node and npm: the tests
+/// that call it are ignored unless asked for.
+pub fn node_peers() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+    assert!(
+        std::process::Command::new("node")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "node is not on PATH: this test needs Node.js and npm; install them, or run \
+         bash .ci/run, which installs them"
+    );
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        if !dir.join("node_modules/socket.io-client").exists()
+            || !dir.join("node_modules/express").exists()
+        {
+            let status = std::process::Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&dir)
+                .status()
+                .expect("npm is needed to install the Node peers");
+            assert!(status.success(), "npm ci failed in tests/node");
+        }
+    });
+    dir
+}
+
+/// An app: the socket.io v4 client under node, connected to `base` with `token`, printing
+/// the events it receives. Returns once it printed "connected" or "connect_error …" (the
+/// line is returned).
+pub fn app(base: &str, token: Option<&str>, mode: &str, origin: Option<&str>) -> (Peer, String) {
+    let dir = node_peers();
+    let mut cmd = std::process::Command::new("node");
+    cmd.arg(dir.join("client.js"))
+        .arg(base)
+        .arg(token.unwrap_or(""))
+        .arg(mode);
+    if let Some(origin) = origin {
+        cmd.env("ORIGIN", origin);
+    }
+    let peer = Peer::spawn(cmd);
+    let first = peer.wait_for("the app to connect or be refused", |l| {
+        (l == "connected" || l.starts_with("connect_error")).then(|| l.to_owned())
+    });
+    (peer, first)
+}
+
+/// The next event an app printed: `(event, data)`.
+pub fn next_event(app: &Peer) -> (String, serde_json::Value) {
+    app.wait_for("an event", |l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        Some((v["event"].as_str()?.to_owned(), v["data"].clone()))
+    })
+}
+
+/// A port of 127.0.0.1 nothing listens on (bound, then closed).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A Redis server of the test's own (Debian's redis-server) on a free port; stopped on
+/// drop. Panics saying what to install without it: the tests that call it are ignored
+/// unless asked for.
+pub struct Redis {
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn redis() -> Redis {
+    let port = free_port();
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "redis-server cannot start ({e}): this test needs Redis; apt-get install \
+                 redis-server, or run bash .ci/run, which installs it"
+            )
+        });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Redis {
+        url: format!("redis://127.0.0.1:{port}"),
+        child,
+    }
+}
+
+/// The receiver twin (examples/receiver.rs, built as the receiver-twin binary) as a
+/// process, configured by `env` (WEBHOOK_SECRET, APP_TOKENS, …) on a free port. Returns it
+/// once it listens, with its base URL.
+pub fn twin(env: &[(&str, &str)]) -> (Peer, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_receiver-twin"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PORT", free_port().to_string());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let peer = Peer::spawn(cmd);
+    let base = peer.wait_for("the twin to listen", |l| {
+        l.strip_prefix("listening on ").map(str::to_owned)
+    });
+    (peer, base)
+}
+
+/// A raw HTTP/1.1 POST returning the status, through a plain TCP exchange so that nothing
+/// is signed for us.
+pub async fn raw_post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    let mut head = format!(
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let _ = s.write_all(body).await; // the server may answer before reading it all
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}

@@ -16,6 +16,9 @@ pub const ENV_SECRET: &str = "WEBHOOK_SECRET";
 pub const ENV_TIMEOUT_MS: &str = "WEBHOOK_TIMEOUT_MS";
 /// `WEBHOOK_STANDARD_HEADERS`: `true` adds the Standard Webhooks headers.
 pub const ENV_STANDARD_HEADERS: &str = "WEBHOOK_STANDARD_HEADERS";
+/// `WEBHOOK_PREVIOUS_SECRETS`: secrets being rotated out, separated by commas or spaces.
+/// The sender adds their signatures to the Standard Webhooks header; receivers accept them.
+pub const ENV_PREVIOUS_SECRETS: &str = "WEBHOOK_PREVIOUS_SECRETS";
 
 /// The endpoint used when `WEBSOCKET_SERVER_URL` is not set (the original server's port).
 pub const DEFAULT_URL: &str = "http://localhost:3001";
@@ -29,6 +32,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(2000);
 pub struct Secret(String);
 
 impl Secret {
+    /// A secret from its text (for receivers built without [`WebhookConfig`]).
+    pub fn new(secret: impl Into<String>) -> Self {
+        Secret(secret.into())
+    }
+
     /// The key bytes, for signing and verifying.
     pub fn expose(&self) -> &[u8] {
         self.0.as_bytes()
@@ -206,6 +214,7 @@ pub(crate) fn mask_url(url: &str) -> String {
 pub struct WebhookConfig {
     url: Url,
     secret: Secret,
+    previous_secrets: Vec<Secret>,
     timeout: Duration,
     connect_timeout: Duration,
     standard_headers: bool,
@@ -216,6 +225,7 @@ impl fmt::Debug for WebhookConfig {
         f.debug_struct("WebhookConfig")
             .field("url", &mask_url(self.url.as_str()))
             .field("secret", &self.secret)
+            .field("previous_secrets", &self.previous_secrets.len())
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("standard_headers", &self.standard_headers)
@@ -251,6 +261,9 @@ impl WebhookConfig {
         }
         if let Some(secret) = lookup(ENV_SECRET) {
             builder = builder.secret(secret);
+        }
+        if let Some(previous) = lookup(ENV_PREVIOUS_SECRETS) {
+            builder = builder.previous_secrets(split_secrets(&previous));
         }
         if let Some(ms) = lookup(ENV_TIMEOUT_MS) {
             let ms: u64 = ms
@@ -291,6 +304,12 @@ impl WebhookConfig {
         &self.secret
     }
 
+    /// Secrets being rotated out: the Standard Webhooks header carries a signature with
+    /// each of them too, so receivers that still know only one of them accept the webhook.
+    pub fn previous_secrets(&self) -> &[Secret] {
+        &self.previous_secrets
+    }
+
     /// The whole-request timeout.
     pub fn timeout(&self) -> Duration {
         self.timeout
@@ -305,6 +324,14 @@ impl WebhookConfig {
     pub fn standard_headers(&self) -> bool {
         self.standard_headers
     }
+}
+
+/// Secrets listed in one variable, separated by commas or white space.
+pub(crate) fn split_secrets(list: &str) -> Vec<String> {
+    list.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The variables of a `.env` file, or none when it does not exist.
@@ -332,6 +359,7 @@ fn read_dotenv(
 pub struct WebhookConfigBuilder {
     url: Option<String>,
     secret: Option<String>,
+    previous_secrets: Vec<String>,
     timeout: Option<Duration>,
     connect_timeout: Option<Duration>,
     standard_headers: bool,
@@ -357,6 +385,20 @@ impl WebhookConfigBuilder {
     /// The shared secret (required, non-empty).
     pub fn secret(mut self, secret: impl Into<String>) -> Self {
         self.secret = Some(secret.into());
+        self
+    }
+
+    /// Secrets being rotated out (see [`WebhookConfig::previous_secrets`]); empty ones are
+    /// ignored.
+    pub fn previous_secrets<S: Into<String>>(
+        mut self,
+        secrets: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.previous_secrets = secrets
+            .into_iter()
+            .map(Into::into)
+            .filter(|s| !s.trim().is_empty())
+            .collect();
         self
     }
 
@@ -405,6 +447,7 @@ impl WebhookConfigBuilder {
         Ok(WebhookConfig {
             url,
             secret,
+            previous_secrets: self.previous_secrets.into_iter().map(Secret).collect(),
             timeout,
             connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             standard_headers: self.standard_headers,

@@ -38,37 +38,54 @@ fn run(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> (bool, Stri
 }
 
 #[test]
-fn verify_reads_a_file_or_stdin_and_says_valid_or_invalid() {
+fn verify_takes_the_secret_from_the_environment_or_stdin_and_never_prints_a_signature() {
     let body = br#"{"event":"product:deleted","data":{"id":3}}"#;
     let sig = vendora_observe::sign(b"k", body);
     let path = std::env::temp_dir().join(format!("vo-body-{}.json", std::process::id()));
     std::fs::write(&path, body).unwrap();
-    let (ok, out, _) = run(
-        &[
-            "verify",
-            "--secret",
-            "k",
-            "--signature",
-            &sig,
-            path.to_str().unwrap(),
-        ],
-        &[],
+    let file = path.to_str().unwrap();
+    let (ok, out, err) = run(
+        &["verify", "--signature", &sig, file],
+        &[("WEBHOOK_SECRET", "k")],
         None,
     );
-    assert!(ok, "{out}");
-    assert!(out.starts_with("valid"), "{out}");
+    assert!(ok && out.starts_with("valid"), "{out}{err}");
     let (ok, out, _) = run(
-        &["verify", "--secret", "k", "--signature", &sig, "-"],
-        &[],
+        &["verify", "--signature", &sig, "-"],
+        &[("WEBHOOK_SECRET", "k")],
         Some(body),
     );
     assert!(ok && out.starts_with("valid"), "{out}");
     let (ok, out, _) = run(
-        &["verify", "--secret", "wrong", "--signature", &sig],
+        &["verify", "--secret-stdin", "--signature", &sig, file],
         &[],
-        Some(body),
+        Some(b"k\n"),
+    );
+    assert!(ok && out.starts_with("valid"), "{out}");
+    // A wrong secret: "invalid", and nothing that would sign this body.
+    let (ok, out, err) = run(
+        &["verify", "--signature", &sig, file],
+        &[("WEBHOOK_SECRET", "wrong")],
+        None,
     );
     assert!(!ok && out.starts_with("invalid"), "{out}");
+    let expected = vendora_observe::sign(b"wrong", body);
+    assert!(
+        !out.contains(&expected) && !err.contains(&expected),
+        "{out}{err}"
+    );
+    // No secret on the command line at all (it would show in `ps`).
+    let (ok, _, err) = run(
+        &["verify", "--secret", "k", "--signature", &sig, file],
+        &[],
+        None,
+    );
+    assert!(
+        !ok && err.contains("unexpected argument '--secret'"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["verify", "--signature", &sig, file], &[], None);
+    assert!(!ok && err.contains("set WEBHOOK_SECRET"), "{err}");
     std::fs::remove_file(path).unwrap();
 }
 
@@ -104,13 +121,15 @@ fn send_to_listen_verifies_and_prints_and_a_wrong_secret_gets_the_hint() {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = probe.local_addr().unwrap().port().to_string();
     drop(probe);
-    let mut listener = Command::new(BIN)
-        .args(["listen", "--port", &port, "--secret", "shared"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut listener = KillOnDrop(
+        Command::new(BIN)
+            .args(["listen", "--port", &port, "--secret", "shared"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = channel();
-    let stdout = listener.stdout.take().unwrap();
+    let stdout = listener.0.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
@@ -161,11 +180,67 @@ fn send_to_listen_verifies_and_prints_and_a_wrong_secret_gets_the_hint() {
     );
     let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
     assert!(
-        line.starts_with("✗ invalid or missing X-Webhook-Signature (answered 401)"),
+        line.starts_with("✗ invalid or missing signature (answered 401)"),
         "{line}"
     );
-    listener.kill().unwrap();
-    listener.wait().unwrap();
+
+    // An unsigned request whose body tries to forge a line, or rewrite the terminal (a
+    // header cannot carry control characters: HTTP refuses them before we see them).
+    let forged_body = "x\r\n✓ product:deleted  id=1  signature ok\u{1b}[2K\u{202e}";
+    let status = raw_post(
+        &port,
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Webhook-Id", "forged"),
+        ],
+        forged_body.as_bytes(),
+    );
+    assert_eq!(status, 401);
+    let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(line.starts_with("✗ invalid or missing signature"), "{line}");
+    assert!(
+        !line.chars().any(|c| c.is_control() || c == '\u{202e}'),
+        "{line:?}"
+    );
+    assert!(
+        line.contains("\\u{1b}[2K") && line.contains("\\u{d}\\u{a}✓"),
+        "{line}"
+    );
+    // Nothing more was printed: no forged line.
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+}
+
+/// A child process that is killed when the test ends, passed or failed.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A raw HTTP/1.1 POST to 127.0.0.1:`port`, returning the status.
+fn raw_post(port: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    let mut head = format!(
+        "POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test]

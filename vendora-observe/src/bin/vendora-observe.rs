@@ -13,7 +13,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use clap::{Parser, Subcommand};
-use vendora_observe::receiver::{Dedupe, verify_request};
+use vendora_observe::receiver::server::{self, Limits};
+use vendora_observe::receiver::{Claim, Dedupe, Verifier};
 use vendora_observe::{DeliveryError, WebhookConfig, WebhookService, outbox};
 
 #[derive(Parser)]
@@ -41,18 +42,24 @@ enum Command {
         /// The port to listen on
         #[arg(long, default_value_t = 3001)]
         port: u16,
-        /// The secret to verify with [default: WEBHOOK_SECRET]
+        /// The secret to verify with [default: WEBHOOK_SECRET, and WEBHOOK_PREVIOUS_SECRETS]
         #[arg(long)]
         secret: Option<String>,
-    },
-    /// Check an X-Webhook-Signature against a body (FILE, or standard input)
-    Verify {
-        /// The shared secret
+        /// Refuse webhooks without Standard Webhooks headers (replay protection)
         #[arg(long)]
-        secret: String,
+        require_standard_headers: bool,
+    },
+    /// Check an X-Webhook-Signature against a body (FILE, or standard input), with the
+    /// secret from WEBHOOK_SECRET (environment or .env), or the first line of standard
+    /// input with --secret-stdin
+    Verify {
         /// The X-Webhook-Signature value (hex)
         #[arg(long)]
         signature: String,
+        /// Read the secret from the first line of standard input (the body then comes from
+        /// FILE)
+        #[arg(long)]
+        secret_stdin: bool,
         /// The body file; `-` or nothing for standard input
         file: Option<String>,
     },
@@ -95,12 +102,16 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Send { event, json } => send(&event, &json).await,
-        Command::Listen { port, secret } => listen(port, secret).await,
-        Command::Verify {
+        Command::Listen {
+            port,
             secret,
+            require_standard_headers,
+        } => listen(port, secret, require_standard_headers).await,
+        Command::Verify {
             signature,
+            secret_stdin,
             file,
-        } => verify(&secret, &signature, file.as_deref()),
+        } => verify(&signature, secret_stdin, file.as_deref()),
         Command::Outbox { command } => run_outbox(command).await,
     };
     match result {
@@ -150,19 +161,53 @@ async fn send(event: &str, json: &str) -> Result<ExitCode, Error> {
 }
 
 struct Listening {
-    secret: Vec<u8>,
+    verifier: Verifier,
     seen: Dedupe,
 }
 
-async fn listen(port: u16, secret: Option<String>) -> Result<ExitCode, Error> {
-    let _ = dotenvy::dotenv();
-    let secret = secret
-        .or_else(|| std::env::var("WEBHOOK_SECRET").ok())
+/// The secrets to verify with: `--secret`, or `WEBHOOK_SECRET` and
+/// `WEBHOOK_PREVIOUS_SECRETS` from the environment or `.env` (read, not loaded).
+fn secrets_from_env(given: Option<String>) -> Result<Vec<String>, Error> {
+    if let Some(secret) = given.filter(|s| !s.is_empty()) {
+        return Ok(vec![secret]);
+    }
+    let dotenv: std::collections::HashMap<String, String> = dotenvy::from_path_iter(".env")
+        .map(|vars| vars.flatten().collect())
+        .unwrap_or_default();
+    let var = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .or_else(|| dotenv.get(name).cloned())
+    };
+    let mut secrets: Vec<String> = var("WEBHOOK_SECRET")
         .filter(|s| !s.is_empty())
-        .ok_or("no secret: pass --secret or set WEBHOOK_SECRET")?;
+        .into_iter()
+        .collect();
+    if secrets.is_empty() {
+        return Err(
+            "no secret: set WEBHOOK_SECRET (in the environment or .env), or pass --secret".into(),
+        );
+    }
+    if let Some(previous) = var("WEBHOOK_PREVIOUS_SECRETS") {
+        secrets.extend(
+            previous
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    Ok(secrets)
+}
+
+async fn listen(
+    port: u16,
+    secret: Option<String>,
+    require_standard: bool,
+) -> Result<ExitCode, Error> {
+    let secrets = secrets_from_env(secret)?;
     let state = Arc::new(Listening {
-        secret: secret.into_bytes(),
-        seen: Dedupe::new(100_000),
+        verifier: Verifier::new(secrets).require_standard_headers(require_standard),
+        seen: Dedupe::default(),
     });
     let app = Router::new().fallback(on_webhook).with_state(state);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
@@ -174,12 +219,26 @@ async fn listen(port: u16, secret: Option<String>) -> Result<ExitCode, Error> {
         "listening on http://{} (Ctrl-C to stop)",
         listener.local_addr()?
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    server::serve(listener, app, Limits::default(), async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Text from the network, made safe to print: control characters (escape sequences,
+/// carriage returns, bidi overrides) are shown as `\u{…}`, so a request cannot forge lines
+/// or rewrite the terminal.
+fn escaped(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+                format!("\\u{{{:x}}}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 async fn on_webhook(
@@ -188,32 +247,39 @@ async fn on_webhook(
     body: Bytes,
 ) -> (StatusCode, &'static str) {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let id = header("x-webhook-id").unwrap_or("-").to_owned();
-    match verify_request(
-        &state.secret,
-        header("content-type"),
-        header("x-webhook-signature"),
-        &body,
-        4 << 20,
-    ) {
+    let id = escaped(
+        header("x-webhook-id")
+            .or(header("webhook-id"))
+            .unwrap_or("-"),
+    );
+    match state.verifier.verify(header, &body) {
         Ok(event) => {
-            let again = if state.seen.first_time(&id) {
-                ""
-            } else {
-                " (redelivery)"
+            let again = match event.id.as_deref().map(|id| state.seen.claim(id)) {
+                Some(Claim::First(ticket)) => {
+                    ticket.done();
+                    ""
+                }
+                Some(_) => " (redelivery)",
+                None => "",
             };
             let pretty = serde_json::to_string_pretty(&event.data).unwrap_or_default();
-            println!("✓ {}  id={id}  signature ok{again}\n{pretty}", event.event);
+            println!(
+                "✓ {}  id={id}  signature ok{again}\n{}",
+                escaped(&event.event),
+                pretty.lines().map(escaped).collect::<Vec<_>>().join("\n")
+            );
             (StatusCode::OK, "ok")
         }
         Err(rejection) => {
             println!(
                 "✗ {rejection} (answered {})  id={id}  body: {}",
                 rejection.status(),
-                String::from_utf8_lossy(&body)
-                    .chars()
-                    .take(200)
-                    .collect::<String>()
+                escaped(
+                    &String::from_utf8_lossy(&body)
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
+                )
             );
             (
                 StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST),
@@ -223,31 +289,54 @@ async fn on_webhook(
     }
 }
 
-fn verify(secret: &str, signature: &str, file: Option<&str>) -> Result<ExitCode, Error> {
+fn verify(signature: &str, secret_stdin: bool, file: Option<&str>) -> Result<ExitCode, Error> {
+    let mut stdin = std::io::stdin().lock();
+    let secret = if secret_stdin {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdin, &mut line)?;
+        let line = line.trim_end_matches(['\r', '\n']).to_owned();
+        if line.is_empty() {
+            return Err("--secret-stdin: the first line of standard input is empty".into());
+        }
+        if matches!(file, None | Some("-")) {
+            return Err(
+                "--secret-stdin reads the secret from standard input: give the body as FILE".into(),
+            );
+        }
+        line
+    } else {
+        secrets_from_env(None)?.remove(0)
+    };
     let body = match file {
         None | Some("-") => {
             let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf)?;
+            stdin.read_to_end(&mut buf)?;
             buf
         }
         Some(path) => std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?,
     };
+    // The expected signature is never printed: it would hand a valid signature for any
+    // body to whoever can run this command.
     if vendora_observe::verify(secret.as_bytes(), &body, signature) {
         println!("valid: the signature matches the {} B body", body.len());
         Ok(ExitCode::SUCCESS)
     } else {
         println!(
-            "invalid: the signature does not match the {} B body (expected {})",
-            body.len(),
-            vendora_observe::sign(secret.as_bytes(), &body)
+            "invalid: the signature does not match the {} B body with this secret",
+            body.len()
         );
         Ok(ExitCode::FAILURE)
     }
 }
 
 async fn run_outbox(command: OutboxCommand) -> Result<ExitCode, Error> {
-    let _ = dotenvy::dotenv();
+    let dotenv: std::collections::HashMap<String, String> = dotenvy::from_path_iter(".env")
+        .map(|vars| vars.flatten().collect())
+        .unwrap_or_default();
     let url = std::env::var("DATABASE_URL")
+        .ok()
+        .or_else(|| dotenv.get("DATABASE_URL").cloned())
+        .ok_or(())
         .map_err(|_| "DATABASE_URL is not set: set it to the database that holds vendora_outbox")?;
     let db = sea_orm::Database::connect(&url)
         .await

@@ -261,15 +261,13 @@ impl WebhookService {
                 .as_secs();
             headers.insert("webhook-id", header_value(webhook.id()));
             headers.insert("webhook-timestamp", header_value(&ts.to_string()));
-            headers.insert(
-                "webhook-signature",
-                header_value(&signature::standard_signature(
-                    secret,
-                    webhook.id(),
-                    ts,
-                    &bytes,
-                )),
-            );
+            // One signature per current secret: receivers that know only one of them (during
+            // a rotation) find theirs.
+            let signatures: Vec<String> = std::iter::once(config.secret())
+                .chain(config.previous_secrets())
+                .map(|s| signature::standard_signature(s.expose(), webhook.id(), ts, &bytes))
+                .collect();
+            headers.insert("webhook-signature", header_value(&signatures.join(" ")));
         }
         let started = Instant::now();
         let result = self
