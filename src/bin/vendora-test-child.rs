@@ -79,7 +79,10 @@ async fn crash_writer(db_url: &str, hook_url: &str) {
     // the two, see the README's delivery guarantees).
     for i in 0.. {
         let txn = db.begin().await.unwrap();
-        product(&format!("crash {i}"), i).insert(&txn).await.unwrap();
+        product(&format!("crash {i}"), i)
+            .insert(&txn)
+            .await
+            .unwrap();
         txn.commit().await.unwrap();
         println!("committed {i}");
     }
