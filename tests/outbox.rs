@@ -84,15 +84,15 @@ async fn down_then_up_case(db: DatabaseConnection) {
         max_retry_after: Duration::from_secs(1),
     };
     let observer = outbox_observer(&db, &url, retry).await;
-    // 200 rows x (created + 5 x (updated + stock:updated)) = 2,200 events.
-    write_rows(&observer, &db, 200, 5).await;
+    // 100 rows x (created + 5 x (updated + stock:updated)) = 1,100 events.
+    write_rows(&observer, &db, 100, 5).await;
     assert!(observer.stats().sent == 0);
     let receiver = Receiver::start_on(addr, SECRET).await.unwrap();
     let delivered = receiver
-        .wait_delivered(2200, Duration::from_secs(120))
+        .wait_delivered(1100, Duration::from_secs(120))
         .await;
     assert!(observer.flush(WAIT).await);
-    assert_complete_and_ordered(&receiver.delivered(), 2200);
+    assert_complete_and_ordered(&receiver.delivered(), 1100);
     assert!(delivered.iter().all(|r| r.signature_ok));
     observer.shutdown(Duration::from_secs(5)).await;
 }
