@@ -364,6 +364,21 @@ fn answer(status: StatusCode, body: &'static str) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// The event is being handled by another request right now (a retry racing its original):
+/// 503 with `Retry-After`, which senders retry, so that the event is neither lost nor sent
+/// twice.
+fn in_progress() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::RETRY_AFTER, "1"),
+        ],
+        r#"{"error":"being handled, retry"}"#,
+    )
+        .into_response()
+}
+
 async fn webhook(State(twin): State<Arc<Twin>>, headers: HeaderMap, body: Bytes) -> Response {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let event = match twin.verifier.verify(header, &body) {
@@ -382,7 +397,7 @@ async fn webhook(State(twin): State<Arc<Twin>>, headers: HeaderMap, body: Bytes)
                     return answer(StatusCode::OK, r#"{"ok":true,"duplicate":true}"#);
                 }
                 Some(Claim::InProgress) => {
-                    return answer(StatusCode::CONFLICT, r#"{"error":"being handled, retry"}"#);
+                    return in_progress();
                 }
                 Some(Claim::First(ticket)) => Some(ticket),
                 None => None,
@@ -418,7 +433,7 @@ async fn webhook(State(twin): State<Arc<Twin>>, headers: HeaderMap, body: Bytes)
                         .unwrap_or(None);
                     return match state.as_deref() {
                         Some("done") => answer(StatusCode::OK, r#"{"ok":true,"duplicate":true}"#),
-                        _ => answer(StatusCode::CONFLICT, r#"{"error":"being handled, retry"}"#),
+                        _ => in_progress(),
                     };
                 }
             }

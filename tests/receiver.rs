@@ -368,3 +368,49 @@ async fn three_twins_on_redis_deliver_every_event_once_in_order() {
         }
     }
 }
+
+/// A broadcast that fails (Redis refuses to publish) is answered 503 and its id is not
+/// recorded: the sender's retry, same id, is broadcast, once.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs node, npm and redis-server: run with --include-ignored (bash .ci/run)"]
+async fn a_failed_broadcast_is_broadcast_when_retried() {
+    let redis = common::redis();
+    let (twin, base) = common::twin(&twin_env(&[("REDIS_URL", redis.url.as_str())]));
+    let (app, first) = common::app(&base, Some(TOKEN), "", None);
+    assert_eq!(first, "connected");
+    let url = format!("{base}/webhook");
+    let post = |id: &'static str, body: &'static [u8]| {
+        let url = url.clone();
+        async move {
+            let sig = vendora_observe::sign(SECRET.as_bytes(), body);
+            raw_post(
+                &url,
+                &[
+                    ("Content-Type", "application/json"),
+                    ("X-Webhook-Signature", &sig),
+                    ("X-Webhook-Id", id),
+                ],
+                body,
+            )
+            .await
+        }
+    };
+    let event = br#"{"event":"stock:updated","data":{"productId":1,"newStock":7}}"#;
+    assert_eq!(redis.cli(&["ACL", "SETUSER", "default", "-publish"]), "OK");
+    assert_eq!(post("evt-1", event).await, 503);
+    twin.wait_for("the failure to be reported", |l| {
+        l.starts_with("broadcast failed").then_some(())
+    });
+    assert_eq!(redis.cli(&["ACL", "SETUSER", "default", "+publish"]), "OK");
+    assert_eq!(post("evt-1", event).await, 200, "the retry");
+    assert_eq!(post("evt-1", event).await, 200, "a duplicate");
+    let end = br#"{"event":"sync:end","data":{}}"#;
+    assert_eq!(post("evt-2", end).await, 200);
+    // Once, then the end: the duplicate was not broadcast.
+    let (name, data) = common::next_event(&app);
+    assert_eq!(
+        (name.as_str(), &data["newStock"]),
+        ("stock:updated", &json!(7))
+    );
+    assert_eq!(common::next_event(&app).0, "sync:end");
+}

@@ -422,6 +422,19 @@ impl Drop for Redis {
     }
 }
 
+impl Redis {
+    /// Runs a command with `redis-cli`; its answer.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-u", &self.url])
+            .args(args)
+            .output()
+            .expect("redis-cli (from redis-tools, which redis-server brings) runs");
+        assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
 pub fn redis() -> Redis {
     let port = free_port();
     let child = std::process::Command::new("redis-server")

@@ -33,7 +33,7 @@ pub enum Claim<'a> {
     /// Already handled: acknowledge without handling it again.
     Seen,
     /// Being handled right now by another request (a retry racing its original): answer
-    /// with a retryable status (409 or 503) so that the sender comes back.
+    /// 503 with `Retry-After` (senders retry 5xx, not 409) so that the sender comes back.
     InProgress,
 }
 
