@@ -90,6 +90,7 @@ async fn stalled_connections_and_unfinished_bodies_hold_neither_the_twin_nor_its
         }
     }
     peak = peak.max(twin.rss_kib());
+    eprintln!("twin RSS: {before} KiB before, {peak} KiB at the peak");
     assert!(
         peak < 100 * 1024,
         "the twin grew from {before} KiB to {peak} KiB"
