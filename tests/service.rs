@@ -236,3 +236,87 @@ async fn dispatch_logs_failures_without_the_secret() {
     assert!(!text.contains(SECRET), "{text}");
     assert!(!format!("{s:?}").contains(SECRET));
 }
+
+/// A raw HTTP/1.1 server on 127.0.0.1: on each connection it reads requests one by one and
+/// lets `answer(connection, request)` say whether to answer 200 (and keep the connection)
+/// or to drop the connection without a word. Returns its URL and the X-Webhook-Id of every
+/// request it read, with its connection's number.
+async fn dropping_server(
+    answer: fn(usize, usize) -> bool,
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/webhook", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        for connection in 0.. {
+            let (socket, _) = listener.accept().await.unwrap();
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut socket = BufReader::new(socket);
+                for request in 0.. {
+                    let (mut length, mut id) = (0, String::new());
+                    loop {
+                        let mut line = String::new();
+                        if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        if let Some(v) = lower.strip_prefix("x-webhook-id:") {
+                            id = v.trim().to_owned();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    socket.read_exact(&mut body).await.unwrap();
+                    log.lock().unwrap().push((connection, id));
+                    if !answer(connection, request) {
+                        return; // dropped: closed without an answer
+                    }
+                    socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+/// The receiver closes a kept-alive connection under the next request (its idle timeout or
+/// connection cap, racing the sender): the request is sent once more at once on a new
+/// connection, with the same X-Webhook-Id, and delivered; no failed attempt.
+#[tokio::test]
+async fn a_kept_alive_connection_closed_under_a_request_is_resent_on_a_new_one() {
+    // Connection 0 answers its first request and drops its second; the others answer.
+    let (url, seen) = dropping_server(|connection, request| connection > 0 || request == 0).await;
+    let s = service(&url, Duration::from_secs(5));
+    assert_eq!(try_within_10s(&s, "first").await.unwrap().status, 200);
+    assert_eq!(try_within_10s(&s, "second").await.unwrap().status, 200);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!((seen[1].0, seen[2].0), (0, 1), "resent on a new connection");
+    assert_eq!(seen[1].1, seen[2].1, "with the same X-Webhook-Id");
+}
+
+/// A receiver that drops every request: one resend, then the attempt fails (the scheduler's
+/// backoff takes over), not a loop.
+#[tokio::test]
+async fn a_receiver_that_drops_every_request_gets_one_resend_and_an_error() {
+    let (url, seen) = dropping_server(|_, _| false).await;
+    let s = service(&url, Duration::from_secs(5));
+    let error = try_within_10s(&s, "dropping receiver").await.unwrap_err();
+    assert_eq!(error.kind(), "transport", "{error}");
+    assert!(error.is_retryable());
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}

@@ -270,16 +270,26 @@ impl WebhookService {
             headers.insert("webhook-signature", header_value(&signatures.join(" ")));
         }
         let started = Instant::now();
-        let result = self
-            .inner
-            .client
-            .post(config.parsed_url().clone())
-            .headers(headers)
-            .body(bytes)
-            .send()
-            .await;
-        let response = match result {
+        let post = || {
+            self.inner
+                .client
+                .post(config.parsed_url().clone())
+                .headers(headers.clone())
+                .body(bytes.clone())
+                .send()
+        };
+        let response = match post().await {
             Ok(r) => r,
+            // A kept-alive connection the receiver had just closed (idle timeout, a
+            // connection cap): the request broke without an answer. HTTP/1.1 has this race
+            // built in; one resend at once on a new connection, with the same
+            // X-Webhook-Id, instead of a failed attempt and a backoff.
+            Err(e) if is_broken_connection(&e) && started.elapsed() < config.timeout() / 2 => {
+                match post().await {
+                    Ok(r) => r,
+                    Err(e) => return Err(classify(e, config.timeout())),
+                }
+            }
             Err(e) => return Err(classify(e, config.timeout())),
         };
         let elapsed = started.elapsed();
@@ -369,6 +379,33 @@ fn build_client(config: &WebhookConfig) -> Result<reqwest::Client, Cause> {
         .no_proxy()
         .build()
         .map_err(Into::into)
+}
+
+/// A request that broke on its connection without an answer, not a timeout nor a failure to
+/// connect: the connection was reset or closed under it.
+fn is_broken_connection(e: &reqwest::Error) -> bool {
+    if e.is_timeout() || e.is_connect() || e.is_status() || e.is_body() || e.is_decode() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        if let Some(h) = s.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_closed() || h.is_canceled())
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn classify(e: reqwest::Error, timeout: Duration) -> DeliveryError {
