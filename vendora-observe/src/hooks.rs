@@ -218,6 +218,7 @@ pub async fn emit<C: ConnectionTrait>(
             coalesce: entity.latest_wins,
             attempts: 0,
             token: 0,
+            born: std::time::SystemTime::now(),
         });
     }
     match observer {

@@ -80,6 +80,7 @@ mod hooks;
 mod observer;
 pub mod receiver;
 pub mod signature;
+pub mod telemetry;
 pub mod testing;
 
 pub use async_trait::async_trait;

@@ -21,6 +21,7 @@ use crate::delivery::{
     WebhookService,
 };
 use crate::error::StartError;
+use crate::telemetry::Mode;
 
 /// What [`Observer::shutdown`] achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +209,7 @@ impl Observer {
     ) -> Result<(), DbErr> {
         match &self.inner.sink {
             Sink::Direct(queue) => {
+                self.inner.counters.emitted(&jobs);
                 queue.enqueue(jobs).await;
                 Ok(())
             }
@@ -215,7 +217,9 @@ impl Observer {
                 if crate::hooks::is_autocommit::<C>() {
                     crate::delivery::outbox::warn_autocommit(entity);
                 }
-                outbox.insert(db, ordering_key, unit_key, &jobs).await
+                outbox.insert(db, ordering_key, unit_key, &jobs).await?;
+                self.inner.counters.emitted(&jobs);
+                Ok(())
             }
         }
     }
@@ -314,7 +318,12 @@ impl ObserverBuilder {
             return Err(StartError::NoRuntime);
         }
         let service = WebhookService::new(self.config)?;
-        let counters = Arc::new(Counters::default());
+        let mode = if self.outbox.is_some() {
+            Mode::Outbox
+        } else {
+            Mode::Direct
+        };
+        let counters = Arc::new(Counters::new(mode));
         let ctx = Arc::new(Context {
             service: service.clone(),
             policy: self.retry,
@@ -326,14 +335,36 @@ impl ObserverBuilder {
             Some(options) => Sink::Outbox(Outbox::start(options, ctx).await?),
             None => Sink::Direct(DirectQueue::start(ctx, self.capacity, self.overflow)),
         };
-        Ok(Observer {
-            inner: Arc::new(ObserverInner {
-                service,
-                sink,
-                counters,
-                order: self.order,
-            }),
-        })
+        let inner = Arc::new(ObserverInner {
+            service,
+            sink,
+            counters,
+            order: self.order,
+        });
+        #[cfg(feature = "metrics")]
+        {
+            crate::telemetry::describe();
+            tokio::spawn(sample_backlog(Arc::downgrade(&inner)));
+        }
+        Ok(Observer { inner })
+    }
+}
+
+/// Sets the backlog gauges once a second while the observer lives.
+#[cfg(feature = "metrics")]
+async fn sample_backlog(inner: std::sync::Weak<ObserverInner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let (pending, oldest) = match &inner.sink {
+            Sink::Direct(queue) => (inner.counters.pending(), queue.oldest()),
+            Sink::Outbox(outbox) => outbox.backlog().await,
+        };
+        crate::telemetry::backlog(inner.counters.mode(), pending, oldest);
     }
 }
 

@@ -63,14 +63,15 @@ impl DirectQueue {
     pub(crate) async fn enqueue(&self, jobs: Vec<Job>) {
         let n = jobs.len() as u64;
         if let Err(refused) = self.reserve(n).await {
-            self.counters.shed(n);
+            self.counters.shed(&jobs);
             self.shed.record(n, jobs[0].webhook.event(), refused.why());
             return;
         }
-        if !self.scheduler.submit(jobs) {
+        if let Err(jobs) = self.scheduler.submit(jobs) {
             self.counters.release(n);
-            self.counters.shed(n);
-            self.shed.record(n, "-", Refused::Closed.why());
+            self.counters.shed(&jobs);
+            self.shed
+                .record(n, jobs[0].webhook.event(), Refused::Closed.why());
         }
     }
 
@@ -90,6 +91,12 @@ impl DirectQueue {
                 Overflow::Wait => room.await,
             }
         }
+    }
+
+    /// When the oldest event not yet delivered was made.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn oldest(&self) -> Option<std::time::SystemTime> {
+        self.scheduler.oldest()
     }
 
     /// Stops taking events and delivers until `deadline`; what is still in flight then is

@@ -26,12 +26,13 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::body::{BodyError, WebhookBody};
+use crate::telemetry::{self, Count, Mode};
 pub use sender::{Delivered, DeliveryError, WebhookService};
 
 /// One event ready to send: a unique id (kept across retries) and its body.
@@ -141,6 +142,8 @@ pub(crate) struct Job {
     pub(crate) attempts: u32,
     /// The source's handle on the event: the outbox row id; 0 in direct mode.
     pub(crate) token: i64,
+    /// When the write made it (outbox: when its row was inserted).
+    pub(crate) born: SystemTime,
 }
 
 /// A chain's identity: a hash of its name. Two chains that collide merge into one, which
@@ -281,6 +284,9 @@ pub enum Overflow {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
+    /// Events the hooks handed over (in outbox mode: rows written, including any in a
+    /// transaction that was then rolled back).
+    pub emitted: u64,
     /// Events delivered (answered 2xx).
     pub sent: u64,
     /// Retries scheduled after a failed attempt.
@@ -298,8 +304,11 @@ pub struct Stats {
     pub shed: u64,
 }
 
-#[derive(Default)]
+/// An observer's counters: [`Stats`], and the same counts through the `metrics` facade
+/// (feature `metrics`, see [`crate::telemetry`]).
 pub(crate) struct Counters {
+    mode: Mode,
+    emitted: AtomicU64,
     sent: AtomicU64,
     retried: AtomicU64,
     failed: AtomicU64,
@@ -314,6 +323,21 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
+    pub(crate) fn new(mode: Mode) -> Counters {
+        Counters {
+            mode,
+            emitted: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            dead: AtomicU64::new(0),
+            superseded: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            shed: AtomicU64::new(0),
+            idle: Notify::new(),
+            space: Notify::new(),
+        }
+    }
     pub(crate) fn try_reserve(&self, n: u64, capacity: usize) -> bool {
         self.pending
             .fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |p| {
@@ -338,26 +362,42 @@ impl Counters {
     pub(crate) fn pending(&self) -> u64 {
         self.pending.load(AtomicOrdering::Acquire)
     }
-    pub(crate) fn sent(&self) {
-        self.sent.fetch_add(1, AtomicOrdering::Relaxed);
+    fn count(&self, counter: &AtomicU64, which: Count, event: &str, n: u64) {
+        counter.fetch_add(n, AtomicOrdering::Relaxed);
+        telemetry::count(which, self.mode, event, n);
     }
-    pub(crate) fn retried(&self) {
-        self.retried.fetch_add(1, AtomicOrdering::Relaxed);
+    pub(crate) fn emitted(&self, jobs: &[Job]) {
+        for job in jobs {
+            self.count(&self.emitted, Count::Emitted, job.webhook.event(), 1);
+        }
     }
-    pub(crate) fn failed(&self) {
-        self.failed.fetch_add(1, AtomicOrdering::Relaxed);
+    pub(crate) fn sent(&self, job: &Job) {
+        self.count(&self.sent, Count::Sent, job.webhook.event(), 1);
+        telemetry::delivered(self.mode, job.webhook.event(), job.born);
     }
-    pub(crate) fn dead(&self) {
-        self.dead.fetch_add(1, AtomicOrdering::Relaxed);
+    pub(crate) fn retried(&self, event: &str) {
+        self.count(&self.retried, Count::Retried, event, 1);
     }
-    pub(crate) fn superseded(&self) {
-        self.superseded.fetch_add(1, AtomicOrdering::Relaxed);
+    pub(crate) fn failed(&self, event: &str) {
+        self.count(&self.failed, Count::Failed, event, 1);
     }
-    pub(crate) fn shed(&self, n: u64) {
-        self.shed.fetch_add(n, AtomicOrdering::Relaxed);
+    pub(crate) fn dead(&self, event: &str) {
+        self.count(&self.dead, Count::Dead, event, 1);
+    }
+    pub(crate) fn superseded(&self, event: &str) {
+        self.count(&self.superseded, Count::Superseded, event, 1);
+    }
+    pub(crate) fn shed(&self, jobs: &[Job]) {
+        for job in jobs {
+            self.count(&self.shed, Count::Shed, job.webhook.event(), 1);
+        }
+    }
+    pub(crate) fn mode(&self) -> Mode {
+        self.mode
     }
     pub(crate) fn snapshot(&self) -> Stats {
         Stats {
+            emitted: self.emitted.load(AtomicOrdering::Relaxed),
             sent: self.sent.load(AtomicOrdering::Relaxed),
             retried: self.retried.load(AtomicOrdering::Relaxed),
             failed: self.failed.load(AtomicOrdering::Relaxed),

@@ -142,18 +142,26 @@ impl Scheduler {
     }
 
     /// Hands over events, in the order their chains must keep (a write's events, a
-    /// claim's rows); `false` once the scheduler is closed.
-    pub(crate) fn submit(&self, jobs: Vec<Job>) -> bool {
+    /// claim's rows); given back once the scheduler is closed.
+    pub(crate) fn submit(&self, jobs: Vec<Job>) -> Result<(), Vec<Job>> {
         let mut state = self.shared.lock();
         if state.closed {
-            return false;
+            return Err(jobs);
         }
         let woken = state.add(jobs);
         drop(state);
         for _ in 0..woken {
             self.shared.work.notify_one();
         }
-        true
+        Ok(())
+    }
+
+    /// When the oldest event still held was made.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn oldest(&self) -> Option<SystemTime> {
+        let mut state = self.shared.lock();
+        state.trim_by_age();
+        state.by_age.front().map(|(_, born)| *born)
     }
 
     /// Forgets every event that is not in flight (reported `Released`): the outbox could
@@ -326,6 +334,7 @@ async fn sender(shared: Arc<Shared>) {
             guard.clean = true;
             return;
         }
+        let started = std::time::Instant::now();
         let result = tokio::select! {
             r = setup.ctx.service.send(&webhook) => r,
             _ = aborted => {
@@ -334,6 +343,12 @@ async fn sender(shared: Arc<Shared>) {
                 return;
             }
         };
+        crate::telemetry::attempt(
+            setup.ctx.counters.mode(),
+            webhook.event(),
+            started.elapsed(),
+            result.is_ok(),
+        );
         let mut state = shared.lock();
         let outcome = state.finish(setup, seq, result);
         let empty = state.jobs.is_empty();
@@ -438,6 +453,9 @@ struct State {
     closed: bool,
     /// Requests cut in flight at the shutdown deadline.
     cut: u64,
+    /// Events by sequence number with their birth, trimmed from the front as they
+    /// complete: the oldest event held, in O(1).
+    by_age: VecDeque<(u64, SystemTime)>,
 }
 
 impl State {
@@ -470,10 +488,21 @@ impl State {
                 }
                 EventKind::Created => {}
             }
+            self.by_age.push_back((seq, entry.job.born));
             self.jobs.insert(seq, entry);
             woken += usize::from(self.wake(seq));
         }
         woken
+    }
+
+    /// Drops completed events from the front of `by_age`.
+    fn trim_by_age(&mut self) {
+        while let Some((seq, _)) = self.by_age.front() {
+            if self.jobs.contains_key(seq) {
+                return;
+            }
+            self.by_age.pop_front();
+        }
     }
 
     /// Moves `seq` to the ready set if it is waiting and heads all its chains.
@@ -523,7 +552,10 @@ impl State {
                 _ => continue,
             }
             if self.jobs[&seq].job.coalesce && self.superseded(seq) {
-                setup.ctx.counters.superseded();
+                setup
+                    .ctx
+                    .counters
+                    .superseded(self.jobs[&seq].job.webhook.event());
                 self.complete(setup, seq, Report::Superseded);
                 continue;
             }
@@ -553,7 +585,7 @@ impl State {
         let ctx = &setup.ctx;
         let error = match result {
             Ok(_) => {
-                ctx.counters.sent();
+                ctx.counters.sent(&self.jobs[&seq].job);
                 if std::mem::take(&mut self.failing) {
                     tracing::info!(
                         url = ctx.service.endpoint_for_logs(),
@@ -564,8 +596,8 @@ impl State {
             }
             Err(e) => e,
         };
-        ctx.counters.failed();
         let entry = self.jobs.get_mut(&seq).expect("in flight");
+        ctx.counters.failed(entry.job.webhook.event());
         entry.job.attempts += 1;
         let attempts = entry.job.attempts;
         let webhook = &entry.job.webhook;
@@ -586,7 +618,7 @@ impl State {
         let described = format!("{}: {error}", error.kind());
         match decide(&ctx.policy, attempts, &error) {
             Decision::Retry(delay) => {
-                ctx.counters.retried();
+                ctx.counters.retried(webhook.event());
                 entry.step = Step::Retrying;
                 self.timers.push(Reverse((Instant::now() + delay, seq)));
                 self.report(
@@ -642,7 +674,7 @@ impl State {
     fn dead_letter(&self, setup: &Setup, seq: u64, last_error: String) {
         let ctx = &setup.ctx;
         let job = &self.jobs[&seq].job;
-        ctx.counters.dead();
+        ctx.counters.dead(job.webhook.event());
         let hint = if setup.dead_letter_leftovers {
             ""
         } else {
@@ -694,6 +726,7 @@ impl State {
         if setup.track_pending {
             setup.ctx.counters.release(1);
         }
+        self.trim_by_age();
         next.into_iter()
             .flatten()
             .map(|seq| usize::from(self.wake(seq)))
@@ -742,6 +775,7 @@ impl State {
             if setup.track_pending {
                 setup.ctx.counters.release(1);
             }
+            self.trim_by_age();
         }
     }
 }

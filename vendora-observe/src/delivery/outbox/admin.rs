@@ -96,6 +96,32 @@ pub async fn pending<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
     count_status(db, "pending").await
 }
 
+/// When the oldest pending row was written, if any.
+pub async fn oldest_pending<C: ConnectionTrait>(
+    db: &C,
+) -> Result<Option<std::time::SystemTime>, DbErr> {
+    // The oldest by id through the pending rows' partial index: one index entry read.
+    let backend = db.get_database_backend();
+    let indexed = match backend {
+        sea_orm::DbBackend::Sqlite => format!(" INDEXED BY {TABLE}_pending"),
+        _ => String::new(),
+    };
+    let row = db
+        .query_one_raw(stmt(
+            backend,
+            &format!(
+                "SELECT created_at FROM {TABLE}{indexed} WHERE status = 'pending' \
+                 ORDER BY id LIMIT 1"
+            ),
+            vec![],
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64>("", "created_at"))
+        .transpose()?
+        .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)))
+}
+
 /// Dead rows.
 pub(crate) async fn dead_count<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
     count_status(db, "dead").await

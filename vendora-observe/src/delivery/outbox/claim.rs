@@ -26,7 +26,7 @@
 //!    relay have won a row meanwhile, the rows of its chains behind it are handed back.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult, Value};
 
@@ -417,6 +417,7 @@ fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
     let kind: String = r.try_get("", "kind")?;
     let latest_wins: i16 = r.try_get("", "latest_wins")?;
     let attempts: i32 = r.try_get("", "attempts")?;
+    let created_at: i64 = r.try_get("", "created_at")?;
     Ok(Job {
         webhook: Webhook::with_id(
             r.try_get("", "event_id")?,
@@ -428,6 +429,7 @@ fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
         coalesce: latest_wins != 0,
         attempts: attempts.max(0) as u32,
         token: r.try_get("", "id")?,
+        born: UNIX_EPOCH + Duration::from_millis(created_at.max(0) as u64),
     })
 }
 
@@ -601,7 +603,8 @@ fn lease_statement(
             "UPDATE {TABLE} SET claimed_by = ?, claimed_until = ? \
              WHERE id IN ({}) AND status = 'pending' \
                AND (claimed_until IS NULL OR claimed_until < ?) \
-             RETURNING id, event_id, ordering_key, unit_key, event, kind, latest_wins, body, attempts",
+             RETURNING id, event_id, ordering_key, unit_key, event, kind, latest_wins, body, attempts, \
+               created_at",
             placeholders(ids.len())
         ),
         values,

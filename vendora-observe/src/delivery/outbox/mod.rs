@@ -52,7 +52,9 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, 
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-pub use admin::{Counts, OutboxRow, Requeued, counts, dead, pending, purge_delivered, requeue};
+pub use admin::{
+    Counts, OutboxRow, Requeued, counts, dead, oldest_pending, pending, purge_delivered, requeue,
+};
 pub use schema::{create_table, table_exists};
 
 use super::scheduler::{Lease, Scheduler, Setup, now_ms};
@@ -247,6 +249,21 @@ impl Outbox {
             }
             Err(_) => self.inner.ctx.counters.pending(),
         }
+    }
+
+    /// Pending rows and when the oldest of them was written (the metrics' backlog gauges).
+    #[cfg(feature = "metrics")]
+    pub(crate) async fn backlog(&self) -> (u64, Option<std::time::SystemTime>) {
+        let pending = self.refresh_pending().await;
+        let oldest = if pending == 0 {
+            None
+        } else {
+            admin::oldest_pending(&self.inner.options.db)
+                .await
+                .ok()
+                .flatten()
+        };
+        (pending, oldest)
     }
 
     /// Dead rows (given up on after their last attempt), oldest first, with their last

@@ -130,7 +130,7 @@ pub(super) async fn run(
                     }
                     if !jobs.is_empty() {
                         let ids: Vec<i64> = jobs.iter().map(|j| j.token).collect();
-                        if !inner.scheduler.submit(jobs) {
+                        if inner.scheduler.submit(jobs).is_err() {
                             // Shutting down: the rows go back at once.
                             for id in &ids {
                                 held.remove(*id);
