@@ -35,8 +35,10 @@ use socketioxide::{SendError, SocketError, SocketIo};
 use socketioxide_redis::drivers::redis::redis_client as redis;
 use socketioxide_redis::{RedisAdapter, RedisAdapterCtr};
 use tokio::net::TcpListener;
+use tracing::Instrument;
 use vendora_observe::receiver::server::{self, Limits};
 use vendora_observe::receiver::{AppToken, Claim, Dedupe, IncomingEvent, Verifier};
+use vendora_observe::trace::TraceParent;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -390,6 +392,23 @@ async fn webhook(State(twin): State<Arc<Twin>>, headers: HeaderMap, body: Bytes)
             return answer(status, r#"{"error":"refused"}"#);
         }
     };
+    // The sender's attempt is the parent of this broadcast: the trace goes on to the apps.
+    let trace = header("traceparent").and_then(TraceParent::parse);
+    let span = match trace {
+        Some(t) => tracing::info_span!(
+            "webhook.broadcast",
+            event = %event.event,
+            trace_id = %t.trace_id(),
+            parent_id = %t.span_id(),
+        ),
+        None => tracing::info_span!("webhook.broadcast", event = %event.event),
+    };
+    deliver(&twin, event, trace).instrument(span).await
+}
+
+/// Broadcasts a verified event once (dedupe by id), answering 200 once it is broadcast or
+/// published.
+async fn deliver(twin: &Twin, event: IncomingEvent, trace: Option<TraceParent>) -> Response {
     match &twin.apps {
         Apps::Local { io, dropped } => {
             let ticket = match event.id.as_deref().map(|id| twin.dedupe.claim(id)) {
@@ -402,6 +421,7 @@ async fn webhook(State(twin): State<Arc<Twin>>, headers: HeaderMap, body: Bytes)
                 Some(Claim::First(ticket)) => Some(ticket),
                 None => None,
             };
+            announce(&event, trace);
             broadcast_local(io, dropped, &event);
             if let Some(ticket) = ticket {
                 ticket.done();
@@ -437,7 +457,7 @@ async fn webhook(State(twin): State<Arc<Twin>>, headers: HeaderMap, body: Bytes)
                     };
                 }
             }
-            println!("broadcast {} {}", event.event, event.data);
+            announce(&event, trace);
             match publisher.emit(event.event.as_str(), &event.data).await {
                 Ok(()) => {
                     if let Some(key) = &key {
@@ -467,10 +487,22 @@ async fn webhook(State(twin): State<Arc<Twin>>, headers: HeaderMap, body: Bytes)
     }
 }
 
+/// Says on stdout what is broadcast, and in which trace.
+fn announce(event: &IncomingEvent, trace: Option<TraceParent>) {
+    println!("broadcast {} {}", event.event, event.data);
+    if let Some(t) = trace {
+        println!(
+            "  trace {} (after sender span {})",
+            t.trace_id(),
+            t.span_id()
+        );
+    }
+    tracing::info!("broadcast");
+}
+
 /// Sends the event to each app of this twin; an app whose buffer is full (it does not read)
 /// is dropped, and the others still get the event.
 fn broadcast_local(io: &SocketIo, dropped: &Mutex<HashSet<String>>, event: &IncomingEvent) {
-    println!("broadcast {} {}", event.event, event.data);
     for socket in io.sockets() {
         let id = socket.id.to_string();
         if dropped.lock().unwrap().contains(&id) {

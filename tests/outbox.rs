@@ -11,6 +11,7 @@ use common::{
     product_am, sqlite_file,
 };
 use sea_orm::{ActiveModelTrait, DatabaseConnection, IntoActiveModel, Set, TransactionTrait};
+use vendora_observe::trace::TraceParent;
 use vendora_observe::{Observer, RetryPolicy};
 use vendora_pos::entities::product;
 use vendora_pos::receiver::{Receiver, Reply};
@@ -597,7 +598,7 @@ async fn shutdown_cuts_a_request_as_unknown_and_the_next_start_resends_it() {
     let row = db
         .query_one_raw(sea_orm::Statement::from_string(
             db.get_database_backend(),
-            "SELECT event_id, claimed_by FROM vendora_outbox WHERE status = 'pending'",
+            "SELECT event_id, claimed_by, traceparent FROM vendora_outbox WHERE status = 'pending'",
         ))
         .await
         .unwrap()
@@ -607,11 +608,62 @@ async fn shutdown_cuts_a_request_as_unknown_and_the_next_start_resends_it() {
         None
     );
     let event_id: String = row.try_get("", "event_id").unwrap();
+    let stored: String = row.try_get("", "traceparent").unwrap();
+    let stored = TraceParent::parse(&stored).expect("the write's trace is stored with the row");
     receiver.clear_rules();
     let again = outbox_observer(&db, &receiver.url(), fast_retries()).await;
     assert!(again.flush(WAIT).await);
     assert_eq!(again.stats().sent, 1);
     assert!(receiver.delivered().iter().any(|r| r.id() == event_id));
+    // The attempt after the restart is a span of the write's trace.
+    let attempts: Vec<TraceParent> = receiver
+        .delivered()
+        .iter()
+        .map(|r| TraceParent::parse(r.header("traceparent").unwrap()).unwrap())
+        .collect();
+    assert_eq!(attempts.len(), 1);
+    assert!(
+        attempts.iter().all(|a| a.trace_id() == stored.trace_id()),
+        "{attempts:?} vs {stored:?}"
+    );
+}
+
+/// A table made by an earlier version (no `traceparent`, `kind`, … columns) is brought up
+/// to date at start, and its rows are delivered, each in a trace of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_outbox_table_is_upgraded_and_its_rows_delivered() {
+    use sea_orm::ConnectionTrait;
+    let (db, _) = sqlite_file().await;
+    db.execute_unprepared(
+        "CREATE TABLE vendora_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, \
+         event_id VARCHAR(64) NOT NULL UNIQUE, ordering_key TEXT NOT NULL, event TEXT NOT NULL, \
+         body TEXT NOT NULL, status VARCHAR(16) NOT NULL DEFAULT 'pending', \
+         attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at BIGINT NOT NULL, last_error TEXT, \
+         created_at BIGINT NOT NULL, delivered_at BIGINT, claimed_by VARCHAR(64), \
+         claimed_until BIGINT)",
+    )
+    .await
+    .unwrap();
+    db.execute_unprepared(
+        "INSERT INTO vendora_outbox (event_id, ordering_key, event, body, next_attempt_at, \
+         created_at) VALUES ('old-1', 'product:1', 'product:updated', \
+         '{\"event\":\"product:updated\",\"data\":{\"id\":1}}', 0, 0)",
+    )
+    .await
+    .unwrap();
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    observer
+        .scope(product_am("new", 1).insert(&db))
+        .await
+        .unwrap();
+    assert!(observer.flush(WAIT).await);
+    let got = receiver.delivered();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].id(), "old-1");
+    for r in &got {
+        assert!(TraceParent::parse(r.header("traceparent").unwrap()).is_some());
+    }
 }
 
 /// An entity of its own, so that no other test of this binary has warned about it yet

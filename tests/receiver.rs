@@ -415,3 +415,28 @@ async fn a_failed_broadcast_is_broadcast_when_retried() {
     );
     assert_eq!(common::next_event(&app).0, "sync:end");
 }
+
+/// The twin continues the sender's trace: its broadcast names the trace id of the event's
+/// `traceparent` and the sender's attempt span as its parent.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_twin_continues_the_senders_trace() {
+    let (twin, base) = common::twin(&twin_env(&[]));
+    let sender = service(&format!("{base}/webhook"), SECRET, &[], false);
+    let webhook = vendora_observe::Webhook::build("stock:updated", &json!({"n": 1})).unwrap();
+    assert_eq!(sender.send(&webhook).await.unwrap().status, 200);
+    let (trace_id, parent) = twin.wait_for("the broadcast's trace", |l| {
+        let rest = l.strip_prefix("  trace ")?;
+        let (trace_id, rest) = rest.split_once(' ')?;
+        let parent = rest
+            .strip_prefix("(after sender span ")?
+            .strip_suffix(')')?;
+        Some((trace_id.to_owned(), parent.to_owned()))
+    });
+    assert_eq!(trace_id, webhook.trace().trace_id());
+    assert_ne!(
+        parent,
+        webhook.trace().span_id(),
+        "the attempt's span, a child"
+    );
+    assert_eq!(parent.len(), 16);
+}

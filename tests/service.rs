@@ -320,3 +320,26 @@ async fn a_receiver_that_drops_every_request_gets_one_resend_and_an_error() {
     assert!(error.is_retryable());
     assert_eq!(seen.lock().unwrap().len(), 2);
 }
+
+/// Every attempt carries a W3C `traceparent` in the event's trace, with a span of its own.
+#[tokio::test]
+async fn every_attempt_carries_a_traceparent_in_the_events_trace() {
+    use vendora_observe::trace::TraceParent;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.queue_replies([Reply::Status(503, None)]);
+    let s = service(&receiver.url(), Duration::from_secs(5));
+    let webhook = vendora_observe::Webhook::build("x:y", &json!({})).unwrap();
+    assert!(s.send(&webhook).await.is_err());
+    assert_eq!(s.send(&webhook).await.unwrap().status, 200);
+    let parents: Vec<TraceParent> = receiver
+        .requests()
+        .iter()
+        .map(|r| TraceParent::parse(r.header("traceparent").expect("a traceparent")).unwrap())
+        .collect();
+    assert_eq!(parents.len(), 2);
+    for p in &parents {
+        assert_eq!(p.trace_id(), webhook.trace().trace_id());
+        assert_ne!(p.span_id(), webhook.trace().span_id());
+    }
+    assert_ne!(parents[0].span_id(), parents[1].span_id());
+}

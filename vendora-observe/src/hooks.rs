@@ -16,6 +16,7 @@ use crate::body::WebhookBody;
 use crate::delivery::{ChainKey, EventKind, Job, Order, Webhook};
 use crate::observer::{Observer, warn_not_installed};
 use crate::testing;
+use crate::trace::TraceParent;
 
 /// Your own lifecycle hooks on an observed entity.
 ///
@@ -187,6 +188,9 @@ pub async fn emit<C: ConnectionTrait>(
     let row = ChainKey::row(&ordering_key);
     let unit = unit_key.as_deref().map(ChainKey::unit);
     let mut jobs = Vec::with_capacity(events.len());
+    // The write starts a trace; its events are children of the write's span.
+    let trace = TraceParent::start();
+    let span = tracing::Span::current();
     for (event, kind, data) in events {
         if kind == EventKind::Watch {
             check_watch_name(event, entity.event);
@@ -211,7 +215,7 @@ pub async fn emit<C: ConnectionTrait>(
             continue;
         }
         jobs.push(Job {
-            webhook: Webhook::new(body),
+            webhook: Webhook::new(body).in_trace(trace),
             row,
             unit,
             kind,
@@ -219,6 +223,7 @@ pub async fn emit<C: ConnectionTrait>(
             attempts: 0,
             token: 0,
             born: std::time::SystemTime::now(),
+            span: span.clone(),
         });
     }
     match observer {

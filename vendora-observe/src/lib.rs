@@ -82,6 +82,7 @@ pub mod receiver;
 pub mod signature;
 pub mod telemetry;
 pub mod testing;
+pub mod trace;
 
 pub use async_trait::async_trait;
 pub use body::{BodyError, WebhookBody};

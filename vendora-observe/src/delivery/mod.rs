@@ -33,21 +33,26 @@ use tokio::sync::Notify;
 
 use crate::body::{BodyError, WebhookBody};
 use crate::telemetry::{self, Count, Mode};
+use crate::trace::TraceParent;
 pub use sender::{Delivered, DeliveryError, WebhookService};
 
-/// One event ready to send: a unique id (kept across retries) and its body.
+/// One event ready to send: a unique id (kept across retries), its body, and the trace it
+/// belongs to (sent as `traceparent`, see [`crate::trace`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Webhook {
     id: String,
     body: WebhookBody,
+    trace: TraceParent,
 }
 
 impl Webhook {
-    /// A new event with a fresh id (a UUIDv7: unique, and sortable by creation time).
+    /// A new event with a fresh id (a UUIDv7: unique, and sortable by creation time), in a
+    /// trace of its own.
     pub fn new(body: WebhookBody) -> Self {
         Webhook {
             id: uuid::Uuid::now_v7().to_string(),
             body,
+            trace: TraceParent::start(),
         }
     }
 
@@ -56,9 +61,20 @@ impl Webhook {
         Ok(Self::new(WebhookBody::new(event, data)?))
     }
 
-    /// An event with a known id (the outbox stores it).
-    pub(crate) fn with_id(id: String, body: WebhookBody) -> Self {
-        Webhook { id, body }
+    /// The same event in the trace `trace` (whose span is the event's parent).
+    pub fn in_trace(mut self, trace: TraceParent) -> Self {
+        self.trace = trace;
+        self
+    }
+
+    /// An event with a known id and trace (the outbox stores them).
+    pub(crate) fn stored(id: String, body: WebhookBody, trace: TraceParent) -> Self {
+        Webhook { id, body, trace }
+    }
+
+    /// The trace the event belongs to; its span id is the write's.
+    pub fn trace(&self) -> TraceParent {
+        self.trace
     }
 
     /// The `X-Webhook-Id`.
@@ -144,6 +160,8 @@ pub(crate) struct Job {
     pub(crate) token: i64,
     /// When the write made it (outbox: when its row was inserted).
     pub(crate) born: SystemTime,
+    /// The span current at the write (direct mode): the parent of the delivery's span.
+    pub(crate) span: tracing::Span,
 }
 
 /// A chain's identity: a hash of its name. Two chains that collide merge into one, which

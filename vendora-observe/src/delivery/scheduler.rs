@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::{
     ChainKey, Context, DeadLetter, Decision, DeliveryError, EventKind, Job, Leftovers, decide,
@@ -311,7 +312,7 @@ async fn sender(shared: Arc<Shared>) {
             let taken = state.take(setup, timeout);
             (taken, state.jobs.is_empty(), state.closed)
         };
-        let Some((seq, webhook)) = taken else {
+        let Some((seq, webhook, span)) = taken else {
             if empty {
                 // The last events may have completed unsent (superseded, released).
                 shared.drained.notify_waiters();
@@ -336,7 +337,7 @@ async fn sender(shared: Arc<Shared>) {
         }
         let started = std::time::Instant::now();
         let result = tokio::select! {
-            r = setup.ctx.service.send(&webhook) => r,
+            r = setup.ctx.service.send(&webhook).instrument(span) => r,
             _ = aborted => {
                 shared.lock().cut(setup, seq);
                 guard.clean = true;
@@ -462,9 +463,19 @@ impl State {
     /// Adds events in order; returns how many became ready.
     fn add(&mut self, jobs: Vec<Job>) -> usize {
         let mut woken = 0;
-        for job in jobs {
+        for mut job in jobs {
             self.next_seq += 1;
             let seq = self.next_seq;
+            // The delivery's span, a child of the write's: its attempts and log lines are
+            // found under the request that made the write.
+            job.span = tracing::info_span!(
+                parent: &job.span,
+                "webhook.deliver",
+                event = job.webhook.event(),
+                id = job.webhook.id(),
+                trace_id = %job.webhook.trace().trace_id(),
+                queued_ms = tracing::field::Empty,
+            );
             let entry = Entry {
                 job,
                 step: Step::Waiting,
@@ -545,7 +556,11 @@ impl State {
 
     /// The next ready event to send, marked in flight; superseded events met on the way
     /// are completed.
-    fn take(&mut self, setup: &Setup, attempt: Duration) -> Option<(u64, super::Webhook)> {
+    fn take(
+        &mut self,
+        setup: &Setup,
+        attempt: Duration,
+    ) -> Option<(u64, super::Webhook, tracing::Span)> {
         while let Some(seq) = self.ready.pop_front() {
             match self.jobs.get(&seq) {
                 Some(e) if e.step == Step::Ready => {}
@@ -570,7 +585,16 @@ impl State {
             }
             let entry = self.jobs.get_mut(&seq).expect("checked");
             entry.step = Step::InFlight;
-            return Some((seq, entry.job.webhook.clone()));
+            if entry.job.attempts == 0 && !entry.job.span.is_disabled() {
+                let queued = SystemTime::now()
+                    .duration_since(entry.job.born)
+                    .unwrap_or_default();
+                entry
+                    .job
+                    .span
+                    .record("queued_ms", queued.as_millis() as u64);
+            }
+            return Some((seq, entry.job.webhook.clone(), entry.job.span.clone()));
         }
         None
     }
@@ -600,6 +624,8 @@ impl State {
         ctx.counters.failed(entry.job.webhook.event());
         entry.job.attempts += 1;
         let attempts = entry.job.attempts;
+        let span = entry.job.span.clone();
+        let _span = span.enter();
         let webhook = &entry.job.webhook;
         if !self.failing || !error.is_retryable() {
             // One line when attempts start failing, not one per attempt; a final answer
@@ -674,6 +700,7 @@ impl State {
     fn dead_letter(&self, setup: &Setup, seq: u64, last_error: String) {
         let ctx = &setup.ctx;
         let job = &self.jobs[&seq].job;
+        let _span = job.span.enter();
         ctx.counters.dead(job.webhook.event());
         let hint = if setup.dead_letter_leftovers {
             ""

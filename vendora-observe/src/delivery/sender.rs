@@ -15,6 +15,7 @@ use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, LOCATION, RETRY_AFTER, USER_AGENT};
 use reqwest::{Url, redirect};
 use serde::Serialize;
+use tracing::Instrument;
 
 use super::Webhook;
 
@@ -269,6 +270,20 @@ impl WebhookService {
                 .collect();
             headers.insert("webhook-signature", header_value(&signatures.join(" ")));
         }
+        // This attempt is a span of the event's trace, the parent of what the receiver does.
+        let attempt = webhook.trace().child();
+        headers.insert("traceparent", header_value(&attempt.to_string()));
+        let span = tracing::info_span!(
+            "webhook.attempt",
+            trace_id = %attempt.trace_id(),
+            span_id = %attempt.span_id(),
+        );
+        self.post(headers, bytes).instrument(span).await
+    }
+
+    /// The POST itself, with one resend on a connection closed under it.
+    async fn post(&self, headers: HeaderMap, bytes: Bytes) -> Result<Delivered, DeliveryError> {
+        let config = &self.inner.config;
         let started = Instant::now();
         let post = || {
             self.inner

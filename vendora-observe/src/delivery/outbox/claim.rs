@@ -33,6 +33,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult
 use super::{TABLE, stmt};
 use crate::body::WebhookBody;
 use crate::delivery::{ChainKey, EventKind, Job, Webhook};
+use crate::trace::TraceParent;
 
 /// Rows of one chain a relay holds at most: a hot row streams, yet cannot take every slot
 /// from the other rows.
@@ -418,10 +419,17 @@ fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
     let latest_wins: i16 = r.try_get("", "latest_wins")?;
     let attempts: i32 = r.try_get("", "attempts")?;
     let created_at: i64 = r.try_get("", "created_at")?;
+    // Rows written before the column existed start a trace of their own.
+    let trace: Option<String> = r.try_get("", "traceparent")?;
+    let trace = trace
+        .as_deref()
+        .and_then(TraceParent::parse)
+        .unwrap_or_else(TraceParent::start);
     Ok(Job {
-        webhook: Webhook::with_id(
+        webhook: Webhook::stored(
             r.try_get("", "event_id")?,
             WebhookBody::from_stored(&event, body.into_bytes()),
+            trace,
         ),
         row: ChainKey::row(&key),
         unit: unit.as_deref().map(ChainKey::unit),
@@ -430,6 +438,7 @@ fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
         attempts: attempts.max(0) as u32,
         token: r.try_get("", "id")?,
         born: UNIX_EPOCH + Duration::from_millis(created_at.max(0) as u64),
+        span: tracing::Span::none(),
     })
 }
 
@@ -604,7 +613,7 @@ fn lease_statement(
              WHERE id IN ({}) AND status = 'pending' \
                AND (claimed_until IS NULL OR claimed_until < ?) \
              RETURNING id, event_id, ordering_key, unit_key, event, kind, latest_wins, body, attempts, \
-               created_at",
+               created_at, traceparent",
             placeholders(ids.len())
         ),
         values,

@@ -206,14 +206,14 @@ impl Outbox {
         let now = now_ms();
         let mut text = format!(
             "INSERT INTO {TABLE} (event_id, ordering_key, unit_key, event, kind, latest_wins, \
-             body, next_attempt_at, created_at) VALUES "
+             body, next_attempt_at, created_at, traceparent) VALUES "
         );
-        let mut values: Vec<Value> = Vec::with_capacity(jobs.len() * 9);
+        let mut values: Vec<Value> = Vec::with_capacity(jobs.len() * 10);
         for (i, job) in jobs.iter().enumerate() {
             if i > 0 {
                 text.push_str(", ");
             }
-            text.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?)");
+            text.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
             let w = &job.webhook;
             values.push(w.id().into());
             values.push(ordering_key.into());
@@ -224,6 +224,7 @@ impl Outbox {
             values.push(w.body().as_str().into());
             values.push(now.into());
             values.push(now.into());
+            values.push(w.trace().to_string().into());
         }
         db.execute_raw(stmt(backend, &text, values)).await?;
         // Wakes this process's relay now; an uncommitted row is simply not seen yet, and

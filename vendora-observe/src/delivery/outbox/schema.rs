@@ -11,10 +11,11 @@ use super::{CHANNEL, TABLE, stmt};
 const SCHEMA_LOCK: i64 = 0x0076_656e_646f_7261;
 
 /// Columns added since the first version of the table, with their definitions.
-const ADDED_COLUMNS: [(&str, &str); 3] = [
+const ADDED_COLUMNS: [(&str, &str); 4] = [
     ("unit_key", "TEXT"),
     ("kind", "VARCHAR(8) NOT NULL DEFAULT 'updated'"),
     ("latest_wins", "SMALLINT NOT NULL DEFAULT 0"),
+    ("traceparent", "VARCHAR(64)"),
 ];
 
 /// Creates the outbox table, its indexes and (PostgreSQL) its NOTIFY trigger when missing,
@@ -85,7 +86,7 @@ fn ddl(backend: DbBackend) -> Vec<String> {
          body TEXT NOT NULL, status VARCHAR(16) NOT NULL DEFAULT 'pending', \
          attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at BIGINT NOT NULL, last_error TEXT, \
          created_at BIGINT NOT NULL, delivered_at BIGINT, claimed_by VARCHAR(64), \
-         claimed_until BIGINT){with}"
+         claimed_until BIGINT, traceparent VARCHAR(64)){with}"
     )]
 }
 
