@@ -12,6 +12,8 @@
 //!   (`vendora_observe::receiver::AppToken`). A browser's `Origin` must be in
 //!   `ALLOWED_ORIGINS`. `APP_AUTH=off` turns both off, with a warning.
 //! - An app that does not read (its buffer full) is dropped, not everyone's webhook.
+//! - `GET /` is the live page (`crate::live`): what the twin does with each webhook, for
+//!   anyone holding an app token.
 //! - With `REDIS_URL`, several twins behind one URL share the apps through socketioxide's
 //!   Redis adapter: every event is published to Redis and every twin delivers it to its own
 //!   apps from there, so each app gets each event once, in the order they were published.
@@ -21,7 +23,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -39,6 +40,8 @@ use tracing::Instrument;
 use vendora_observe::receiver::server::{self, Limits};
 use vendora_observe::receiver::{AppToken, Claim, Dedupe, IncomingEvent, Verifier};
 use vendora_observe::trace::TraceParent;
+
+use crate::live::{History, Seen};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -167,7 +170,28 @@ struct Twin {
     dedupe: Dedupe,
     apps: Apps,
     config: TwinConfig,
+    /// What the live page shows to monitors that connect later.
+    history: Arc<History>,
 }
+
+impl Twin {
+    /// Records what became of a webhook and tells the live pages (the room `monitor`).
+    async fn seen(&self, seen: Seen) {
+        self.history.push(seen.clone());
+        let sent = match &self.apps {
+            Apps::Local { io, .. } => io.to(MONITORS).emit("vendora:seen", &seen).await,
+            Apps::Redis { publisher, .. } => {
+                publisher.to(MONITORS).emit("vendora:seen", &seen).await
+            }
+        };
+        if let Err(e) = sent {
+            tracing::debug!("live page update failed: {e}");
+        }
+    }
+}
+
+/// The socket.io room of the live pages.
+const MONITORS: &str = "monitor";
 
 /// A running twin.
 pub struct Running {
@@ -193,8 +217,10 @@ pub async fn start(listener: TcpListener, config: TwinConfig) -> Result<Running,
              no Origin, can); list the web apps' origins in it"
         );
     }
+    let history = Arc::new(History::default());
     let builder = SocketIo::builder()
         .with_state(Arc::new(config.clone()))
+        .with_state(history.clone())
         .max_buffer_size(config.app_buffer)
         .ping_interval(config.ping_interval)
         .ping_timeout(config.ping_interval);
@@ -205,10 +231,11 @@ pub async fn start(listener: TcpListener, config: TwinConfig) -> Result<Running,
             dedupe: Dedupe::default(),
             apps,
             config: config.clone(),
+            history: history.clone(),
         })
     };
     let routes = |twin: &Arc<Twin>| {
-        Router::new()
+        crate::live::routes()
             .route("/", post(webhook))
             .route("/webhook", post(webhook))
             .with_state(twin.clone())
@@ -302,7 +329,15 @@ pub async fn run_from_env() -> Result<(), Error> {
 async fn origins(State(twin): State<Arc<Twin>>, req: Request, next: Next) -> Response {
     if let Some(origin) = req.headers().get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
-        if !twin.config.open && !twin.config.allowed_origins.iter().any(|o| o == origin) {
+        // The twin's own live page is served from here: its origin is the twin's.
+        let own = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|host| {
+                origin == format!("http://{host}") || origin == format!("https://{host}")
+            });
+        if !own && !twin.config.open && !twin.config.allowed_origins.iter().any(|o| o == origin) {
             println!("app refused: origin {origin:?} is not in ALLOWED_ORIGINS");
             return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
         }
@@ -313,6 +348,9 @@ async fn origins(State(twin): State<Arc<Twin>>, req: Request, next: Next) -> Res
 #[derive(Debug, serde::Deserialize)]
 struct Auth {
     token: Option<String>,
+    /// The live page: also gets what the twin does with each webhook.
+    #[serde(default)]
+    monitor: bool,
 }
 
 #[derive(Debug)]
@@ -358,8 +396,18 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
     vendora_observe::verify(b"vendora-twin-token", b.as_bytes(), &mac)
 }
 
-async fn on_connect<A: Adapter>(socket: SocketRef<A>) {
-    println!("app connected: {}", socket.id);
+async fn on_connect<A: Adapter>(
+    socket: SocketRef<A>,
+    TryData(auth): TryData<Auth>,
+    socketioxide::extract::State(history): socketioxide::extract::State<Arc<History>>,
+) {
+    if auth.is_ok_and(|a| a.monitor) {
+        println!("live page connected: {}", socket.id);
+        socket.join(MONITORS);
+        let _ = socket.emit("vendora:history", &history.snapshot());
+    } else {
+        println!("app connected: {}", socket.id);
+    }
 }
 
 fn answer(status: StatusCode, body: &'static str) -> Response {
@@ -387,6 +435,7 @@ async fn webhook(State(twin): State<Arc<Twin>>, headers: HeaderMap, body: Bytes)
         Ok(e) => e,
         Err(rejection) => {
             println!("refused: {rejection} ({})", rejection.status());
+            twin.seen(Seen::refused(rejection.to_string())).await;
             let status =
                 StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
             return answer(status, r#"{"error":"refused"}"#);
@@ -403,30 +452,49 @@ async fn webhook(State(twin): State<Arc<Twin>>, headers: HeaderMap, body: Bytes)
         ),
         None => tracing::info_span!("webhook.broadcast", event = %event.event),
     };
-    deliver(&twin, event, trace).instrument(span).await
+    let (response, outcome) = deliver(&twin, &event, trace).instrument(span).await;
+    let trace_id = trace.map(|t| t.trace_id());
+    let id = event.id.as_deref();
+    twin.seen(Seen::verified(
+        &event.event,
+        &event.data,
+        id,
+        outcome,
+        trace_id,
+    ))
+    .await;
+    response
 }
 
 /// Broadcasts a verified event once (dedupe by id), answering 200 once it is broadcast or
 /// published.
-async fn deliver(twin: &Twin, event: IncomingEvent, trace: Option<TraceParent>) -> Response {
+/// The answer, and what became of the event (`broadcast`, `duplicate`, `retry`, `failed`).
+async fn deliver(
+    twin: &Twin,
+    event: &IncomingEvent,
+    trace: Option<TraceParent>,
+) -> (Response, &'static str) {
     match &twin.apps {
         Apps::Local { io, dropped } => {
             let ticket = match event.id.as_deref().map(|id| twin.dedupe.claim(id)) {
                 Some(Claim::Seen) => {
-                    return answer(StatusCode::OK, r#"{"ok":true,"duplicate":true}"#);
+                    return (
+                        answer(StatusCode::OK, r#"{"ok":true,"duplicate":true}"#),
+                        "duplicate",
+                    );
                 }
                 Some(Claim::InProgress) => {
-                    return in_progress();
+                    return (in_progress(), "retry");
                 }
                 Some(Claim::First(ticket)) => Some(ticket),
                 None => None,
             };
-            announce(&event, trace);
-            broadcast_local(io, dropped, &event);
+            announce(event, trace);
+            broadcast_local(io, dropped, event);
             if let Some(ticket) = ticket {
                 ticket.done();
             }
-            answer(StatusCode::OK, r#"{"ok":true}"#)
+            (answer(StatusCode::OK, r#"{"ok":true}"#), "broadcast")
         }
         Apps::Redis { publisher, dedupe } => {
             let key = event
@@ -452,12 +520,15 @@ async fn deliver(twin: &Twin, event: IncomingEvent, trace: Option<TraceParent>) 
                         .await
                         .unwrap_or(None);
                     return match state.as_deref() {
-                        Some("done") => answer(StatusCode::OK, r#"{"ok":true,"duplicate":true}"#),
-                        _ => in_progress(),
+                        Some("done") => (
+                            answer(StatusCode::OK, r#"{"ok":true,"duplicate":true}"#),
+                            "duplicate",
+                        ),
+                        _ => (in_progress(), "retry"),
                     };
                 }
             }
-            announce(&event, trace);
+            announce(event, trace);
             match publisher.emit(event.event.as_str(), &event.data).await {
                 Ok(()) => {
                     if let Some(key) = &key {
@@ -469,7 +540,7 @@ async fn deliver(twin: &Twin, event: IncomingEvent, trace: Option<TraceParent>) 
                             .query_async(&mut conn)
                             .await;
                     }
-                    answer(StatusCode::OK, r#"{"ok":true}"#)
+                    (answer(StatusCode::OK, r#"{"ok":true}"#), "broadcast")
                 }
                 Err(e) => {
                     println!("broadcast failed: {e}");
@@ -477,9 +548,12 @@ async fn deliver(twin: &Twin, event: IncomingEvent, trace: Option<TraceParent>) 
                         let _: Result<(), _> =
                             redis::cmd("DEL").arg(key).query_async(&mut conn).await;
                     }
-                    answer(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        r#"{"error":"broadcast failed"}"#,
+                    (
+                        answer(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            r#"{"error":"broadcast failed"}"#,
+                        ),
+                        "failed",
                     )
                 }
             }

@@ -440,3 +440,142 @@ async fn the_twin_continues_the_senders_trace() {
     );
     assert_eq!(parent.len(), 16);
 }
+
+/// Headless Chromium (Debian's `chromium`) with `args`, killed after 60 s; its stdout.
+fn chromium(args: &[&str]) -> String {
+    let mut cmd = std::process::Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--window-size=1280,860",
+        // Load the page, then let it run (socket.io connects, the history arrives).
+        "--virtual-time-budget=8000",
+    ]);
+    cmd.args(args);
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start chromium (apt-get install chromium): {e}"));
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "chromium failed: {:?}", out.status);
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The rows of the live page's table: `(event, row, outcome, signature)`.
+fn page_rows(dom: &str) -> Vec<(String, String, String, String)> {
+    let attr = |tag: &str, name: &str| -> String {
+        let key = format!("data-{name}=\"");
+        tag.split_once(&key)
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(v, _)| v.to_owned())
+            .unwrap_or_default()
+    };
+    dom.split("<tr ")
+        .skip(1)
+        .map(|r| r.split_once('>').map_or(r, |(tag, _)| tag))
+        .filter(|tag| tag.contains("data-outcome="))
+        .map(|tag| {
+            (
+                attr(tag, "event"),
+                attr(tag, "row"),
+                attr(tag, "outcome"),
+                attr(tag, "signature"),
+            )
+        })
+        .collect()
+}
+
+/// The live page, in headless Chromium: after the POS scenario, a forged webhook and a
+/// resent one, it lists the scenario's 11 events in order with valid signatures, the forged
+/// one as refused and the resend as a duplicate dropped; without a token it shows nothing.
+/// Saves a screenshot (`LIVE_PAGE_SCREENSHOT=path`, for the README).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs chromium: run with --include-ignored (bash .ci/run)"]
+async fn the_live_page_shows_the_events_as_the_apps_receive_them() {
+    let (_twin, base) = common::twin(&twin_env(&[]));
+    let url = format!("{base}/webhook");
+    let db = vendora_pos::db::connect("sqlite::memory:").await.unwrap();
+    vendora_pos::db::create_pos_tables(&db).await.unwrap();
+    let observer = vendora_observe::Observer::builder(common::config(&url))
+        .build()
+        .await
+        .unwrap();
+    observer
+        .scope(vendora_pos::scenario::run(&db, false, async |_| {}))
+        .await
+        .unwrap();
+    assert!(observer.flush(common::WAIT).await);
+    let forged = raw_post(
+        &url,
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Webhook-Signature", &"0".repeat(64)),
+        ],
+        br#"{"event":"product:deleted","data":{"id":1}}"#,
+    )
+    .await;
+    assert_eq!(forged, 401);
+    let sender = service(&url, SECRET, &[], false);
+    let again = vendora_observe::Webhook::build("stock:updated", &json!({"productId": 9})).unwrap();
+    sender.send(&again).await.unwrap();
+    sender.send(&again).await.unwrap();
+
+    let dom = chromium(&["--dump-dom", &format!("{base}/#token={TOKEN}")]);
+    let rows = page_rows(&dom);
+    let broadcast: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.2 == "broadcast")
+        .map(|r| r.0.as_str())
+        .collect();
+    assert_eq!(
+        broadcast[..11],
+        vendora_pos::scenario::EXPECTED,
+        "the page lists:\n{rows:#?}"
+    );
+    assert!(
+        rows.iter()
+            .filter(|r| r.2 == "broadcast")
+            .all(|r| r.3 == "ok")
+    );
+    assert_eq!(rows[1].1, "1", "the row of product:created is its id");
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.2 == "refused" && r.3 == "invalid")
+            .count(),
+        1,
+        "{rows:#?}"
+    );
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.2 == "duplicate" && r.0 == "stock:updated" && r.1 == "9")
+            .count(),
+        1,
+        "{rows:#?}"
+    );
+    assert!(dom.contains(r#"data-state="live""#), "connected");
+
+    // Without a token: the form, and no event.
+    let dom = chromium(&["--dump-dom", &format!("{base}/")]);
+    assert!(page_rows(&dom).is_empty());
+    assert!(dom.contains(r#"data-state="refused""#));
+    // With a wrong one: refused by the twin.
+    let dom = chromium(&["--dump-dom", &format!("{base}/#token=stolen")]);
+    assert!(page_rows(&dom).is_empty());
+
+    let shot = std::env::var("LIVE_PAGE_SCREENSHOT").unwrap_or_else(|_| {
+        std::env::temp_dir()
+            .join(format!("vendora-live-{}.png", std::process::id()))
+            .display()
+            .to_string()
+    });
+    chromium(&[
+        &format!("--screenshot={shot}"),
+        &format!("{base}/#token={TOKEN}"),
+    ]);
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{shot}");
+}

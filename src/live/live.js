@@ -1,0 +1,154 @@
+// The live page of the receiver twin: every webhook the twin handled, as the apps receive
+// it. Connects with the socket.io v4 client like an app (same token), asking to monitor.
+// Everything from the network is shown through textContent, never parsed as HTML.
+(() => {
+  "use strict";
+  const $ = (id) => document.getElementById(id);
+  const KEEP = 2000; // events kept in the page
+  let seen = [];
+  const counts = { received: 0, broadcast: 0, duplicate: 0, retry: 0, refused: 0 };
+
+  function status(state, text) {
+    const s = $("status");
+    s.dataset.state = state;
+    s.textContent = text;
+  }
+
+  function token() {
+    const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
+    if (fromHash) {
+      sessionStorage.setItem("vendora-token", fromHash);
+      // The token leaves the address bar (and the history).
+      history.replaceState(null, "", location.pathname + location.search);
+      return fromHash;
+    }
+    return sessionStorage.getItem("vendora-token");
+  }
+
+  function connect(t) {
+    const socket = io({ auth: { token: t, monitor: true } });
+    socket.on("connect", () => status("live", "live"));
+    socket.on("disconnect", () => status("down", "disconnected, reconnecting…"));
+    socket.on("connect_error", (e) => {
+      status("refused", "refused: " + e.message);
+      if (!socket.active) {
+        sessionStorage.removeItem("vendora-token");
+        $("login").hidden = false;
+      }
+    });
+    // On each (re)connection the twin sends what it handled recently, then each new one.
+    socket.on("vendora:history", (list) => {
+      seen = [];
+      for (const k of Object.keys(counts)) counts[k] = 0;
+      list.forEach(record);
+      render();
+    });
+    socket.on("vendora:seen", (s) => {
+      record(s);
+      if (matches(s)) append(s);
+      summary();
+    });
+  }
+
+  function record(s) {
+    seen.push(s);
+    if (seen.length > KEEP) seen.shift();
+    counts.received += 1;
+    if (s.outcome in counts) counts[s.outcome] += 1;
+  }
+
+  function matches(s) {
+    const ev = $("f-event").value.trim();
+    const row = $("f-row").value.trim();
+    return (!ev || (s.event || "").includes(ev)) && (!row || s.row === row);
+  }
+
+  function cell(tr, text, cls) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    if (cls) td.className = cls;
+    tr.appendChild(td);
+  }
+
+  function append(s) {
+    const tr = document.createElement("tr");
+    tr.dataset.event = s.event || "";
+    tr.dataset.row = s.row || "";
+    tr.dataset.outcome = s.outcome;
+    tr.dataset.signature = s.signature;
+    tr.dataset.id = s.id || "";
+    const t = new Date(s.at);
+    cell(tr, t.toLocaleTimeString([], { hour12: false }) + "." + String(t.getMilliseconds()).padStart(3, "0"));
+    cell(tr, s.event || "—");
+    cell(tr, s.row || "—");
+    cell(tr, s.signature === "ok" ? "✓ valid" : "✗ " + (s.reason || "invalid"), s.signature === "ok" ? "sig-ok" : "sig-bad");
+    cell(tr, { broadcast: "broadcast", duplicate: "duplicate dropped", retry: "retry asked (in progress)", failed: "broadcast failed (503)", refused: "refused" }[s.outcome] || s.outcome);
+    cell(tr, s.latencyMs == null ? "—" : s.latencyMs + " ms");
+    cell(tr, s.data === undefined || s.data === null ? "" : JSON.stringify(s.data), "data");
+    $("events").tBodies[0].appendChild(tr);
+  }
+
+  function summary() {
+    for (const k of Object.keys(counts)) $("n-" + k).textContent = counts[k];
+    const shown = $("events").tBodies[0].rows.length;
+    $("shown").textContent = shown === seen.length ? "" : shown + " of " + seen.length + " shown";
+  }
+
+  function render() {
+    $("events").tBodies[0].replaceChildren();
+    seen.filter(matches).forEach(append);
+    summary();
+  }
+
+  // Per-second buckets of the last 60 s: events, and the median latency of broadcasts.
+  function chart() {
+    const now = Math.floor(Date.now() / 1000);
+    const rate = new Array(60).fill(0);
+    const lat = Array.from({ length: 60 }, () => []);
+    for (const s of seen) {
+      const i = 59 - (now - Math.floor(s.at / 1000));
+      if (i < 0 || i > 59) continue;
+      rate[i] += 1;
+      if (s.outcome === "broadcast" && s.latencyMs != null) lat[i].push(s.latencyMs);
+    }
+    const median = lat.map((l) => (l.length ? l.sort((a, b) => a - b)[l.length >> 1] : null));
+    bars($("rate"), rate, "#3b6fd8");
+    bars($("latency"), median, "#d8843b");
+  }
+
+  function bars(canvas, values, color) {
+    const g = canvas.getContext("2d");
+    const w = canvas.width, h = canvas.height;
+    g.clearRect(0, 0, w, h);
+    const max = Math.max(1, ...values.filter((v) => v != null));
+    const bw = w / values.length;
+    g.fillStyle = color;
+    values.forEach((v, i) => {
+      if (v == null) return;
+      const bh = Math.max(1, (v / max) * (h - 16));
+      g.fillRect(i * bw + 1, h - bh, bw - 2, bh);
+    });
+    g.fillStyle = "#1d2430";
+    g.font = "11px system-ui";
+    g.fillText("max " + max, 4, 12);
+  }
+
+  $("f-event").addEventListener("input", render);
+  $("f-row").addEventListener("input", render);
+  $("login").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const t = $("token").value.trim();
+    sessionStorage.setItem("vendora-token", t);
+    $("login").hidden = true;
+    connect(t);
+  });
+  setInterval(chart, 1000);
+  chart();
+
+  const t = token();
+  if (t) connect(t);
+  else {
+    status("refused", "a token is needed");
+    $("login").hidden = false;
+  }
+})();
