@@ -282,3 +282,190 @@ async fn outbox_status_dead_retry_and_purge() {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }
+
+/// A child `vendora-observe` whose stdout lines arrive on a channel; killed on drop.
+struct Child {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Child {
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Child {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_remove("DATABASE_URL")
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Child { child, lines }
+    }
+
+    /// The next line, within 20 s.
+    fn line(&self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a line within 20 s")
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn outbox_file(name: &str) -> (sea_orm::DatabaseConnection, String) {
+    let path = std::env::temp_dir().join(format!("vo-cli-{name}-{}.sqlite", std::process::id()));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let db = sea_orm::Database::connect(&url).await.unwrap();
+    vendora_observe::outbox::create_table(&db).await.unwrap();
+    (db, url)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+async fn pending_rows(db: &sea_orm::DatabaseConnection, n: i64) {
+    let created = now_ms() - 3_000;
+    for i in 1..=n {
+        db.execute_unprepared(&format!(
+            "INSERT INTO vendora_outbox (event_id, ordering_key, event, body, next_attempt_at, \
+             created_at) VALUES ('e{i}', 'product:{i}', 'product:updated', '{{}}', 0, {created})"
+        ))
+        .await
+        .unwrap();
+    }
+}
+
+/// `outbox watch` while a backlog of 40 rows drains in four steps: pending falls, the
+/// oldest row's age shows, the progress bar fills with a delivery rate and an ETA, and the
+/// last refresh shows an empty outbox.
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_watch_follows_a_backlog_as_it_drains() {
+    let (db, url) = outbox_file("watch").await;
+    pending_rows(&db, 40).await;
+    let watch = Child::spawn(
+        &["outbox", "watch", "--interval", "100"],
+        &[("DATABASE_URL", &url)],
+    );
+    let first = watch.line();
+    assert!(first.starts_with("pending 40  oldest "), "{first}");
+    let age: f64 = first["pending 40  oldest ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(age >= 3.0, "{first}");
+    let mut seen = vec![first];
+    for step in 1..=4 {
+        db.execute_unprepared(&format!(
+            "UPDATE vendora_outbox SET status = 'delivered', delivered_at = {} \
+             WHERE id <= {}",
+            now_ms(),
+            step * 10
+        ))
+        .await
+        .unwrap();
+        let want = format!("pending {}  ", 40 - step * 10);
+        loop {
+            let line = watch.line();
+            let done = line.starts_with(&want);
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+    }
+    let half = seen.iter().find(|l| l.starts_with("pending 20  ")).unwrap();
+    assert!(
+        half.contains("[############............]  50%  ETA "),
+        "{half}"
+    );
+    assert!(!half.contains("delivering 0.0/s"), "{half}");
+    let last = seen.last().unwrap();
+    assert!(
+        last.starts_with("pending 0  oldest -  delivering "),
+        "{last}"
+    );
+    assert!(!last.contains('['), "no bar once drained: {last}");
+}
+
+/// `outbox tail` prints rows as they finish, from when it starts: delivered ones with their
+/// latency, dead ones with their error (escaped), nothing from before.
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_tail_prints_rows_as_they_finish() {
+    let (db, url) = outbox_file("tail").await;
+    pending_rows(&db, 4).await;
+    db.execute_unprepared(&format!(
+        "UPDATE vendora_outbox SET status = 'delivered', delivered_at = {} WHERE id = 1",
+        now_ms() - 60_000
+    ))
+    .await
+    .unwrap();
+    let tail = Child::spawn(
+        &["outbox", "tail", "--count", "3"],
+        &[("DATABASE_URL", &url)],
+    );
+    // Once it follows, finish three rows.
+    let header = tail.line();
+    assert!(
+        header.starts_with("following vendora_outbox from now"),
+        "{header}"
+    );
+    let now = now_ms();
+    db.execute_unprepared(&format!(
+        "UPDATE vendora_outbox SET status = 'delivered', delivered_at = {now}, attempts = 1 \
+         WHERE id IN (2, 3)"
+    ))
+    .await
+    .unwrap();
+    db.execute_unprepared(
+        "UPDATE vendora_outbox SET status = 'dead', attempts = 10, \
+         last_error = 'status: the receiver answered 500 \u{1b}[2J' WHERE id = 4",
+    )
+    .await
+    .unwrap();
+    let lines: Vec<String> = (0..3).map(|_| tail.line()).collect();
+    let delivered: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("delivered"))
+        .collect();
+    assert_eq!(delivered.len(), 2, "{lines:#?}");
+    assert!(delivered[0].contains("product:updated") && delivered[0].contains("e2"));
+    assert!(
+        delivered[0].contains("attempts=1  after "),
+        "{}",
+        delivered[0]
+    );
+    let dead = lines
+        .iter()
+        .find(|l| l.starts_with("dead"))
+        .expect("the dead row");
+    assert!(
+        dead.contains("e4") && dead.contains("answered 500 \\u{1b}[2J"),
+        "{dead}"
+    );
+    assert!(!lines.iter().any(|l| l.contains(" e1 ")), "{lines:#?}");
+}

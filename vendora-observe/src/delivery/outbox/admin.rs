@@ -28,6 +28,28 @@ pub struct OutboxRow {
     pub attempts: i32,
     /// The last failure, if any.
     pub last_error: Option<String>,
+    /// When the write made it, in milliseconds since the Unix epoch.
+    pub created_at: i64,
+    /// When it was delivered (or superseded), in milliseconds since the Unix epoch.
+    pub delivered_at: Option<i64>,
+}
+
+const ROW_COLUMNS: &str = "id, event_id, ordering_key, event, body, status, attempts, last_error, created_at, \
+     delivered_at";
+
+fn outbox_row(r: &sea_orm::QueryResult) -> Result<OutboxRow, DbErr> {
+    Ok(OutboxRow {
+        id: r.try_get("", "id")?,
+        event_id: r.try_get("", "event_id")?,
+        ordering_key: r.try_get("", "ordering_key")?,
+        event: r.try_get("", "event")?,
+        body: r.try_get("", "body")?,
+        status: r.try_get("", "status")?,
+        attempts: r.try_get("", "attempts")?,
+        last_error: r.try_get("", "last_error")?,
+        created_at: r.try_get("", "created_at")?,
+        delivered_at: r.try_get("", "delivered_at")?,
+    })
 }
 
 /// How many rows the outbox holds, by status.
@@ -91,7 +113,8 @@ pub async fn counts<C: ConnectionTrait>(db: &C) -> Result<Counts, DbErr> {
     Ok(counts)
 }
 
-/// Rows not yet delivered nor given up on.
+/// Rows not yet delivered nor given up on (through their partial index: cheap on a table of
+/// any size).
 pub async fn pending<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
     count_status(db, "pending").await
 }
@@ -122,8 +145,8 @@ pub async fn oldest_pending<C: ConnectionTrait>(
         .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)))
 }
 
-/// Dead rows.
-pub(crate) async fn dead_count<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
+/// Dead rows (through their partial index: cheap on a table of any size).
+pub async fn dead_count<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
     count_status(db, "dead").await
 }
 
@@ -145,31 +168,54 @@ async fn count_status<C: ConnectionTrait>(db: &C, status: &str) -> Result<u64, D
 
 /// Dead rows of the outbox in `db`, oldest first, with their last error.
 pub async fn dead<C: ConnectionTrait>(db: &C, limit: u64) -> Result<Vec<OutboxRow>, DbErr> {
-    let backend = db.get_database_backend();
     let rows = db
         .query_all_raw(stmt(
-            backend,
-            &format!(
-                "SELECT id, event_id, ordering_key, event, body, status, attempts, last_error \
-                 FROM {TABLE} WHERE status = 'dead' ORDER BY id LIMIT ?"
-            ),
+            db.get_database_backend(),
+            &format!("SELECT {ROW_COLUMNS} FROM {TABLE} WHERE status = 'dead' ORDER BY id LIMIT ?"),
             vec![(limit.min(i64::MAX as u64) as i64).into()],
         ))
         .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(OutboxRow {
-                id: r.try_get("", "id")?,
-                event_id: r.try_get("", "event_id")?,
-                ordering_key: r.try_get("", "ordering_key")?,
-                event: r.try_get("", "event")?,
-                body: r.try_get("", "body")?,
-                status: r.try_get("", "status")?,
-                attempts: r.try_get("", "attempts")?,
-                last_error: r.try_get("", "last_error")?,
-            })
-        })
-        .collect()
+    rows.iter().map(outbox_row).collect()
+}
+
+/// Rows delivered or superseded at or after `since_ms` (milliseconds since the Unix epoch),
+/// in the order they finished, at most `limit` (`vendora-observe outbox tail`).
+pub async fn finished_since<C: ConnectionTrait>(
+    db: &C,
+    since_ms: i64,
+    limit: u64,
+) -> Result<Vec<OutboxRow>, DbErr> {
+    // Through the finished rows' partial index on delivered_at: the rows kept for
+    // retention before `since_ms` are not read.
+    let rows = db
+        .query_all_raw(stmt(
+            db.get_database_backend(),
+            &format!(
+                "SELECT {ROW_COLUMNS} FROM {TABLE} WHERE status IN ('delivered', 'superseded') \
+                 AND delivered_at >= ? ORDER BY delivered_at, id LIMIT ?"
+            ),
+            vec![since_ms.into(), (limit.min(i64::MAX as u64) as i64).into()],
+        ))
+        .await?;
+    rows.iter().map(outbox_row).collect()
+}
+
+/// How many rows were delivered or superseded at or after `since_ms`.
+pub async fn finished_count_since<C: ConnectionTrait>(db: &C, since_ms: i64) -> Result<u64, DbErr> {
+    let row = db
+        .query_one_raw(stmt(
+            db.get_database_backend(),
+            &format!(
+                "SELECT COUNT(*) AS n FROM {TABLE} WHERE status IN ('delivered', 'superseded') \
+                 AND delivered_at >= ?"
+            ),
+            vec![since_ms.into()],
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64>("", "n"))
+        .transpose()?
+        .unwrap_or(0) as u64)
 }
 
 /// Puts dead rows of the outbox in `db` back in the queue (one by `id`, or all with

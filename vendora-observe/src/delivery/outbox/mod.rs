@@ -53,7 +53,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 pub use admin::{
-    Counts, OutboxRow, Requeued, counts, dead, oldest_pending, pending, purge_delivered, requeue,
+    Counts, OutboxRow, Requeued, counts, dead, dead_count, finished_count_since, finished_since,
+    oldest_pending, pending, purge_delivered, requeue,
 };
 pub use schema::{create_table, table_exists};
 
