@@ -7,4 +7,5 @@ pub mod entities;
 pub mod live;
 pub mod receiver;
 pub mod scenario;
+pub mod traced;
 pub mod twin;

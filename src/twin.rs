@@ -452,6 +452,10 @@ async fn webhook(State(twin): State<Arc<Twin>>, headers: HeaderMap, body: Bytes)
         ),
         None => tracing::info_span!("webhook.broadcast", event = %event.event),
     };
+    if let Some(t) = trace {
+        // With OpenTelemetry, the broadcast is a span of the sender's trace.
+        t.adopt(&span);
+    }
     let (response, outcome) = deliver(&twin, &event, trace).instrument(span).await;
     let trace_id = trace.map(|t| t.trace_id());
     let id = event.id.as_deref();

@@ -188,8 +188,9 @@ pub async fn emit<C: ConnectionTrait>(
     let row = ChainKey::row(&ordering_key);
     let unit = unit_key.as_deref().map(ChainKey::unit);
     let mut jobs = Vec::with_capacity(events.len());
-    // The write starts a trace; its events are children of the write's span.
-    let trace = TraceParent::start();
+    // The write's place in its trace (the application's, with OpenTelemetry); its events
+    // are children of the write's span.
+    let trace = TraceParent::current();
     let span = tracing::Span::current();
     for (event, kind, data) in events {
         if kind == EventKind::Watch {

@@ -2,9 +2,11 @@
 //! [`traceparent`](https://www.w3.org/TR/trace-context/#traceparent-header) header, so a
 //! receiver can continue the trace from the write to the apps.
 //!
-//! - The write that emits an event starts its trace ([`TraceParent`]: a trace id and the
-//!   write's span id). The outbox stores it with the row, so the trace survives restarts
-//!   and relays.
+//! - The write that emits an event starts its trace ([`TraceParent::current`]: a trace id
+//!   and the write's span id). With the feature `opentelemetry` and a `tracing-opentelemetry`
+//!   layer installed, that is the OpenTelemetry context of the span current at the write, so
+//!   the event joins the application's trace; otherwise a new trace. The outbox stores it
+//!   with the row, so the trace survives restarts and relays.
 //! - Each delivery runs in a `tracing` span `webhook.deliver` whose parent is the span that
 //!   was current at the write (direct mode): log lines of the delivery show the request that
 //!   made the write. Each attempt is a span `webhook.attempt` with the `trace_id` and its own
@@ -42,6 +44,38 @@ impl TraceParent {
             span_id: fastrand::u64(1..),
             sampled: true,
         }
+    }
+
+    /// Where a write running now is in its trace: with the feature `opentelemetry`, the
+    /// OpenTelemetry context of the current `tracing` span when it has one (a
+    /// `tracing-opentelemetry` layer is installed); otherwise a new trace.
+    pub fn current() -> TraceParent {
+        #[cfg(feature = "opentelemetry")]
+        if let Some(t) = otel::of_span(&tracing::Span::current()) {
+            return t;
+        }
+        TraceParent::start()
+    }
+
+    /// The OpenTelemetry position of `span`, when it has one (feature `opentelemetry`).
+    pub fn of_span(span: &tracing::Span) -> Option<TraceParent> {
+        #[cfg(feature = "opentelemetry")]
+        return otel::of_span(span);
+        #[cfg(not(feature = "opentelemetry"))]
+        {
+            let _ = span;
+            None
+        }
+    }
+
+    /// Makes `span` continue this trace, as a child of this position: what a receiver does
+    /// with the `traceparent` it got. With the feature `opentelemetry` it sets the span's
+    /// OpenTelemetry parent; without, it does nothing.
+    pub fn adopt(&self, span: &tracing::Span) {
+        #[cfg(feature = "opentelemetry")]
+        otel::set_parent(span, *self);
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = span;
     }
 
     /// A child position in the same trace: a new span id.
@@ -107,6 +141,49 @@ impl fmt::Display for TraceParent {
 impl fmt::Debug for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "TraceParent({self})")
+    }
+}
+
+#[cfg(feature = "opentelemetry")]
+mod otel {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    use super::TraceParent;
+
+    pub(super) fn of_span(span: &tracing::Span) -> Option<TraceParent> {
+        if span.is_none() {
+            return None;
+        }
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then(|| TraceParent {
+            trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+            span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
+            sampled: sc.is_sampled(),
+        })
+    }
+
+    pub(super) fn set_parent(span: &tracing::Span, parent: TraceParent) {
+        if span.is_none() {
+            return;
+        }
+        let flags = if parent.sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        let sc = SpanContext::new(
+            TraceId::from_bytes(parent.trace_id.to_be_bytes()),
+            SpanId::from_bytes(parent.span_id.to_be_bytes()),
+            flags,
+            true,
+            TraceState::default(),
+        );
+        // Fails only when the span has already started in another context.
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
     }
 }
 

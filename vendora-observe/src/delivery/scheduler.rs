@@ -28,6 +28,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::trace::TraceParent;
+
 use super::{
     ChainKey, Context, DeadLetter, Decision, DeliveryError, EventKind, Job, Leftovers, decide,
 };
@@ -468,6 +470,10 @@ impl State {
             let seq = self.next_seq;
             // The delivery's span, a child of the write's: its attempts and log lines are
             // found under the request that made the write.
+            // Without an OpenTelemetry context of its own (an outbox row, read back with no
+            // write span; a write outside any traced span), the delivery continues the
+            // event's trace, the one its `traceparent` carries.
+            let orphan = TraceParent::of_span(&job.span).is_none();
             job.span = tracing::info_span!(
                 parent: &job.span,
                 "webhook.deliver",
@@ -476,6 +482,9 @@ impl State {
                 trace_id = %job.webhook.trace().trace_id(),
                 queued_ms = tracing::field::Empty,
             );
+            if orphan {
+                job.webhook.trace().adopt(&job.span);
+            }
             let entry = Entry {
                 job,
                 step: Step::Waiting,

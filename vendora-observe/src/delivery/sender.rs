@@ -18,6 +18,7 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use super::Webhook;
+use crate::trace::TraceParent;
 
 use crate::body::BodyError;
 use crate::config::{ENV_SECRET, WebhookConfig, mask_url};
@@ -270,14 +271,19 @@ impl WebhookService {
                 .collect();
             headers.insert("webhook-signature", header_value(&signatures.join(" ")));
         }
-        // This attempt is a span of the event's trace, the parent of what the receiver does.
-        let attempt = webhook.trace().child();
-        headers.insert("traceparent", header_value(&attempt.to_string()));
+        // This attempt is a span of the event's trace, the parent of what the receiver does:
+        // with OpenTelemetry, the attempt span's own context.
         let span = tracing::info_span!(
             "webhook.attempt",
-            trace_id = %attempt.trace_id(),
-            span_id = %attempt.span_id(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
         );
+        let attempt = TraceParent::of_span(&span)
+            .filter(|a| a.trace_id() == webhook.trace().trace_id())
+            .unwrap_or_else(|| webhook.trace().child());
+        span.record("trace_id", attempt.trace_id());
+        span.record("span_id", attempt.span_id());
+        headers.insert("traceparent", header_value(&attempt.to_string()));
         self.post(headers, bytes).instrument(span).await
     }
 
