@@ -4,7 +4,6 @@
 pub mod db;
 pub mod demo;
 pub mod entities;
-pub mod live;
 pub mod receiver;
 pub mod scenario;
 pub mod traced;

@@ -12,8 +12,8 @@
 //!   (`vendora_observe::receiver::AppToken`). A browser's `Origin` must be in
 //!   `ALLOWED_ORIGINS`. `APP_AUTH=off` turns both off, with a warning.
 //! - An app that does not read (its buffer full) is dropped, not everyone's webhook.
-//! - `GET /` is the live page (`crate::live`): what the twin does with each webhook, for
-//!   anyone holding an app token.
+//! - `GET /` is the live page (`vendora_observe::receiver::live`): what the twin does with
+//!   each webhook, for anyone holding an app token.
 //! - With `REDIS_URL`, several twins behind one URL share the apps through socketioxide's
 //!   Redis adapter: every event is published to Redis and every twin delivers it to its own
 //!   apps from there, so each app gets each event once, in the order they were published.
@@ -41,7 +41,7 @@ use vendora_observe::receiver::server::{self, Limits};
 use vendora_observe::receiver::{AppToken, Claim, Dedupe, IncomingEvent, Verifier};
 use vendora_observe::trace::TraceParent;
 
-use crate::live::{History, Seen};
+use vendora_observe::receiver::live::{self, History, MONITORS, Seen, Transport};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -190,9 +190,6 @@ impl Twin {
     }
 }
 
-/// The socket.io room of the live pages.
-const MONITORS: &str = "monitor";
-
 /// A running twin.
 pub struct Running {
     pub addr: SocketAddr,
@@ -235,8 +232,8 @@ pub async fn start(listener: TcpListener, config: TwinConfig) -> Result<Running,
         })
     };
     let routes = |twin: &Arc<Twin>| {
-        crate::live::routes()
-            .route("/", post(webhook))
+        live::assets()
+            .route("/", live::page(Transport::SocketIo).post(webhook))
             .route("/webhook", post(webhook))
             .with_state(twin.clone())
     };
@@ -377,7 +374,7 @@ async fn authenticate<A: Adapter>(
         && (config
             .app_tokens
             .iter()
-            .any(|t| constant_time_eq(t, &token))
+            .any(|t| vendora_observe::receiver::token_matches(t, &token))
             || AppToken::verify(&config.app_token_secrets, &token, SystemTime::now()).is_ok());
     if ok {
         Ok(())
@@ -387,13 +384,6 @@ async fn authenticate<A: Adapter>(
             "a valid token is required: io(url, { auth: { token } })",
         ))
     }
-}
-
-/// Compares two tokens in constant time (through their HMACs under a fixed key, so that
-/// neither length nor content leaks through timing).
-fn constant_time_eq(a: &str, b: &str) -> bool {
-    let mac = vendora_observe::sign(b"vendora-twin-token", a.as_bytes());
-    vendora_observe::verify(b"vendora-twin-token", b.as_bytes(), &mac)
 }
 
 async fn on_connect<A: Adapter>(

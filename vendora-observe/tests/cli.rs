@@ -142,6 +142,8 @@ fn send_to_listen_verifies_and_prints_and_a_wrong_secret_gets_the_hint() {
         first.starts_with("listening on http://127.0.0.1:"),
         "{first}"
     );
+    let page = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(page.starts_with("live page: http://127.0.0.1:"), "{page}");
     let url = format!("http://127.0.0.1:{port}/webhook");
 
     let (ok, out, err) = run(
@@ -468,4 +470,240 @@ async fn outbox_tail_prints_rows_as_they_finish() {
         "{dead}"
     );
     assert!(!lines.iter().any(|l| l.contains(" e1 ")), "{lines:#?}");
+}
+
+/// A GET to 127.0.0.1:`port`: the status and what came within `wait` (all of it, for a
+/// response that ends sooner).
+fn get(port: &str, path: &str, until: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap_or(0);
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if n == 0 || (!until.is_empty() && text.contains(until)) {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// `listen` serves the live page at `/` behind the token it prints: the page, and its feed
+/// of Server-Sent Events (what it received so far, then each webhook as it comes: received,
+/// duplicate, refused); without the token, 401. Webhooks still go to any path, `/` included.
+#[test]
+fn listen_serves_a_live_page_behind_its_token() {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = probe.local_addr().unwrap().port().to_string();
+    drop(probe);
+    let listen = Child::spawn(&["listen", "--port", &port, "--secret", "shared"], &[]);
+    assert!(listen.line().starts_with("listening on "));
+    let page = listen.line();
+    let token = page
+        .split_once("/#token=")
+        .map(|(_, t)| t.to_owned())
+        .unwrap_or_else(|| panic!("{page}"));
+    assert_eq!(token.len(), 32, "{page}");
+
+    let (status, html) = get(&port, "/", "</html>");
+    assert_eq!(status, 200);
+    assert!(html.contains(r#"content="eventsource""#), "{html}");
+    assert!(
+        html.to_ascii_lowercase()
+            .contains("content-security-policy: default-src 'none'")
+    );
+    assert_eq!(get(&port, "/live/events", "").0, 401);
+    assert_eq!(get(&port, "/live/events?token=stolen", "").0, 401);
+
+    let body = br#"{"event":"stock:updated","data":{"productId":4,"newStock":2}}"#;
+    let signature = vendora_observe::sign(b"shared", body);
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("X-Webhook-Signature", signature.as_str()),
+        ("X-Webhook-Id", "01a2285a-7180-7081-bf66-8f10090361cc"),
+    ];
+    assert_eq!(raw_post(&port, &headers, body), 200);
+    assert_eq!(raw_post(&port, &headers, body), 200); // a redelivery
+    let forged = [
+        ("Content-Type", "application/json"),
+        ("X-Webhook-Signature", "00"),
+    ];
+    assert_eq!(raw_post(&port, &forged, body), 401);
+
+    let (status, events) = get(
+        &port,
+        &format!("/live/events?token={token}"),
+        r#""outcome":"refused""#,
+    );
+    assert_eq!(status, 200, "{events}");
+    assert!(events.contains("text/event-stream"), "{events}");
+    let history = events
+        .lines()
+        .skip_while(|l| *l != "event: vendora:history")
+        .nth(1)
+        .and_then(|l| l.strip_prefix("data: "))
+        .unwrap_or_else(|| panic!("{events}"));
+    let records: serde_json::Value = serde_json::from_str(history).unwrap();
+    let outcomes: Vec<&str> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["received", "duplicate", "refused"]);
+    assert_eq!(records[0]["event"], "stock:updated");
+    assert_eq!(records[0]["row"], "4");
+    assert_eq!(records[0]["signature"], "ok");
+    assert_eq!(records[2]["signature"], "invalid");
+    assert!(
+        records[2]["data"].is_null(),
+        "nothing unverified reaches the page"
+    );
+
+    // An open page gets each new webhook as it comes.
+    let (tx, rx) = channel();
+    let stream_port = port.clone();
+    let path = format!("/live/events?token={token}");
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{stream_port}")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut got = String::new();
+        let mut buf = [0; 4096];
+        let mut told = false;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if !told && got.contains("event: vendora:history") {
+                told = true;
+                tx.send(None).unwrap();
+            }
+            let complete = got
+                .split_once("event: vendora:seen\n")
+                .is_some_and(|(_, rest)| rest.contains("\n\n"));
+            if complete {
+                tx.send(Some(got)).unwrap();
+                break;
+            }
+        }
+    });
+    assert_eq!(rx.recv_timeout(Duration::from_secs(20)).unwrap(), None);
+    let body = br#"{"event":"order:created","data":{"id":9}}"#;
+    let signature = vendora_observe::sign(b"shared", body);
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("X-Webhook-Signature", signature.as_str()),
+    ];
+    assert_eq!(raw_post(&port, &headers, body), 200);
+    let live = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("the stream");
+    let seen = live
+        .lines()
+        .skip_while(|l| *l != "event: vendora:seen")
+        .nth(1)
+        .and_then(|l| l.strip_prefix("data: "))
+        .unwrap_or_else(|| panic!("{live}"));
+    let seen: serde_json::Value = serde_json::from_str(seen).unwrap();
+    assert_eq!(
+        (seen["event"].as_str(), seen["row"].as_str()),
+        (Some("order:created"), Some("9"))
+    );
+}
+
+/// `listen`'s live page in headless Chromium (Debian's `chromium`): the webhooks it got,
+/// through Server-Sent Events, with their signature status.
+#[test]
+#[ignore = "needs chromium: run with --include-ignored (bash .ci/run)"]
+fn listen_live_page_in_a_browser() {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = probe.local_addr().unwrap().port().to_string();
+    drop(probe);
+    let listen = Child::spawn(&["listen", "--port", &port, "--secret", "shared"], &[]);
+    assert!(listen.line().starts_with("listening on "));
+    let page = listen.line();
+    let url = page.strip_prefix("live page: ").unwrap().to_owned();
+    for (event, id) in [
+        ("product:created", 1),
+        ("product:updated", 1),
+        ("stock:updated", 1),
+    ] {
+        let body = format!(r#"{{"event":"{event}","data":{{"id":{id}}}}}"#);
+        let signature = vendora_observe::sign(b"shared", body.as_bytes());
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("X-Webhook-Signature", signature.as_str()),
+        ];
+        assert_eq!(raw_post(&port, &headers, body.as_bytes()), 200);
+    }
+    let forged = [
+        ("Content-Type", "application/json"),
+        ("X-Webhook-Signature", "00"),
+    ];
+    assert_eq!(raw_post(&port, &forged, br#"{"event":"x","data":1}"#), 401);
+    // The feed stays open, so Chromium dumps the page at its load event, which may come
+    // before the records: dump until they are there, or 30 s have passed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (dom, rows) = loop {
+        let out = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--timeout=3000",
+                "--dump-dom",
+                &url,
+            ])
+            .stderr(Stdio::null())
+            .output()
+            .expect("chromium (apt-get install chromium)");
+        let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+        let rows: Vec<(String, String)> = dom
+            .split("<tr data-event=\"")
+            .skip(1)
+            .map(|r| {
+                let event = r.split('"').next().unwrap().to_owned();
+                let outcome = r
+                    .split_once("data-outcome=\"")
+                    .and_then(|(_, rest)| rest.split('"').next())
+                    .unwrap()
+                    .to_owned();
+                (event, outcome)
+            })
+            .collect();
+        if rows.len() == 4 || std::time::Instant::now() > deadline {
+            break (dom, rows);
+        }
+    };
+    assert!(dom.contains(r#"data-state="live""#), "{dom}");
+    let rows: Vec<(&str, &str)> = rows.iter().map(|(e, o)| (e.as_str(), o.as_str())).collect();
+    assert_eq!(
+        rows,
+        [
+            ("product:created", "received"),
+            ("product:updated", "received"),
+            ("stock:updated", "received"),
+            ("", "refused"),
+        ],
+        "{dom}"
+    );
 }

@@ -13,8 +13,10 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use clap::{Parser, Subcommand};
+use vendora_observe::receiver::live::{self, Feed, Seen, Transport};
 use vendora_observe::receiver::server::{self, Limits};
 use vendora_observe::receiver::{Claim, Dedupe, Verifier};
+use vendora_observe::trace::TraceParent;
 use vendora_observe::{DeliveryError, WebhookConfig, WebhookService, outbox};
 
 #[derive(Parser)]
@@ -37,7 +39,8 @@ enum Command {
         /// The data, as JSON, e.g. '{"id": 1}'
         json: String,
     },
-    /// Receive webhooks on 127.0.0.1, verify and pretty-print each one
+    /// Receive webhooks on 127.0.0.1, verify and pretty-print each one; a live page at / (its
+    /// address, with a token, is printed at start)
     Listen {
         /// The port to listen on
         #[arg(long, default_value_t = 3001)]
@@ -179,6 +182,8 @@ async fn send(event: &str, json: &str) -> Result<ExitCode, Error> {
 struct Listening {
     verifier: Verifier,
     seen: Dedupe,
+    /// The live page's records.
+    feed: Arc<Feed>,
 }
 
 /// The secrets to verify with: `--secret`, or `WEBHOOK_SECRET` and
@@ -221,20 +226,29 @@ async fn listen(
     require_standard: bool,
 ) -> Result<ExitCode, Error> {
     let secrets = secrets_from_env(secret)?;
+    // The live page's token: random, printed once, never sent anywhere else.
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let feed = Feed::new(token.clone());
     let state = Arc::new(Listening {
         verifier: Verifier::new(secrets).require_standard_headers(require_standard),
         seen: Dedupe::default(),
+        feed: feed.clone(),
     });
-    let app = Router::new().fallback(on_webhook).with_state(state);
+    // `GET /` is the page; every other request, on any path, is a webhook.
+    let app = Router::new()
+        .route("/", live::page(Transport::EventSource).fallback(on_webhook))
+        .merge(live::assets())
+        .merge(feed.routes())
+        .fallback(on_webhook)
+        .with_state(state);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .map_err(|e| {
             format!("cannot listen on 127.0.0.1:{port} ({e}); choose another with --port")
         })?;
-    println!(
-        "listening on http://{} (Ctrl-C to stop)",
-        listener.local_addr()?
-    );
+    let addr = listener.local_addr()?;
+    println!("listening on http://{addr} (Ctrl-C to stop)");
+    println!("live page: http://{addr}/#token={token}");
     server::serve(listener, app, Limits::default(), async {
         let _ = tokio::signal::ctrl_c().await;
     })
@@ -268,6 +282,9 @@ async fn on_webhook(
             .or(header("webhook-id"))
             .unwrap_or("-"),
     );
+    let trace_id = header("traceparent")
+        .and_then(TraceParent::parse)
+        .map(|t| t.trace_id());
     match state.verifier.verify(header, &body) {
         Ok(event) => {
             let again = match event.id.as_deref().map(|id| state.seen.claim(id)) {
@@ -278,6 +295,18 @@ async fn on_webhook(
                 Some(_) => " (redelivery)",
                 None => "",
             };
+            let outcome = if again.is_empty() {
+                "received"
+            } else {
+                "duplicate"
+            };
+            state.feed.push(Seen::verified(
+                &event.event,
+                &event.data,
+                event.id.as_deref(),
+                outcome,
+                trace_id,
+            ));
             let pretty = serde_json::to_string_pretty(&event.data).unwrap_or_default();
             println!(
                 "✓ {}  id={id}  signature ok{again}\n{}",
@@ -287,6 +316,7 @@ async fn on_webhook(
             (StatusCode::OK, "ok")
         }
         Err(rejection) => {
+            state.feed.push(Seen::refused(rejection.to_string()));
             println!(
                 "✗ {rejection} (answered {})  id={id}  body: {}",
                 rejection.status(),

@@ -43,6 +43,8 @@
 
 mod dedupe;
 #[cfg(feature = "server")]
+pub mod live;
+#[cfg(feature = "server")]
 pub mod server;
 mod token;
 
@@ -307,6 +309,14 @@ pub fn verify_request(
             },
             body,
         )
+}
+
+/// Whether `presented` equals `expected`, in constant time: both go through an HMAC under a
+/// fixed key first, so neither their length nor their content shows in the timing. For app
+/// and page tokens.
+pub fn token_matches(expected: &str, presented: &str) -> bool {
+    let mac = crate::signature::sign(b"vendora-token-compare", expected.as_bytes());
+    crate::signature::verify(b"vendora-token-compare", presented.as_bytes(), &mac)
 }
 
 #[cfg(test)]

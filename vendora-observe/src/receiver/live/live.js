@@ -1,5 +1,6 @@
-// The live page of the receiver twin: every webhook the twin handled, as the apps receive
-// it. Connects with the socket.io v4 client like an app (same token), asking to monitor.
+// The live page of a receiver (the twin, `vendora-observe listen`): every webhook it
+// handled, as the apps receive it. With the twin it connects with the socket.io v4 client
+// like an app (same token), asking to monitor; with `listen`, through Server-Sent Events.
 // Everything from the network is shown through textContent, never parsed as HTML.
 (() => {
   "use strict";
@@ -7,6 +8,7 @@
   const KEEP = 2000; // events kept in the page
   let seen = [];
   const counts = { received: 0, broadcast: 0, duplicate: 0, retry: 0, refused: 0 };
+  const transport = document.querySelector('meta[name="vendora-transport"]').content;
 
   function status(state, text) {
     const s = $("status");
@@ -25,36 +27,56 @@
     return sessionStorage.getItem("vendora-token");
   }
 
+  function loggedOut(message) {
+    status("refused", "refused: " + message);
+    sessionStorage.removeItem("vendora-token");
+    $("login").hidden = false;
+  }
+
+  // On each (re)connection the receiver sends what it handled recently, then each new one.
+  function onHistory(list) {
+    seen = [];
+    for (const k of Object.keys(counts)) counts[k] = 0;
+    list.forEach(record);
+    render();
+  }
+
+  function onSeen(s) {
+    record(s);
+    if (matches(s)) append(s);
+    summary();
+  }
+
   function connect(t) {
+    if (transport === "eventsource") {
+      const source = new EventSource("/live/events?token=" + encodeURIComponent(t));
+      source.addEventListener("open", () => status("live", "live"));
+      source.addEventListener("vendora:history", (e) => onHistory(JSON.parse(e.data)));
+      source.addEventListener("vendora:seen", (e) => onSeen(JSON.parse(e.data)));
+      source.addEventListener("error", () => {
+        // A refused token closes the source; a dropped connection is retried.
+        if (source.readyState === EventSource.CLOSED) loggedOut("a valid token is required");
+        else status("down", "disconnected, reconnecting…");
+      });
+      return;
+    }
     const socket = io({ auth: { token: t, monitor: true } });
     socket.on("connect", () => status("live", "live"));
     socket.on("disconnect", () => status("down", "disconnected, reconnecting…"));
     socket.on("connect_error", (e) => {
-      status("refused", "refused: " + e.message);
-      if (!socket.active) {
-        sessionStorage.removeItem("vendora-token");
-        $("login").hidden = false;
-      }
+      if (!socket.active) loggedOut(e.message);
+      else status("down", "disconnected, reconnecting…");
     });
-    // On each (re)connection the twin sends what it handled recently, then each new one.
-    socket.on("vendora:history", (list) => {
-      seen = [];
-      for (const k of Object.keys(counts)) counts[k] = 0;
-      list.forEach(record);
-      render();
-    });
-    socket.on("vendora:seen", (s) => {
-      record(s);
-      if (matches(s)) append(s);
-      summary();
-    });
+    socket.on("vendora:history", onHistory);
+    socket.on("vendora:seen", onSeen);
   }
 
   function record(s) {
     seen.push(s);
     if (seen.length > KEEP) seen.shift();
     counts.received += 1;
-    if (s.outcome in counts) counts[s.outcome] += 1;
+    const bucket = s.outcome === "received" ? "broadcast" : s.outcome;
+    if (bucket in counts) counts[bucket] += 1;
   }
 
   function matches(s) {
@@ -82,7 +104,7 @@
     cell(tr, s.event || "—");
     cell(tr, s.row || "—");
     cell(tr, s.signature === "ok" ? "✓ valid" : "✗ " + (s.reason || "invalid"), s.signature === "ok" ? "sig-ok" : "sig-bad");
-    cell(tr, { broadcast: "broadcast", duplicate: "duplicate dropped", retry: "retry asked (in progress)", failed: "broadcast failed (503)", refused: "refused" }[s.outcome] || s.outcome);
+    cell(tr, { broadcast: "broadcast", received: "received", duplicate: "duplicate dropped", retry: "retry asked (in progress)", failed: "broadcast failed (503)", refused: "refused" }[s.outcome] || s.outcome);
     cell(tr, s.latencyMs == null ? "—" : s.latencyMs + " ms");
     cell(tr, s.data === undefined || s.data === null ? "" : JSON.stringify(s.data), "data");
     $("events").tBodies[0].appendChild(tr);
@@ -109,7 +131,9 @@
       const i = 59 - (now - Math.floor(s.at / 1000));
       if (i < 0 || i > 59) continue;
       rate[i] += 1;
-      if (s.outcome === "broadcast" && s.latencyMs != null) lat[i].push(s.latencyMs);
+      if ((s.outcome === "broadcast" || s.outcome === "received") && s.latencyMs != null) {
+        lat[i].push(s.latencyMs);
+      }
     }
     const median = lat.map((l) => (l.length ? l.sort((a, b) => a - b)[l.length >> 1] : null));
     bars($("rate"), rate, "#3b6fd8");

@@ -1,0 +1,342 @@
+//! The live page (feature `server`): every webhook a receiver handles, as the apps receive
+//! it — time, event, row, signature, duplicates and retries, latency from the write, data —
+//! with filters by event and row and a live chart of events per second and latency.
+//!
+//! The page is static and embedded in the binary (`receiver/live/`): HTML, CSS, a small
+//! script and the socket.io v4 client. It needs a token, the way apps do, and gets what the
+//! receiver handled recently, then a record ([`Seen`]) per webhook, over one of two
+//! [`Transport`]s:
+//!
+//! - [`Transport::SocketIo`]: the receiver twin's apps' own connection; the page connects
+//!   with `auth: { token, monitor: true }`, and monitors get `vendora:history` then
+//!   `vendora:seen` events;
+//! - [`Transport::EventSource`]: Server-Sent Events from [`Feed`], for receivers without
+//!   socket.io (`vendora-observe listen`).
+//!
+//! The page is served with a strict Content-Security-Policy (scripts from the receiver
+//! only) and shows what it receives as text, never as HTML.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+/// What a receiver did with one webhook, as the live page shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Seen {
+    /// When the twin handled it, in milliseconds since the Unix epoch.
+    pub at: u64,
+    /// The event name (`None` when the request was refused: its body is not trusted).
+    pub event: Option<String>,
+    /// The row: the data's `id`, or its first `…Id` field (`productId`).
+    pub row: Option<String>,
+    /// The `X-Webhook-Id`.
+    pub id: Option<String>,
+    /// `broadcast` (the twin) or `received` (`listen`), `duplicate` (dropped), `retry` (the
+    /// same id is being handled: 503), `failed` (the broadcast failed: 503), `refused`.
+    pub outcome: &'static str,
+    /// `ok`, or `invalid` when refused.
+    pub signature: &'static str,
+    /// Why it was refused.
+    pub reason: Option<String>,
+    /// The data, once verified.
+    pub data: Option<Value>,
+    /// From the write (the UUIDv7 id's time) to the broadcast.
+    pub latency_ms: Option<u64>,
+    /// The trace the sender's `traceparent` named.
+    pub trace_id: Option<String>,
+}
+
+impl Seen {
+    /// A verified webhook and what became of it.
+    pub fn verified(
+        event: &str,
+        data: &Value,
+        id: Option<&str>,
+        outcome: &'static str,
+        trace_id: Option<String>,
+    ) -> Seen {
+        let at = now_ms();
+        Seen {
+            at,
+            event: Some(event.to_owned()),
+            row: row_of(data),
+            id: id.map(str::to_owned),
+            outcome,
+            signature: "ok",
+            reason: None,
+            data: matches!(outcome, "broadcast" | "received").then(|| data.clone()),
+            latency_ms: id.and_then(uuid_v7_ms).map(|born| at.saturating_sub(born)),
+            trace_id,
+        }
+    }
+
+    /// A refused request: only why.
+    pub fn refused(reason: String) -> Seen {
+        Seen {
+            at: now_ms(),
+            event: None,
+            row: None,
+            id: None,
+            outcome: "refused",
+            signature: "invalid",
+            reason: Some(reason),
+            data: None,
+            latency_ms: None,
+            trace_id: None,
+        }
+    }
+}
+
+/// The last webhooks handled, sent to each page as it connects.
+#[derive(Debug, Default)]
+pub struct History {
+    entries: Mutex<VecDeque<Seen>>,
+}
+
+/// How many records a receiver keeps for pages that connect later.
+pub const HISTORY: usize = 500;
+
+impl History {
+    /// Keeps `seen`, dropping the oldest record beyond [`HISTORY`].
+    pub fn push(&self, seen: Seen) {
+        History::keep(&mut self.lock(), seen);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Seen>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn keep(entries: &mut VecDeque<Seen>, seen: Seen) {
+        if entries.len() == HISTORY {
+            entries.pop_front();
+        }
+        entries.push_back(seen);
+    }
+
+    /// The records kept, oldest first.
+    pub fn snapshot(&self) -> Vec<Seen> {
+        self.lock().iter().cloned().collect()
+    }
+}
+
+/// How the page gets its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Transport {
+    /// socket.io, with the apps: the receiver emits to the room [`MONITORS`].
+    SocketIo,
+    /// Server-Sent Events from a [`Feed`] at `/live/events`.
+    EventSource,
+}
+
+/// The socket.io room of the live pages ([`Transport::SocketIo`]).
+pub const MONITORS: &str = "monitor";
+
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+                   connect-src 'self'; img-src 'self'; form-action 'none'; \
+                   frame-ancestors 'none'; base-uri 'none'";
+
+fn asset(body: &'static str, kind: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CONTENT_SECURITY_POLICY, CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The page itself, for `GET /`; add the receiver's own methods to it, e.g.
+/// `page(Transport::SocketIo).post(webhook)`.
+pub fn page<S: Clone + Send + Sync + 'static>(transport: Transport) -> MethodRouter<S> {
+    static SOCKET_IO: OnceLock<String> = OnceLock::new();
+    static EVENT_SOURCE: OnceLock<String> = OnceLock::new();
+    let html: &'static str = match transport {
+        Transport::SocketIo => SOCKET_IO.get_or_init(|| {
+            include_str!("live/index.html").replace(
+                "<!--transport-->",
+                "<meta name=\"vendora-transport\" content=\"socket.io\">\n\
+                 <script src=\"/live/socket.io.min.js\"></script>",
+            )
+        }),
+        Transport::EventSource => EVENT_SOURCE.get_or_init(|| {
+            include_str!("live/index.html").replace(
+                "<!--transport-->",
+                "<meta name=\"vendora-transport\" content=\"eventsource\">",
+            )
+        }),
+    };
+    get(move || async move { asset(html, "text/html; charset=utf-8") })
+}
+
+/// The page's assets, under `/live/`.
+pub fn assets<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    let js = "text/javascript; charset=utf-8";
+    Router::new()
+        .route(
+            "/live/live.js",
+            get(move || async move { asset(include_str!("live/live.js"), js) }),
+        )
+        .route(
+            "/live/live.css",
+            get(|| async { asset(include_str!("live/live.css"), "text/css; charset=utf-8") }),
+        )
+        .route(
+            "/live/socket.io.min.js",
+            get(move || async move { asset(include_str!("live/socket.io.min.js"), js) }),
+        )
+}
+
+/// The records of a receiver without socket.io, for pages that hold `token`: what it
+/// handled recently, then each new record, as Server-Sent Events at `/live/events`.
+pub struct Feed {
+    history: History,
+    tx: broadcast::Sender<Seen>,
+    token: String,
+}
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed").finish_non_exhaustive()
+    }
+}
+
+impl Feed {
+    /// A feed for pages that present `token`.
+    pub fn new(token: impl Into<String>) -> Arc<Feed> {
+        Arc::new(Feed {
+            history: History::default(),
+            tx: broadcast::channel(1024).0,
+            token: token.into(),
+        })
+    }
+
+    /// Records what became of a webhook and sends it to the open pages.
+    pub fn push(&self, seen: Seen) {
+        // Under the history's lock: a page that connects gets each record exactly once,
+        // in its history or live.
+        let mut entries = self.history.lock();
+        History::keep(&mut entries, seen.clone());
+        let _ = self.tx.send(seen);
+    }
+
+    /// `GET /live/events?token=…`: 401 without the feed's token.
+    pub fn routes<S: Clone + Send + Sync + 'static>(self: &Arc<Self>) -> Router<S> {
+        Router::new()
+            .route("/live/events", get(events))
+            .with_state(self.clone())
+    }
+}
+
+/// The `token` parameter of a query string, percent-decoded.
+fn token_param(query: &str) -> String {
+    let raw = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+        .unwrap_or("");
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hex: Vec<u8> = bytes.by_ref().take(2).collect();
+                match std::str::from_utf8(&hex)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => out.push(v),
+                    None => return String::new(),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn sse_event(name: &'static str, data: &impl Serialize) -> Event {
+    Event::default()
+        .event(name)
+        .data(serde_json::to_string(data).unwrap_or_default())
+}
+
+async fn events(State(feed): State<Arc<Feed>>, RawQuery(query): RawQuery) -> Response {
+    let token = token_param(query.as_deref().unwrap_or(""));
+    if !crate::receiver::token_matches(&feed.token, &token) {
+        return (StatusCode::UNAUTHORIZED, "a valid token is required").into_response();
+    }
+    let (history, rx) = {
+        let entries = feed.history.lock();
+        let records: Vec<&Seen> = entries.iter().collect();
+        (sse_event("vendora:history", &records), feed.tx.subscribe())
+    };
+    let first = futures_util::stream::once(async move { Ok::<_, Infallible>(history) });
+    let rest = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(seen) => {
+                    return Some((Ok(sse_event("vendora:seen", &seen)), rx));
+                }
+                // A page too slow for the feed misses records; it is told on reconnect.
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    use futures_util::StreamExt;
+    let mut response = Sse::new(first.chain(rest))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, "no-cache".parse().expect("valid"));
+    response
+}
+
+/// The row an event is about: `data.id`, or the first field named `…Id`.
+fn row_of(data: &Value) -> Option<String> {
+    let object = data.as_object()?;
+    let value = object.get("id").or_else(|| {
+        object
+            .iter()
+            .find(|(k, _)| k.ends_with("Id") || k.ends_with("_id"))
+            .map(|(_, v)| v)
+    })?;
+    Some(match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+}
+
+/// The creation time of a UUIDv7, in milliseconds since the Unix epoch.
+fn uuid_v7_ms(id: &str) -> Option<u64> {
+    let hex: String = id.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || hex.as_bytes()[12] != b'7' {
+        return None;
+    }
+    u64::from_str_radix(&hex[..12], 16).ok()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
