@@ -234,12 +234,13 @@ async fn listen(
         seen: Dedupe::default(),
         feed: feed.clone(),
     });
-    // `GET /` is the page; every other request, on any path, is a webhook.
+    // `GET /` is the page; a POST to any path is a webhook; nothing else is (a browser's
+    // `/favicon.ico` is not a refused webhook).
     let app = Router::new()
-        .route("/", live::page(Transport::EventSource).fallback(on_webhook))
+        .route("/", live::page(Transport::EventSource).post(on_webhook))
         .merge(live::assets())
         .merge(feed.routes())
-        .fallback(on_webhook)
+        .fallback(any_path)
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
@@ -269,6 +270,18 @@ fn escaped(text: &str) -> String {
             }
         })
         .collect()
+}
+
+async fn any_path(
+    state: State<Arc<Listening>>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, &'static str) {
+    if method != axum::http::Method::POST {
+        return (StatusCode::NOT_FOUND, "not found: webhooks are POSTs");
+    }
+    on_webhook(state, headers, body).await
 }
 
 async fn on_webhook(
