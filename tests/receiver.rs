@@ -558,6 +558,22 @@ async fn the_live_page_shows_the_events_as_the_apps_receive_them() {
     );
     assert!(dom.contains(r#"data-state="live""#), "connected");
 
+    // Filters from the address: one event name, one row.
+    let dom = chromium(&[
+        "--dump-dom",
+        &format!("{base}/#token={TOKEN}&event=product:updated&row=1"),
+    ]);
+    let shown: Vec<(String, String)> = page_rows(&dom)
+        .into_iter()
+        .map(|(event, row, _, _)| (event, row))
+        .collect();
+    assert_eq!(
+        shown,
+        vec![("product:updated".to_owned(), "1".to_owned()); 3],
+        "the scenario updates product 1 three times"
+    );
+    assert!(dom.contains("3 of 14 shown"), "{dom}");
+
     // Without a token: the form, and no event.
     let dom = chromium(&["--dump-dom", &format!("{base}/")]);
     assert!(page_rows(&dom).is_empty());

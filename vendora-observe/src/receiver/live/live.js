@@ -16,12 +16,18 @@
     s.textContent = text;
   }
 
+  // `#token=…&event=…&row=…`: the token is kept for the session and leaves the address bar
+  // (and the history); the filters stay, so a filtered view can be shared without it.
   function token() {
-    const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
+    const params = new URLSearchParams(location.hash.slice(1));
+    $("f-event").value = params.get("event") || "";
+    $("f-row").value = params.get("row") || "";
+    const fromHash = params.get("token");
     if (fromHash) {
       sessionStorage.setItem("vendora-token", fromHash);
-      // The token leaves the address bar (and the history).
-      history.replaceState(null, "", location.pathname + location.search);
+      params.delete("token");
+      const rest = params.toString();
+      history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
       return fromHash;
     }
     return sessionStorage.getItem("vendora-token");
