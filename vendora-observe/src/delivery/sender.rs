@@ -281,8 +281,10 @@ impl WebhookService {
         let attempt = TraceParent::of_span(&span)
             .filter(|a| a.trace_id() == webhook.trace().trace_id())
             .unwrap_or_else(|| webhook.trace().child());
-        span.record("trace_id", attempt.trace_id());
-        span.record("span_id", attempt.span_id());
+        if !span.is_disabled() {
+            span.record("trace_id", attempt.trace_id());
+            span.record("span_id", attempt.span_id());
+        }
         headers.insert("traceparent", header_value(&attempt.to_string()));
         self.post(headers, bytes).instrument(span).await
     }
