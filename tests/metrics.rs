@@ -59,7 +59,7 @@ struct Scrape(Vec<(String, HashMap<String, String>, f64)>);
 
 impl Scrape {
     async fn take() -> Scrape {
-        let text = reqwest_text(endpoint()).await;
+        let text = http_get(endpoint()).await;
         let mut samples = Vec::new();
         for line in text
             .lines()
@@ -118,7 +118,7 @@ impl Scrape {
     }
 }
 
-async fn reqwest_text(url: &str) -> String {
+async fn http_get(url: &str) -> String {
     // A plain HTTP/1.1 GET over a TCP socket: the test needs no HTTP client of its own.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();

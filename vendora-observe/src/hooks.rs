@@ -190,8 +190,8 @@ pub async fn emit<C: ConnectionTrait>(
     let mut jobs = Vec::with_capacity(events.len());
     // The write's place in its trace (the application's, with OpenTelemetry); its events
     // are children of the write's span.
-    let trace = TraceParent::current();
     let span = tracing::Span::current();
+    let trace = TraceParent::of_span(&span).unwrap_or_else(TraceParent::start);
     for (event, kind, data) in events {
         if kind == EventKind::Watch {
             check_watch_name(event, entity.event);

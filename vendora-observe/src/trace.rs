@@ -50,11 +50,7 @@ impl TraceParent {
     /// OpenTelemetry context of the current `tracing` span when it has one (a
     /// `tracing-opentelemetry` layer is installed); otherwise a new trace.
     pub fn current() -> TraceParent {
-        #[cfg(feature = "opentelemetry")]
-        if let Some(t) = otel::of_span(&tracing::Span::current()) {
-            return t;
-        }
-        TraceParent::start()
+        TraceParent::of_span(&tracing::Span::current()).unwrap_or_else(TraceParent::start)
     }
 
     /// The OpenTelemetry position of `span`, when it has one (feature `opentelemetry`).

@@ -502,17 +502,24 @@ fn get(port: &str, path: &str, until: &str) -> (u16, String) {
     (status, text)
 }
 
-/// `listen` serves the live page at `/` behind the token it prints: the page, and its feed
-/// of Server-Sent Events (what it received so far, then each webhook as it comes: received,
-/// duplicate, refused); without the token, 401. Webhooks still go to any path, `/` included.
-#[test]
-fn listen_serves_a_live_page_behind_its_token() {
+/// `listen --secret shared` on a free port, once it listens: the process, its port and the
+/// line that gives the live page's address.
+fn listen_with_page() -> (Child, String, String) {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = probe.local_addr().unwrap().port().to_string();
     drop(probe);
     let listen = Child::spawn(&["listen", "--port", &port, "--secret", "shared"], &[]);
     assert!(listen.line().starts_with("listening on "));
     let page = listen.line();
+    (listen, port, page)
+}
+
+/// `listen` serves the live page at `/` behind the token it prints: the page, and its feed
+/// of Server-Sent Events (what it received so far, then each webhook as it comes: received,
+/// duplicate, refused); without the token, 401. Webhooks still go to any path, `/` included.
+#[test]
+fn listen_serves_a_live_page_behind_its_token() {
+    let (_listen, port, page) = listen_with_page();
     let token = page
         .split_once("/#token=")
         .map(|(_, t)| t.to_owned())
@@ -639,12 +646,7 @@ fn listen_serves_a_live_page_behind_its_token() {
 #[test]
 #[ignore = "needs chromium: run with --include-ignored (bash .ci/run)"]
 fn listen_live_page_in_a_browser() {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = probe.local_addr().unwrap().port().to_string();
-    drop(probe);
-    let listen = Child::spawn(&["listen", "--port", &port, "--secret", "shared"], &[]);
-    assert!(listen.line().starts_with("listening on "));
-    let page = listen.line();
+    let (_listen, port, page) = listen_with_page();
     let url = page.strip_prefix("live page: ").unwrap().to_owned();
     for (event, id) in [
         ("product:created", 1),

@@ -577,10 +577,13 @@ async fn tail(db: &sea_orm::DatabaseConnection, count: Option<u64>) -> Result<()
             at_since.insert(r.id);
             rows.push(r);
         }
-        for r in outbox::dead(db, 100_000).await? {
-            if dead_seen.insert(r.id) {
-                rows.push(r);
-            }
+        // The dead rows are read again only when their count changed (one index count);
+        // `dead_seen` holds the rows dead now, so a requeue does not make every poll read.
+        if outbox::dead_count(db).await? != dead_seen.len() as u64 {
+            let dead = outbox::dead(db, 100_000).await?;
+            let now: HashSet<i64> = dead.iter().map(|r| r.id).collect();
+            rows.extend(dead.into_iter().filter(|r| !dead_seen.contains(&r.id)));
+            dead_seen = now;
         }
         for r in rows {
             let latency = r

@@ -125,10 +125,7 @@ pub async fn oldest_pending<C: ConnectionTrait>(
 ) -> Result<Option<std::time::SystemTime>, DbErr> {
     // The oldest by id through the pending rows' partial index: one index entry read.
     let backend = db.get_database_backend();
-    let indexed = match backend {
-        sea_orm::DbBackend::Sqlite => format!(" INDEXED BY {TABLE}_pending"),
-        _ => String::new(),
-    };
+    let indexed = super::claim::by_index(backend, "pending");
     let row = db
         .query_one_raw(stmt(
             backend,

@@ -442,7 +442,7 @@ fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
     })
 }
 
-fn by_index(backend: DbBackend, index: &str) -> String {
+pub(crate) fn by_index(backend: DbBackend, index: &str) -> String {
     // SQLite plans from `sqlite_stat1`, which, when taken mid-burst, says most rows are
     // pending: it then scans the whole table. The pending rows' indexes are always right.
     match backend {
