@@ -65,6 +65,29 @@ async fn dispatch_posts_the_signed_body_with_the_protocol_headers() {
     assert_ne!(got[0].id(), got[1].id());
     // No Standard Webhooks headers unless switched on.
     assert!(r.header("webhook-signature").is_none());
+    assert!(r.header("authorization").is_none());
+    assert_eq!(r.header("host"), receiver.url().split('/').nth(2));
+}
+
+/// Credentials in WEBSOCKET_SERVER_URL are sent as HTTP Basic authentication (decoded), as
+/// browsers and HTTP clients do, and the query string is kept.
+#[tokio::test]
+async fn credentials_in_the_url_are_sent_as_basic_auth() {
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let url = receiver
+        .url()
+        .replace("http://", "http://pos%40shop:s3cret@")
+        + "?tenant=7";
+    let s = service(&url, Duration::from_secs(5));
+    s.try_dispatch("x:y", &json!({})).await.unwrap();
+    let r = &receiver.wait_delivered(1, common::WAIT).await[0];
+    // base64("pos@shop:s3cret")
+    assert_eq!(
+        r.header("authorization"),
+        Some("Basic cG9zQHNob3A6czNjcmV0")
+    );
+    assert_eq!(r.path, "/webhook");
+    assert!(!format!("{s:?}").contains("s3cret"));
 }
 
 #[tokio::test]
@@ -282,8 +305,10 @@ async fn dropping_server(
                     if !answer(connection, request) {
                         return; // dropped: closed without an answer
                     }
+                    // With a body, as the Node server answers: the sender reads it to keep
+                    // the connection.
                     socket
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"ok\":true}")
                         .await
                         .unwrap();
                 }

@@ -21,6 +21,7 @@ pub(crate) mod direct;
 pub mod outbox;
 pub(crate) mod scheduler;
 pub(crate) mod sender;
+mod transport;
 
 use std::fmt;
 use std::hash::{Hash, Hasher};

@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, LOCATION, RETRY_AFTER, USER_AGENT};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, USER_AGENT};
 use reqwest::{Url, redirect};
 use serde::Serialize;
 use tracing::Instrument;
 
 use super::Webhook;
+use super::transport::Transport;
 use crate::trace::TraceParent;
 
 use crate::body::BodyError;
@@ -166,8 +167,9 @@ impl DeliveryError {
 
 /// Sends signed webhooks to the configured WebSocket server.
 ///
-/// Cheap to clone (an `Arc` inside); every clone shares one `reqwest::Client`, so
-/// connections are kept alive and reused. Redirects are never followed.
+/// Cheap to clone (an `Arc` inside); every clone shares one pool of kept-alive connections
+/// (HTTP/1.1 over hyper for `http://`, reqwest with rustls for `https://`). Redirects are
+/// never followed.
 ///
 /// ```no_run
 /// use vendora_observe::{WebhookConfig, WebhookService};
@@ -188,7 +190,7 @@ pub struct WebhookService {
 
 struct Inner {
     config: WebhookConfig,
-    client: reqwest::Client,
+    transport: Transport,
     /// The endpoint as it may appear in logs: without user name or password.
     log_url: String,
 }
@@ -204,12 +206,15 @@ impl fmt::Debug for WebhookService {
 impl WebhookService {
     /// A service for `config`, with its own connection pool.
     pub fn new(config: WebhookConfig) -> Result<Self, StartError> {
-        let client = build_client(&config).map_err(|source| StartError::HttpClient { source })?;
+        let transport = Transport::new(config.parsed_url(), config.connect_timeout(), || {
+            build_client(&config)
+        })
+        .map_err(|source| StartError::HttpClient { source })?;
         let log_url = mask_url(&redact_url(config.parsed_url()));
         Ok(WebhookService {
             inner: Arc::new(Inner {
                 config,
-                client,
+                transport,
                 log_url,
             }),
         })
@@ -289,60 +294,31 @@ impl WebhookService {
         self.post(headers, bytes).instrument(span).await
     }
 
-    /// The POST itself, with one resend on a connection closed under it.
+    /// The POST itself (see [`Transport`]), and what its answer means.
     async fn post(&self, headers: HeaderMap, bytes: Bytes) -> Result<Delivered, DeliveryError> {
         let config = &self.inner.config;
         let started = Instant::now();
-        let post = || {
-            self.inner
-                .client
-                .post(config.parsed_url().clone())
-                .headers(headers.clone())
-                .body(bytes.clone())
-                .send()
-        };
-        let response = match post().await {
-            Ok(r) => r,
-            // A kept-alive connection the receiver had just closed (idle timeout, a
-            // connection cap): the request broke without an answer. HTTP/1.1 has this race
-            // built in; one resend at once on a new connection, with the same
-            // X-Webhook-Id, instead of a failed attempt and a backoff.
-            Err(e) if is_broken_connection(&e) && started.elapsed() < config.timeout() / 2 => {
-                match post().await {
-                    Ok(r) => r,
-                    Err(e) => return Err(classify(e, config.timeout())),
-                }
-            }
-            Err(e) => return Err(classify(e, config.timeout())),
-        };
+        let answer = self
+            .inner
+            .transport
+            .post(config.parsed_url(), &headers, &bytes, config.timeout())
+            .await?;
         let elapsed = started.elapsed();
-        let status = response.status();
-        if status.is_success() {
-            return Ok(Delivered {
-                status: status.as_u16(),
-                elapsed,
-            });
+        let status = answer.status;
+        if (200..300).contains(&status) {
+            return Ok(Delivered { status, elapsed });
         }
-        let error = if status.is_redirection() {
+        Err(if (300..400).contains(&status) {
             DeliveryError::Redirect {
-                status: status.as_u16(),
-                location: response
-                    .headers()
-                    .get(LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned),
+                status,
+                location: answer.location,
             }
         } else {
             DeliveryError::Status {
-                status: status.as_u16(),
-                retry_after: response
-                    .headers()
-                    .get(RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_retry_after),
+                status,
+                retry_after: answer.retry_after.as_deref().and_then(parse_retry_after),
             }
-        };
-        Err(error)
+        })
     }
 
     /// Logs a failed attempt the way every part of the crate does (and on stderr when no
@@ -402,63 +378,6 @@ fn build_client(config: &WebhookConfig) -> Result<reqwest::Client, Cause> {
         .no_proxy()
         .build()
         .map_err(Into::into)
-}
-
-/// A request that broke on its connection without an answer, not a timeout nor a failure to
-/// connect: the connection was reset or closed under it.
-fn is_broken_connection(e: &reqwest::Error) -> bool {
-    if e.is_timeout() || e.is_connect() || e.is_status() || e.is_body() || e.is_decode() {
-        return false;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            );
-        }
-        if let Some(h) = s.downcast_ref::<hyper::Error>()
-            && (h.is_incomplete_message() || h.is_closed() || h.is_canceled())
-        {
-            return true;
-        }
-        source = s.source();
-    }
-    false
-}
-
-fn classify(e: reqwest::Error, timeout: Duration) -> DeliveryError {
-    // The URL is logged separately, redacted; reqwest's message would repeat it verbatim.
-    let e = e.without_url();
-    if e.is_timeout() {
-        DeliveryError::Timeout { after: timeout }
-    } else if e.is_connect() {
-        DeliveryError::Connect {
-            reason: error_chain(&e),
-            source: Box::new(e),
-        }
-    } else {
-        DeliveryError::Transport {
-            reason: error_chain(&e),
-            source: Box::new(e),
-        }
-    }
-}
-
-/// reqwest's top-level message is generic ("error sending request"): the cause says more.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// `Retry-After` is either delay-seconds or an HTTP-date.
