@@ -35,10 +35,6 @@ use crate::body::WebhookBody;
 use crate::delivery::{ChainKey, EventKind, Job, Webhook};
 use crate::trace::TraceParent;
 
-/// Rows of one chain a relay holds at most: a hot row streams, yet cannot take every slot
-/// from the other rows.
-pub(crate) const PER_CHAIN: usize = 64;
-
 /// What a relay holds: rows it claimed and has not yet recorded an outcome for.
 #[derive(Debug, Default)]
 pub(crate) struct Held {
@@ -152,7 +148,13 @@ pub(crate) struct Cursor {
     after_unit: String,
     /// When the skip scan over keys last ran (it is the slow path, for stuck frontiers).
     last_skip_scan: Option<i64>,
+    /// Unit runs that found nothing in a row, and when to read them again.
+    unit_misses: u32,
+    units_again_at: i64,
 }
+
+/// The most pending rows one frontier reads.
+const MAX_WINDOW: usize = 4096;
 
 /// Units of work whose runs one claim reads at most.
 const UNITS_PER_CLAIM: usize = 16;
@@ -163,6 +165,13 @@ pub(crate) struct Request<'a> {
     pub(crate) now: i64,
     pub(crate) lease: Duration,
     pub(crate) want: usize,
+    /// Rows of one chain the relay holds at most: half of what it may hold, so that a hot
+    /// row streams, yet cannot take every slot from the other rows. (With a quarter, 64 of
+    /// 256 in earlier measurements, the transactions of several tasks on ten shared rows
+    /// could not overlap: each row's cap was filled by the first two or three of them, and
+    /// PostgreSQL drained that backlog at 55-75% of the distinct-rows rate; with half,
+    /// 89-103%.)
+    pub(crate) per_chain: usize,
 }
 
 /// A claim that failed.
@@ -189,7 +198,7 @@ pub(crate) async fn claim(
         leased: true,
     };
     let backend = db.get_database_backend();
-    let window = (4 * req.want).clamp(64, 4096);
+    let window = (4 * req.want).clamp(64, MAX_WINDOW);
     let frontier =
         super::query_planned_each_time(db, frontier_statement(backend, req.relay, window))
             .await
@@ -198,14 +207,17 @@ pub(crate) async fn claim(
             .map(Candidate::from_row)
             .collect::<Result<Vec<_>, _>>()
             .map_err(read)?;
-    let mut choice = Choice::new(held, req.now, req.want);
+    let mut choice = Choice::new(held, req.now, req.want, req.per_chain);
     for c in &frontier {
         choice.consider(c);
     }
     // Units of work whose oldest rows lie beyond the frontier (several tasks writing long
     // transactions): each unit's next rows, with their predecessors on both chains. Only
     // when the frontier gave little: the frontier is the cheaper read.
-    if choice.chosen.len() < req.want / 2 && frontier.len() == window {
+    if choice.chosen.len() < req.want / 2
+        && frontier.len() == window
+        && req.now >= cursor.units_again_at
+    {
         let units = super::query_planned_each_time(
             db,
             unit_scan_statement(backend, &cursor.after_unit, UNITS_PER_CLAIM),
@@ -227,7 +239,7 @@ pub(crate) async fn claim(
             .map(|u| {
                 let key = ChainKey::unit(&u);
                 Run {
-                    rows: PER_CHAIN.saturating_sub(held.chain_count(key)),
+                    rows: req.per_chain.saturating_sub(held.chain_count(key)),
                     after: held.newest(key).unwrap_or(0),
                     unit: u,
                 }
@@ -244,8 +256,18 @@ pub(crate) async fn claim(
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(read)?;
             runs.sort_by_key(|c| c.id);
+            let before = choice.chosen.len();
             for c in &runs {
                 choice.consider_run(c);
+            }
+            // Runs that all wait behind rows in flight (hot rows several units share)
+            // yield nothing until those are delivered: look again later, 10 ms after the
+            // first miss, up to 160 ms after repeated ones, at once after a hit.
+            if choice.chosen.len() == before {
+                cursor.unit_misses = (cursor.unit_misses + 1).min(5);
+                cursor.units_again_at = req.now + (5 << cursor.unit_misses);
+            } else {
+                cursor.unit_misses = 0;
             }
         }
     }
@@ -326,6 +348,7 @@ struct Choice<'a> {
     held: &'a Held,
     now: i64,
     want: usize,
+    per_chain: usize,
     blocked: HashSet<ChainKey>,
     taken: HashMap<ChainKey, usize>,
     chosen: Vec<Candidate>,
@@ -337,11 +360,12 @@ struct Choice<'a> {
 }
 
 impl<'a> Choice<'a> {
-    fn new(held: &'a Held, now: i64, want: usize) -> Self {
+    fn new(held: &'a Held, now: i64, want: usize, per_chain: usize) -> Self {
         Choice {
             held,
             now,
             want,
+            per_chain,
             blocked: HashSet::new(),
             taken: HashMap::new(),
             chosen: Vec::new(),
@@ -352,7 +376,7 @@ impl<'a> Choice<'a> {
     }
 
     fn room(&self, k: ChainKey) -> bool {
-        self.held.chain_count(k) + self.taken.get(&k).copied().unwrap_or(0) < PER_CHAIN
+        self.held.chain_count(k) + self.taken.get(&k).copied().unwrap_or(0) < self.per_chain
     }
 
     fn take(&mut self, c: &Candidate) {
@@ -678,8 +702,10 @@ mod tests {
         }
     }
 
+    const PER_CHAIN: usize = 64;
+
     fn choose(held: &Held, cands: &[Candidate], want: usize) -> Vec<i64> {
-        let mut choice = Choice::new(held, 10, want);
+        let mut choice = Choice::new(held, 10, want, PER_CHAIN);
         for c in cands {
             choice.consider(c);
         }
@@ -715,7 +741,7 @@ mod tests {
         let mut later = cand(1, "p:1", None);
         later.next_attempt_at = 50;
         let held = Held::default();
-        let mut choice = Choice::new(&held, 10, 10);
+        let mut choice = Choice::new(&held, 10, 10, PER_CHAIN);
         for c in [later, cand(2, "p:1", None), cand(3, "p:2", None)] {
             choice.consider(&c);
         }
@@ -732,7 +758,7 @@ mod tests {
             prev_unit,
             ..cand(id, &format!("p:{id}"), Some("t"))
         };
-        let mut choice = Choice::new(&held, 10, 10);
+        let mut choice = Choice::new(&held, 10, 10, PER_CHAIN);
         choice.consider_run(&run(11, None, Some(10))); // behind a held row: taken
         choice.consider_run(&run(12, None, Some(11))); // behind a row taken now: taken
         choice.consider_run(&run(13, Some(5), Some(12))); // its row has an older row: not

@@ -110,6 +110,7 @@ pub(super) async fn run(
                 now: now_ms(),
                 lease: options.lease,
                 want,
+                per_chain: max_held(batch) / 2,
             };
             match claim::claim(db, &held, &mut cursor, req).await {
                 Ok(Claimed {
