@@ -2,7 +2,7 @@
 //! and a node receiver (http + crypto, no npm) verifies every signature both over the raw
 //! body and over the re-stringified body.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;

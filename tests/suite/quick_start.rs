@@ -1,7 +1,7 @@
 //! The README's Quick start is `examples/minimal.rs`, word for word, and it works: run as
 //! a program (its own `main`), it delivers its three webhooks, signed, to a real receiver.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

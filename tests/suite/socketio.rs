@@ -4,7 +4,7 @@
 //! (examples/receiver.rs, as a process), then a small Node.js server on the npm `socket.io`
 //! package playing the existing server.
 
-mod common;
+use crate::common;
 
 use serde_json::{Value, json};
 use vendora_observe::{Observer, Webhook};

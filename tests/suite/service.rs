@@ -1,7 +1,7 @@
 //! `WebhookService` against a real HTTP receiver on 127.0.0.1: headers and signature, a
 //! closed port, a receiver slower than the timeout, a redirect, 401 and 500.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 

@@ -1,7 +1,7 @@
 //! Both entity styles of SeaORM 2 (`DeriveEntityModel` alone and `#[sea_orm::model]`),
 //! composite primary keys, and hooks of the user's own beside the observer.
 
-mod common;
+use crate::common;
 
 use common::{WAIT, events};
 use sea_orm::{ActiveModelTrait, ActiveValue::NotSet, IntoActiveModel, ModelTrait, Set};

@@ -3,7 +3,7 @@
 //! related by neither row nor task go out in parallel; a failing event holds only its own
 //! chains; latest-wins coalescing; a blocked backlog longer than the claim's frontier.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! over-long ids, apps without credentials or from the wrong origin, an app that does not
 //! read, and several twins sharing apps through Redis.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -2,7 +2,7 @@
 //! exact watch events under concurrent transactions, and no stale old value after a failed
 //! write. Real SQLite (file) and PostgreSQL, a real receiver.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

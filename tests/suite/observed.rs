@@ -1,7 +1,7 @@
 //! `#[derive(Observed)]` end to end: SeaORM writes on a real SQLite database, webhooks to
 //! a real HTTP receiver on 127.0.0.1 that verifies every signature.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

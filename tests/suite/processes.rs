@@ -2,7 +2,7 @@
 //! that exit without shutting down, that use a wrong secret or install no observer, run
 //! as processes; what they print on stderr is what their user sees.
 
-mod common;
+use crate::common;
 
 use std::process::Output;
 use std::time::Duration;

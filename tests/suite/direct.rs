@@ -1,7 +1,7 @@
 //! Direct mode under faults, against a real receiver on 127.0.0.1: down then up, 503s,
 //! 401, a full queue, a blackholed receiver, shutdown with work left.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

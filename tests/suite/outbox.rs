@@ -1,7 +1,7 @@
 //! Outbox mode against a real SQLite file and a real PostgreSQL (`DATABASE_URL`): rollback,
 //! a receiver that is down, answers 503 or 401, or is slow; several relays.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

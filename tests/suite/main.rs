@@ -1,0 +1,22 @@
+//! The end-to-end suite in one test binary: each module was a binary of its own, and each
+//! binary compiled and linked its own copy of sea-orm's, tokio's and axum's generic code
+//! (a third of a cold test build). Tests that change process-wide state stay binaries of
+//! their own: the installed observer (`recorder`, `no_observer`), bypass detection
+//! (`mistakes`), the metrics recorder (`metrics`) and tracing's span interest (`trace`).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod convergence;
+mod demo;
+mod direct;
+mod entity_styles;
+mod node_interop;
+mod observed;
+mod order;
+mod outbox;
+mod processes;
+mod quick_start;
+mod receiver;
+mod service;
+mod socketio;
