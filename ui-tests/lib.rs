@@ -1,0 +1,2 @@
+//! Nothing here: the package holds `tests/ui.rs`, the compile errors of
+//! `#[derive(Observed)]` (see `Cargo.toml`).
