@@ -334,6 +334,39 @@ async fn a_kept_alive_connection_closed_under_a_request_is_resent_on_a_new_one()
     assert_eq!(seen[1].1, seen[2].1, "with the same X-Webhook-Id");
 }
 
+/// A receiver that answers 200 and then never finishes the answer's body: the delivery
+/// stands (the receiver decided), the connection is not reused, and the next request goes
+/// out on a new one.
+#[tokio::test]
+async fn an_answer_whose_body_stalls_still_delivers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/webhook", listener.local_addr().unwrap());
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0; 64 * 1024];
+                let _ = socket.read(&mut buf).await;
+                // 100 bytes announced, 2 sent, then silence (the socket stays open).
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    let s = service(&url, Duration::from_millis(500));
+    for n in 1..=2 {
+        let delivered = try_within_10s(&s, "a stalled answer body hung the sender").await;
+        assert_eq!(delivered.unwrap().status, 200);
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), n);
+    }
+}
+
 /// A receiver that drops every request: one resend, then the attempt fails (the scheduler's
 /// backoff takes over), not a loop.
 #[tokio::test]

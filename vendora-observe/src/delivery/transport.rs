@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{AUTHORIZATION, HOST, HeaderMap, HeaderValue, LOCATION, RETRY_AFTER};
 use reqwest::Url;
@@ -78,12 +79,21 @@ impl Transport {
         let started = Instant::now();
         match self {
             Transport::Plain(pool) => {
-                match tokio::time::timeout(timeout, pool.post(headers, body, started, timeout))
-                    .await
-                {
-                    Ok(answer) => answer,
-                    Err(_) => Err(DeliveryError::Timeout { after: timeout }),
+                let exchange = pool.exchange(headers, body, started, timeout);
+                let (answer, body, conn) = match tokio::time::timeout(timeout, exchange).await {
+                    Ok(exchanged) => exchanged?,
+                    Err(_) => return Err(DeliveryError::Timeout { after: timeout }),
+                };
+                // The answer's body, read to its end so that the connection can carry the
+                // next request; a connection whose answer is too long, breaks or is still
+                // coming at the timeout is dropped. The answer stands either way: its
+                // status is what the receiver decided.
+                let left = timeout.saturating_sub(started.elapsed());
+                let read = Limited::new(body, MAX_ANSWER_BODY).collect();
+                if let Ok(Ok(_)) = tokio::time::timeout(left, read).await {
+                    pool.checkin(conn);
                 }
+                Ok(answer)
             }
             Transport::Tls(client) => {
                 let post = || {
@@ -158,13 +168,15 @@ impl Pool {
         })
     }
 
-    async fn post(
+    /// Sends the request and returns the answer's head, its body still to read, and the
+    /// connection it came on.
+    async fn exchange(
         &self,
         headers: &HeaderMap,
         body: &Bytes,
         started: Instant,
         timeout: Duration,
-    ) -> Result<Answer, DeliveryError> {
+    ) -> Result<(Answer, Incoming, SendRequest<Full<Bytes>>), DeliveryError> {
         let mut conn = self.checkout().await?;
         let response = match conn.send_request(self.request(headers, body)).await {
             Ok(r) => r,
@@ -178,16 +190,7 @@ impl Pool {
             Err(e) => return Err(transport(e)),
         };
         let answer = Answer::of(response.status().as_u16(), response.headers());
-        // The answer's body, read to its end so that the connection can carry the next
-        // request; a connection whose answer is too long or breaks is dropped.
-        if Limited::new(response.into_body(), MAX_ANSWER_BODY)
-            .collect()
-            .await
-            .is_ok()
-        {
-            self.checkin(conn);
-        }
-        Ok(answer)
+        Ok((answer, response.into_body(), conn))
     }
 
     fn request(&self, headers: &HeaderMap, body: &Bytes) -> hyper::Request<Full<Bytes>> {
