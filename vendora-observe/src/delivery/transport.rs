@@ -2,7 +2,9 @@
 //!
 //! `http://` receivers (the WebSocket server on the same host or network, the common case)
 //! go over a pool of kept-alive hyper connections of our own: a request is written straight
-//! onto an idle connection, with no per-request middleware. Measured side by side on two
+//! onto an idle connection, with no per-request middleware, and the connection is driven on
+//! the sending task itself (no connection task to hand the request to and the answer back
+//! from: one wake-up per answer instead of two). Measured side by side on two
 //! cores against one receiver, 8 concurrent senders: 77–89 k requests/s over these
 //! connections against 47–53 k through reqwest's client with the same headers (reqwest's
 //! pool checkout, its redirect and timeout layers and its URL handling cost more than the
@@ -80,7 +82,7 @@ impl Transport {
         match self {
             Transport::Plain(pool) => {
                 let exchange = pool.exchange(headers, body, started, timeout);
-                let (answer, body, conn) = match tokio::time::timeout(timeout, exchange).await {
+                let (answer, body, mut conn) = match tokio::time::timeout(timeout, exchange).await {
                     Ok(exchanged) => exchanged?,
                     Err(_) => return Err(DeliveryError::Timeout { after: timeout }),
                 };
@@ -89,8 +91,8 @@ impl Transport {
                 // coming at the timeout is dropped. The answer stands either way: its
                 // status is what the receiver decided.
                 let left = timeout.saturating_sub(started.elapsed());
-                let read = Limited::new(body, MAX_ANSWER_BODY).collect();
-                if let Ok(Ok(_)) = tokio::time::timeout(left, read).await {
+                let read = conn.drive(Limited::new(body, MAX_ANSWER_BODY).collect());
+                if let Ok(Ok(Ok(_))) = tokio::time::timeout(left, read).await {
                     pool.checkin(conn);
                 }
                 Ok(answer)
@@ -134,7 +136,98 @@ pub(super) struct Pool {
     /// `Authorization: Basic …` from credentials in the URL.
     authorization: Option<HeaderValue>,
     connect_timeout: Duration,
-    idle: Mutex<Vec<(SendRequest<Full<Bytes>>, Instant)>>,
+    idle: Mutex<Vec<(Conn, Instant)>>,
+}
+
+type Io = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+
+/// One kept-alive connection, driven by the sender that uses it: the request is written and
+/// its answer read on the sender's own task, with no hand-over to a connection task.
+struct Conn {
+    send: SendRequest<Full<Bytes>>,
+    io: hyper::client::conn::http1::Connection<Io, Full<Bytes>>,
+    /// The connection has ended (closed by the receiver, or broken).
+    ended: bool,
+}
+
+/// Why a request got no answer on its connection.
+enum NoAnswer {
+    Error(hyper::Error),
+    /// The receiver closed the connection, without an error, before answering.
+    Closed,
+}
+
+impl NoAnswer {
+    /// Closed under the request: worth a resend on a new connection.
+    fn is_broken(&self) -> bool {
+        match self {
+            NoAnswer::Closed => true,
+            NoAnswer::Error(e) => is_broken(e),
+        }
+    }
+}
+
+impl From<NoAnswer> for DeliveryError {
+    fn from(no: NoAnswer) -> DeliveryError {
+        match no {
+            NoAnswer::Error(e) => transport(e),
+            NoAnswer::Closed => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the receiver closed the connection before answering",
+                );
+                DeliveryError::Transport {
+                    reason: error_chain(&e),
+                    source: Box::new(e),
+                }
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Awaits `work` (the answer, its body) while driving the connection.
+    async fn drive<T>(&mut self, work: impl Future<Output = T>) -> Result<T, NoAnswer> {
+        if self.ended {
+            return Err(NoAnswer::Closed);
+        }
+        let Conn { io, ended, .. } = self;
+        tokio::select! {
+            biased;
+            out = work => Ok(out),
+            end = io => {
+                *ended = true;
+                Err(end.err().map_or(NoAnswer::Closed, NoAnswer::Error))
+            }
+        }
+    }
+
+    /// Waits until the connection can take a request.
+    async fn ready(&mut self) -> Result<(), NoAnswer> {
+        if self.ended {
+            return Err(NoAnswer::Closed);
+        }
+        let Conn { send, io, ended } = self;
+        tokio::select! {
+            biased;
+            ready = std::future::poll_fn(|cx| send.poll_ready(cx)) => ready.map_err(NoAnswer::Error),
+            end = io => {
+                *ended = true;
+                Err(end.err().map_or(NoAnswer::Closed, NoAnswer::Error))
+            }
+        }
+    }
+
+    /// Sends `request` and waits for the answer's head.
+    async fn send(
+        &mut self,
+        request: hyper::Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<Incoming>, NoAnswer> {
+        self.ready().await?;
+        // hyper's future for the answer does not borrow the connection.
+        let answer = self.send.send_request(request);
+        self.drive(answer).await?.map_err(NoAnswer::Error)
+    }
 }
 
 impl Pool {
@@ -176,18 +269,16 @@ impl Pool {
         body: &Bytes,
         started: Instant,
         timeout: Duration,
-    ) -> Result<(Answer, Incoming, SendRequest<Full<Bytes>>), DeliveryError> {
+    ) -> Result<(Answer, Incoming, Conn), DeliveryError> {
         let mut conn = self.checkout().await?;
-        let response = match conn.send_request(self.request(headers, body)).await {
+        let response = match conn.send(self.request(headers, body)).await {
             Ok(r) => r,
             // Closed under the request before any answer: once more on a new connection.
-            Err(e) if is_broken(&e) && started.elapsed() < timeout / 2 => {
+            Err(e) if e.is_broken() && started.elapsed() < timeout / 2 => {
                 conn = self.connect().await?;
-                conn.send_request(self.request(headers, body))
-                    .await
-                    .map_err(transport)?
+                conn.send(self.request(headers, body)).await?
             }
-            Err(e) => return Err(transport(e)),
+            Err(e) => return Err(e.into()),
         };
         let answer = Answer::of(response.status().as_u16(), response.headers());
         Ok((answer, response.into_body(), conn))
@@ -210,22 +301,21 @@ impl Pool {
     }
 
     /// An idle connection ready for a request, or a new one.
-    async fn checkout(&self) -> Result<SendRequest<Full<Bytes>>, DeliveryError> {
+    async fn checkout(&self) -> Result<Conn, DeliveryError> {
         loop {
             let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let Some((mut conn, since)) = idle else {
                 break;
             };
-            // A connection the receiver closed, or idle too long, is dropped; one still
-            // finishing its previous answer is ready in a moment.
-            if since.elapsed() < IDLE_TIMEOUT && !conn.is_closed() && conn.ready().await.is_ok() {
+            // A connection the receiver closed, or idle too long, is dropped.
+            if since.elapsed() < IDLE_TIMEOUT && conn.ready().await.is_ok() {
                 return Ok(conn);
             }
         }
         self.connect().await
     }
 
-    fn checkin(&self, conn: SendRequest<Full<Bytes>>) {
+    fn checkin(&self, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push((conn, Instant::now()));
@@ -233,7 +323,7 @@ impl Pool {
     }
 
     /// A new connection: name resolution and TCP connect within the connect timeout.
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, DeliveryError> {
+    async fn connect(&self) -> Result<Conn, DeliveryError> {
         let connect = async {
             let mut last = None;
             for addr in tokio::net::lookup_host((self.host.as_str(), self.port)).await? {
@@ -260,16 +350,15 @@ impl Pool {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (send, conn) =
+        let (send, io) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
                 .map_err(transport)?;
-        // The connection's own task: it ends when the connection closes (a failure there
-        // surfaces as the failure of the request it broke).
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(send)
+        Ok(Conn {
+            send,
+            io,
+            ended: false,
+        })
     }
 }
 
