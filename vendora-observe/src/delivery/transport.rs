@@ -12,8 +12,9 @@
 //! trust store, where the TLS work dwarfs that difference.
 //!
 //! Both paths: one resend at once on a kept-alive connection the receiver closed under the
-//! request (HTTP/1.1's built-in race), redirects never followed, the whole exchange within
-//! the configured timeout, the connection attempt within the connect timeout.
+//! request (HTTP/1.1's built-in race), redirects never followed, the exchange up to the
+//! answer's head within the configured timeout, the connection attempt within the connect
+//! timeout.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -33,10 +34,12 @@ pub(super) struct Answer {
     pub(super) status: u16,
     pub(super) location: Option<String>,
     pub(super) retry_after: Option<String>,
+    /// From sending the request to the answer's head.
+    pub(super) elapsed: Duration,
 }
 
 impl Answer {
-    fn of(status: u16, headers: &HeaderMap) -> Answer {
+    fn of(status: u16, headers: &HeaderMap, started: Instant) -> Answer {
         let text = |name| {
             headers
                 .get(name)
@@ -47,6 +50,7 @@ impl Answer {
             status,
             location: text(LOCATION),
             retry_after: text(RETRY_AFTER),
+            elapsed: started.elapsed(),
         }
     }
 }
@@ -80,23 +84,7 @@ impl Transport {
     ) -> Result<Answer, DeliveryError> {
         let started = Instant::now();
         match self {
-            Transport::Plain(pool) => {
-                let exchange = pool.exchange(headers, body, started, timeout);
-                let (answer, body, mut conn) = match tokio::time::timeout(timeout, exchange).await {
-                    Ok(exchanged) => exchanged?,
-                    Err(_) => return Err(DeliveryError::Timeout { after: timeout }),
-                };
-                // The answer's body, read to its end so that the connection can carry the
-                // next request; a connection whose answer is too long, breaks or is still
-                // coming at the timeout is dropped. The answer stands either way: its
-                // status is what the receiver decided.
-                let left = timeout.saturating_sub(started.elapsed());
-                let read = conn.drive(Limited::new(body, MAX_ANSWER_BODY).collect());
-                if let Ok(Ok(Ok(_))) = tokio::time::timeout(left, read).await {
-                    pool.checkin(conn);
-                }
-                Ok(answer)
-            }
+            Transport::Plain(pool) => pool.post(headers, body, started, timeout).await,
             Transport::Tls(client) => {
                 let post = || {
                     client
@@ -113,7 +101,11 @@ impl Transport {
                     },
                     Err(e) => return Err(classify(e, timeout)),
                 };
-                Ok(Answer::of(response.status().as_u16(), response.headers()))
+                Ok(Answer::of(
+                    response.status().as_u16(),
+                    response.headers(),
+                    started,
+                ))
             }
         }
     }
@@ -158,6 +150,12 @@ enum NoAnswer {
 }
 
 impl NoAnswer {
+    /// The connection's end (`io` completed): marks it ended and says why.
+    fn ended(ended: &mut bool, end: Result<(), hyper::Error>) -> NoAnswer {
+        *ended = true;
+        end.err().map_or(NoAnswer::Closed, NoAnswer::Error)
+    }
+
     /// Closed under the request: worth a resend on a new connection.
     fn is_broken(&self) -> bool {
         match self {
@@ -195,10 +193,7 @@ impl Conn {
         tokio::select! {
             biased;
             out = work => Ok(out),
-            end = io => {
-                *ended = true;
-                Err(end.err().map_or(NoAnswer::Closed, NoAnswer::Error))
-            }
+            end = io => Err(NoAnswer::ended(ended, end)),
         }
     }
 
@@ -211,10 +206,7 @@ impl Conn {
         tokio::select! {
             biased;
             ready = std::future::poll_fn(|cx| send.poll_ready(cx)) => ready.map_err(NoAnswer::Error),
-            end = io => {
-                *ended = true;
-                Err(end.err().map_or(NoAnswer::Closed, NoAnswer::Error))
-            }
+            end = io => Err(NoAnswer::ended(ended, end)),
         }
     }
 
@@ -261,6 +253,30 @@ impl Pool {
         })
     }
 
+    /// The exchange within `timeout` up to the answer's head; then the answer's body, read
+    /// to its end in what remains so that the connection can carry the next request. A
+    /// connection whose answer is too long, breaks or is still coming at the timeout is
+    /// dropped; the answer stands either way (its status is what the receiver decided).
+    async fn post(
+        &self,
+        headers: &HeaderMap,
+        body: &Bytes,
+        started: Instant,
+        timeout: Duration,
+    ) -> Result<Answer, DeliveryError> {
+        let exchange = self.exchange(headers, body, started, timeout);
+        let (answer, body, mut conn) = match tokio::time::timeout(timeout, exchange).await {
+            Ok(exchanged) => exchanged?,
+            Err(_) => return Err(DeliveryError::Timeout { after: timeout }),
+        };
+        let left = timeout.saturating_sub(started.elapsed());
+        let read = conn.drive(Limited::new(body, MAX_ANSWER_BODY).collect());
+        if let Ok(Ok(Ok(_))) = tokio::time::timeout(left, read).await {
+            self.checkin(conn);
+        }
+        Ok(answer)
+    }
+
     /// Sends the request and returns the answer's head, its body still to read, and the
     /// connection it came on.
     async fn exchange(
@@ -280,7 +296,7 @@ impl Pool {
             }
             Err(e) => return Err(e.into()),
         };
-        let answer = Answer::of(response.status().as_u16(), response.headers());
+        let answer = Answer::of(response.status().as_u16(), response.headers(), started);
         Ok((answer, response.into_body(), conn))
     }
 
