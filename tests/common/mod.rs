@@ -226,6 +226,15 @@ pub fn capture_logs() -> (tracing::subscriber::DefaultGuard, impl Fn() -> String
         }
     }
 
+    // tracing caches whether a log statement is wanted the first time it runs. While only
+    // one dispatcher exists besides the global one, it asks only the *running thread's*:
+    // a concurrent test without a subscriber, reaching a statement first, would turn it
+    // off for this test too. A second dispatcher, alive for the whole run, makes tracing
+    // ask every live one (and then each thread's own at each statement).
+    static KEEP_ASKING_ALL: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    KEEP_ASKING_ALL
+        .get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::new()));
+
     let captured = Captured::default();
     let sink = captured.clone();
     let subscriber = tracing_subscriber::fmt()

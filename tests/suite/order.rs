@@ -381,6 +381,84 @@ async fn hot_rows_stream_in_order(db: DatabaseConnection) {
     observer.shutdown(Duration::from_secs(5)).await;
 }
 
+/// While a relay streams ten hot rows' backlog, another connection locks the outbox for
+/// longer than the lease's margin over the request timeout: the relay cannot renew its
+/// lease, so its scheduler lets the rows it holds go. They are handed back and claimed
+/// again before any later row of their chains: every row's events still arrive in order.
+async fn rows_let_go_for_a_lost_lease_keep_their_order(db: DatabaseConnection, url: &str) {
+    use sea_orm::ConnectionTrait;
+    let (_guard, logs) = common::capture_logs();
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.set_reply(Reply::Delay(Duration::from_millis(10)));
+    let mut options = vendora_observe::OutboxOptions::new(db.clone());
+    options.poll_interval = Duration::from_millis(50);
+    // 300 ms more than the 2 s timeout: an attempt may start only while the lease covers it.
+    options.lease = Duration::from_millis(2_300);
+    let observer = Observer::builder(common::config(&receiver.url()))
+        .retry(fast_retries())
+        .outbox_options(options)
+        .build()
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for r in 0..10 {
+        let p = observer
+            .scope(product_am(&format!("hot{r}"), 0).insert(&db))
+            .await
+            .unwrap();
+        ids.push(p.id);
+    }
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (db, ids) = (db.clone(), ids.clone());
+        writers.push(tokio::spawn(observer.scope(async move {
+            for round in 0..3 {
+                while write_round(&db, &ids, w, round).await.is_err() {}
+            }
+        })));
+    }
+    receiver.wait_delivered(40, WAIT).await;
+    // The lock: SQLite's write lock, or PostgreSQL's lock on the outbox table.
+    let locker = db::connect(url).await.unwrap();
+    let txn = sea_orm::TransactionTrait::begin(&locker).await.unwrap();
+    let lock = match locker.get_database_backend() {
+        sea_orm::DbBackend::Sqlite => "UPDATE products SET name = name WHERE id = -1",
+        _ => "LOCK TABLE vendora_outbox IN ACCESS EXCLUSIVE MODE",
+    };
+    txn.execute_unprepared(lock).await.unwrap();
+    // Held on purpose, for five times the lease's margin.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    txn.rollback().await.unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let total = 10 + 4 * 3 * 5 * 4 * 2;
+    receiver
+        .wait_delivered(total, Duration::from_secs(60))
+        .await;
+    assert!(observer.flush(WAIT).await);
+    common::assert_complete_and_ordered(&receiver.delivered(), total);
+    assert!(
+        logs().contains("handed back"),
+        "the lease never ran out: the test did not test the hand-back\n{}",
+        logs()
+    );
+    observer.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn sqlite_rows_let_go_for_a_lost_lease_keep_their_order() {
+    let (db, url) = common::sqlite_file().await;
+    rows_let_go_for_a_lost_lease_keep_their_order(db, &url).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
+async fn postgres_rows_let_go_for_a_lost_lease_keep_their_order() {
+    let (db, url) = common::postgres().await;
+    rows_let_go_for_a_lost_lease_keep_their_order(db, &url).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_hot_rows_stream_in_order() {
     let (db, _) = common::sqlite_file().await;

@@ -49,7 +49,8 @@ pub(crate) enum Report {
     Dead { attempts: u32, error: String },
     /// Not sent: a newer event of its row superseded it.
     Superseded,
-    /// Forgotten unsent (lease lost, or left at the shutdown deadline).
+    /// Left unsent at the shutdown deadline. (Rows let go for want of a lease are not
+    /// reported: the relay takes them with [`Scheduler::take_let_go`].)
     Released,
     /// Cut in flight at the shutdown deadline: the receiver may have processed it.
     Unknown,
@@ -114,6 +115,8 @@ struct Shared {
     timers_changed: Notify,
     /// Signalled when the last event completes (shutdown waits for it).
     drained: Notify,
+    /// Signalled when rows were let go for want of a lease (the relay hands them back).
+    let_go: Notify,
     /// Set at the shutdown deadline: senders cut what they send and stop.
     abort: AtomicBool,
     aborted: Notify,
@@ -130,6 +133,7 @@ impl Scheduler {
             work: Notify::new(),
             timers_changed: Notify::new(),
             drained: Notify::new(),
+            let_go: Notify::new(),
             abort: AtomicBool::new(false),
             aborted: Notify::new(),
             reported_exit: AtomicBool::new(false),
@@ -147,8 +151,23 @@ impl Scheduler {
     /// Hands over events, in the order their chains must keep (a write's events, a
     /// claim's rows); given back once the scheduler is closed.
     pub(crate) fn submit(&self, jobs: Vec<Job>) -> Result<(), Vec<Job>> {
+        self.submit_unless(jobs, |_| false)
+    }
+
+    /// Hands over the rows of a claim that began when [`Scheduler::let_go_count`] was
+    /// `seen`; given back if rows were let go since (the claim may have passed them: they
+    /// were still leased to the relay, so it could not see them) or once closed.
+    pub(crate) fn submit_claimed(&self, jobs: Vec<Job>, seen: u64) -> Result<(), Vec<Job>> {
+        self.submit_unless(jobs, |state| state.let_go_count != seen)
+    }
+
+    fn submit_unless(
+        &self,
+        jobs: Vec<Job>,
+        refuse: impl FnOnce(&State) -> bool,
+    ) -> Result<(), Vec<Job>> {
         let mut state = self.shared.lock();
-        if state.closed {
+        if state.closed || refuse(&state) {
             return Err(jobs);
         }
         let woken = state.add(jobs);
@@ -167,14 +186,31 @@ impl Scheduler {
         state.by_age.front().map(|(_, born)| *born)
     }
 
-    /// Forgets every event that is not in flight (reported `Released`): the outbox could
-    /// not renew its lease.
+    /// Lets go of every event that is not in flight: the outbox could not renew its lease.
+    /// Their rows are then the relay's to hand back ([`Scheduler::take_let_go`]).
     pub(crate) fn release_all(&self) {
         let mut state = self.shared.lock();
-        state.release_all(&self.shared.setup);
+        state.release_all();
         if state.jobs.is_empty() {
             self.shared.drained.notify_waiters();
         }
+    }
+
+    /// The rows (tokens) let go since the last call. Until they are handed back they are
+    /// still leased to the relay, invisible to its claims, and held by no one: no claim
+    /// may run before they are handed back, or it would pass them.
+    pub(crate) fn take_let_go(&self) -> Vec<i64> {
+        std::mem::take(&mut self.shared.lock().let_go)
+    }
+
+    /// How many times events were let go so far (see [`Scheduler::submit_claimed`]).
+    pub(crate) fn let_go_count(&self) -> u64 {
+        self.shared.lock().let_go_count
+    }
+
+    /// Resolves when events were let go since the last call.
+    pub(crate) async fn events_let_go(&self) {
+        self.shared.let_go.notified().await
     }
 
     /// Finishes what was submitted until `deadline`, then cuts what is in flight and
@@ -309,11 +345,15 @@ async fn sender(shared: Arc<Shared>) {
             guard.clean = true;
             return;
         }
-        let (taken, empty, closed) = {
+        let (taken, empty, closed, let_go) = {
             let mut state = shared.lock();
             let taken = state.take(setup, timeout);
-            (taken, state.jobs.is_empty(), state.closed)
+            let let_go = !state.let_go.is_empty();
+            (taken, state.jobs.is_empty(), state.closed, let_go)
         };
+        if let_go {
+            shared.let_go.notify_one();
+        }
         let Some((seq, webhook, span)) = taken else {
             if empty {
                 // The last events may have completed unsent (superseded, released).
@@ -456,6 +496,10 @@ struct State {
     closed: bool,
     /// Requests cut in flight at the shutdown deadline.
     cut: u64,
+    /// Rows let go for want of a lease, not yet taken by the relay to hand back.
+    let_go: Vec<i64>,
+    /// How many times events were let go.
+    let_go_count: u64,
     /// Events by sequence number with their birth, trimmed from the front as they
     /// complete: the oldest event held, in O(1).
     by_age: VecDeque<(u64, SystemTime)>,
@@ -589,7 +633,7 @@ impl State {
                 // The relay could not renew its lease: another relay may take these rows
                 // once it ends, and two relays must never send one row at once.
                 self.ready.push_front(seq);
-                self.release_all(setup);
+                self.release_all();
                 return None;
             }
             let entry = self.jobs.get_mut(&seq).expect("checked");
@@ -739,6 +783,11 @@ impl State {
     /// Returns how many became ready.
     fn complete(&mut self, setup: &Setup, seq: u64, report: Report) -> usize {
         self.report(setup, seq, report);
+        self.remove(setup.track_pending.then_some(&setup.ctx), seq)
+    }
+
+    /// Removes `seq` from its chains; returns how many events behind it became ready.
+    fn remove(&mut self, pending: Option<&Context>, seq: u64) -> usize {
         let Some(entry) = self.jobs.remove(&seq) else {
             return 0;
         };
@@ -759,8 +808,8 @@ impl State {
                 }
             }
         }
-        if setup.track_pending {
-            setup.ctx.counters.release(1);
+        if let Some(ctx) = pending {
+            ctx.counters.release(1);
         }
         self.trim_by_age();
         next.into_iter()
@@ -769,8 +818,9 @@ impl State {
             .sum()
     }
 
-    /// Forgets every event that is not in flight (reported `Released`).
-    fn release_all(&mut self, setup: &Setup) {
+    /// Lets go of every event that is not in flight (outbox mode: nothing counts pending
+    /// events), newest first so that none of them becomes ready meanwhile.
+    fn release_all(&mut self) {
         let mut unsent: Vec<u64> = self
             .jobs
             .iter()
@@ -779,8 +829,10 @@ impl State {
             .collect();
         unsent.sort_unstable_by(|a, b| b.cmp(a));
         for seq in unsent {
-            self.complete(setup, seq, Report::Released);
+            self.let_go.push(self.jobs[&seq].job.token);
+            self.remove(None, seq);
         }
+        self.let_go_count += 1;
         self.ready.clear();
         self.timers.clear();
     }

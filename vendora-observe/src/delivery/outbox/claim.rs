@@ -409,7 +409,9 @@ impl<'a> Choice<'a> {
     /// A row of the frontier (a prefix of the pending rows, in id order) or a head found by
     /// the skip scan.
     fn consider(&mut self, c: &Candidate) {
-        if !self.seen.insert(c.id) {
+        // A row held under an identity the relay left behind (after a failed claim) is
+        // still in the scheduler: the rows behind it may be taken and queue behind it.
+        if !self.seen.insert(c.id) || self.held.contains(c.id) {
             return;
         }
         let free = c.free(self.now);

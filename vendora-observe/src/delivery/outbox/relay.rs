@@ -19,7 +19,7 @@ use crate::delivery::scheduler::{Report, now_ms};
 pub(super) enum Done {
     /// Outcomes written: these rows are no longer the relay's.
     Recorded(Vec<i64>),
-    /// Forgotten unsent (lease trouble, shutdown): their leases should end now.
+    /// Left unsent at shutdown: their leases should end now.
     Released(Vec<i64>),
 }
 
@@ -98,9 +98,42 @@ pub(super) async fn run(
     let mut claim_failing = false;
     let mut last_prune = Instant::now();
     let mut last_analyze: Option<Instant> = None;
-    let mut heartbeat = tokio::time::interval(options.lease / 4);
+    let mut heartbeat = tokio::time::interval(heartbeat_period(
+        options.lease,
+        inner.ctx.service.config().timeout(),
+    ));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Rows the scheduler let go because the lease could not be renewed in time are
+        // still leased to this relay, so no claim would see them; they go back first, or
+        // the next claim would take the rows behind them in their chains and send those
+        // first.
+        let let_go = inner.scheduler.take_let_go();
+        if !let_go.is_empty() {
+            for id in &let_go {
+                held.remove(*id);
+            }
+            tracing::warn!(
+                "outbox: the lease of {} claimed row(s) could not be renewed in time (the \
+                 database was slow or unreachable); they were handed back and will be sent \
+                 in order once claimed again",
+                let_go.len()
+            );
+            if let Err(e) = db
+                .execute_raw(claim::release_statement(inner.backend, &relay_id, &let_go))
+                .await
+            {
+                tracing::debug!(
+                    "outbox: handing rows back failed ({e}); they wait for their lease"
+                );
+                relay_id = rotate(&outbox, &mut held);
+                continue;
+            }
+            renew(&outbox, &relay_id, &held).await;
+            idle = false;
+        }
+        // Rows let go while a claim runs may lie before what it took: then it gives back.
+        let let_go_before = inner.scheduler.let_go_count();
         let stopping = inner.stopping.load(std::sync::atomic::Ordering::Acquire);
         let room = max_held(batch).saturating_sub(held.len());
         if !stopping && !idle && room > 0 {
@@ -131,8 +164,9 @@ pub(super) async fn run(
                     }
                     if !jobs.is_empty() {
                         let ids: Vec<i64> = jobs.iter().map(|j| j.token).collect();
-                        if inner.scheduler.submit(jobs).is_err() {
-                            // Shutting down: the rows go back at once.
+                        if inner.scheduler.submit_claimed(jobs, let_go_before).is_err() {
+                            // Shutting down, or rows were let go meanwhile: the rows go
+                            // back at once.
                             for id in &ids {
                                 held.remove(*id);
                             }
@@ -153,7 +187,7 @@ pub(super) async fn run(
                     if leased {
                         // Rows may have been leased without our hearing of it: they must
                         // count as another relay's until their lease ends.
-                        relay_id = rotate(&outbox);
+                        relay_id = rotate(&outbox, &mut held);
                     }
                     idle = true;
                 }
@@ -199,7 +233,7 @@ pub(super) async fn run(
                                     .await
                                 {
                                     tracing::debug!("outbox: handing rows back failed ({e}); they wait for their lease");
-                                    relay_id = rotate(&outbox);
+                                    relay_id = rotate(&outbox, &mut held);
                                 }
                             }
                         }
@@ -213,6 +247,7 @@ pub(super) async fn run(
                 None => break,
             },
             _ = heartbeat.tick() => renew(&outbox, &relay_id, &held).await,
+            _ = inner.scheduler.events_let_go() => {}
             _ = inner.wake.notified(), if idle => idle = false,
             _ = notified(&mut listener), if idle => idle = false,
             _ = tokio::time::sleep(wait), if idle => idle = false,
@@ -230,12 +265,26 @@ pub(super) async fn run(
     }
 }
 
+/// How often the relay renews its lease: a quarter of the lease, and often enough that
+/// the lease still covers a whole attempt (the request timeout) between two renewals
+/// delayed by a slow database.
+fn heartbeat_period(lease: Duration, timeout: Duration) -> Duration {
+    (lease / 4)
+        .min(lease.saturating_sub(timeout) / 3)
+        .max(Duration::from_millis(10))
+}
+
 /// A new identity for the relay, after rows may have stayed leased to the old one without
 /// its holding them: those rows then block their chains until their lease ends, as any other
 /// relay's would. What the scheduler holds under the old identity is no longer renewed, so
-/// it is forgotten (every row not in flight goes back; the lease ends the rest).
-fn rotate(outbox: &Outbox) -> String {
-    outbox.inner.scheduler.release_all();
+/// it is let go (every row not in flight; the lease ends the rest): those rows stay leased
+/// to the old identity until their lease ends, so they block their chains meanwhile.
+fn rotate(outbox: &Outbox, held: &mut Held) -> String {
+    let scheduler = &outbox.inner.scheduler;
+    scheduler.release_all();
+    for id in scheduler.take_let_go() {
+        held.remove(id);
+    }
     uuid::Uuid::now_v7().to_string()
 }
 
