@@ -216,7 +216,7 @@ pub async fn emit<C: ConnectionTrait>(
             continue;
         }
         jobs.push(Job {
-            webhook: Webhook::new(body).in_trace(trace),
+            webhook: std::sync::Arc::new(Webhook::new(body).in_trace(trace)),
             row,
             unit,
             kind,

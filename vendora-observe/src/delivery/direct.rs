@@ -42,7 +42,7 @@ impl DirectQueue {
         let counters = ctx.counters.clone();
         let scheduler = Scheduler::start(Setup {
             ctx,
-            reports: std::sync::Mutex::new(None),
+            reports: None,
             track_pending: true,
             lease: None,
             dead_letter_leftovers: true,
@@ -80,15 +80,22 @@ impl DirectQueue {
             if self.closed.load(Ordering::Acquire) {
                 return Err(Refused::Closed);
             }
-            let room = self.counters.space.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
             if self.counters.try_reserve(n, self.capacity) {
                 return Ok(());
             }
-            match self.overflow {
-                Overflow::Shed => return Err(Refused::Full),
-                Overflow::Wait => room.await,
+            if self.overflow == Overflow::Shed {
+                return Err(Refused::Full);
+            }
+            // Registered, then counted, then a last look (see `Counters::release`).
+            let room = self.counters.space.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let _waiting = SpaceWaiter::new(&self.counters);
+            if self.counters.try_reserve(n, self.capacity) {
+                return Ok(());
+            }
+            if !self.closed.load(Ordering::Acquire) {
+                room.await;
             }
         }
     }
@@ -105,6 +112,23 @@ impl DirectQueue {
         self.closed.store(true, Ordering::Release);
         self.counters.space.notify_waiters();
         self.scheduler.shutdown(deadline).await
+    }
+}
+
+/// Counts a write waiting for room for as long as it waits (also when its future is
+/// dropped).
+struct SpaceWaiter<'a>(&'a Counters);
+
+impl<'a> SpaceWaiter<'a> {
+    fn new(counters: &'a Counters) -> Self {
+        counters.space_waiters.fetch_add(1, Ordering::SeqCst);
+        SpaceWaiter(counters)
+    }
+}
+
+impl Drop for SpaceWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.space_waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -26,7 +26,7 @@ mod transport;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -147,7 +147,8 @@ impl EventKind {
 /// An event as the scheduler holds it.
 #[derive(Debug, Clone)]
 pub(crate) struct Job {
-    pub(crate) webhook: Webhook,
+    /// Shared: a sender takes it under the scheduler's lock, where a clone must be cheap.
+    pub(crate) webhook: Arc<Webhook>,
     /// The row's chain.
     pub(crate) row: ChainKey,
     /// The unit of work's chain ([`Order::Causal`] only).
@@ -337,8 +338,10 @@ pub(crate) struct Counters {
     shed: AtomicU64,
     /// Signalled when `pending` drops to zero.
     idle: Notify,
-    /// Signalled whenever pending events leave (room for [`Overflow::Wait`]).
+    /// Signalled whenever pending events leave (room for [`Overflow::Wait`]), while
+    /// `space_waiters` says that a write waits for it.
     pub(crate) space: Notify,
+    pub(crate) space_waiters: AtomicUsize,
 }
 
 impl Counters {
@@ -355,11 +358,12 @@ impl Counters {
             shed: AtomicU64::new(0),
             idle: Notify::new(),
             space: Notify::new(),
+            space_waiters: AtomicUsize::new(0),
         }
     }
     pub(crate) fn try_reserve(&self, n: u64, capacity: usize) -> bool {
         self.pending
-            .fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |p| {
+            .fetch_update(AtomicOrdering::SeqCst, AtomicOrdering::SeqCst, |p| {
                 (p + n <= capacity as u64).then_some(p + n)
             })
             .is_ok()
@@ -368,10 +372,14 @@ impl Counters {
         if n == 0 {
             return;
         }
-        if self.pending.fetch_sub(n, AtomicOrdering::AcqRel) == n {
+        if self.pending.fetch_sub(n, AtomicOrdering::SeqCst) == n {
             self.idle.notify_waiters();
         }
-        self.space.notify_waiters();
+        // A waiter registers before it counts itself and looks at `pending` after (both
+        // SeqCst, as here): either it sees the room, or this sees it.
+        if self.space_waiters.load(AtomicOrdering::SeqCst) > 0 {
+            self.space.notify_waiters();
+        }
     }
     pub(crate) fn set_pending(&self, n: u64) {
         if self.pending.swap(n, AtomicOrdering::AcqRel) != 0 && n == 0 {
@@ -390,9 +398,9 @@ impl Counters {
             self.count(&self.emitted, Count::Emitted, job.webhook.event(), 1);
         }
     }
-    pub(crate) fn sent(&self, job: &Job) {
-        self.count(&self.sent, Count::Sent, job.webhook.event(), 1);
-        telemetry::delivered(self.mode, job.webhook.event(), job.born);
+    pub(crate) fn sent(&self, event: &str, born: SystemTime) {
+        self.count(&self.sent, Count::Sent, event, 1);
+        telemetry::delivered(self.mode, event, born);
     }
     pub(crate) fn retried(&self, event: &str) {
         self.count(&self.retried, Count::Retried, event, 1);

@@ -88,9 +88,9 @@ pub(crate) fn now_ms() -> i64 {
 /// How a source wants its events handled.
 pub(crate) struct Setup {
     pub(crate) ctx: Arc<Context>,
-    /// Where reports go (the outbox's recorder); `None` in direct mode. Dropped at the end
-    /// of shutdown, which tells the recorder that every report is in.
-    pub(crate) reports: Mutex<Option<mpsc::UnboundedSender<(i64, Report)>>>,
+    /// Where reports go (the outbox's recorder); `None` in direct mode. Kept in the state
+    /// and dropped at the end of shutdown, which tells the recorder that every report is in.
+    pub(crate) reports: Option<mpsc::UnboundedSender<(i64, Report)>>,
     /// Direct mode: the scheduler releases the pending count as events complete.
     pub(crate) track_pending: bool,
     /// Outbox mode: the lease every attempt must fit in.
@@ -125,11 +125,15 @@ struct Shared {
 }
 
 impl Scheduler {
-    pub(crate) fn start(setup: Setup) -> Scheduler {
+    pub(crate) fn start(mut setup: Setup) -> Scheduler {
         let concurrency = setup.ctx.concurrency.max(1);
+        let state = State {
+            reports: setup.reports.take(),
+            ..State::default()
+        };
         let shared = Arc::new(Shared {
             setup,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             work: Notify::new(),
             timers_changed: Notify::new(),
             drained: Notify::new(),
@@ -258,13 +262,7 @@ impl Scheduler {
             }
             state.forget(&self.shared.setup, seq, Report::Released);
         }
-        drop(state);
-        self.shared
-            .setup
-            .reports
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        state.reports = None;
         out
     }
 }
@@ -329,7 +327,9 @@ impl Shared {
     }
 }
 
-/// One sender: takes a ready event, sends it, records the outcome, takes the next.
+/// One sender: records the outcome of its last attempt and takes the next ready event under
+/// one lock, sends it, and so on. A busy sender touches no notifier: it registers for a
+/// wake-up only when nothing is ready, and for the shutdown's abort once.
 async fn sender(shared: Arc<Shared>) {
     let mut guard = ExitGuard {
         shared: shared.clone(),
@@ -337,50 +337,84 @@ async fn sender(shared: Arc<Shared>) {
     };
     let setup = &shared.setup;
     let timeout = setup.ctx.service.config().timeout();
+    // Registered once: the abort comes once, and ends the task.
+    let aborted = shared.aborted.notified();
+    tokio::pin!(aborted);
+    aborted.as_mut().enable();
+    let mut last: Option<(u64, Result<super::Delivered, DeliveryError>)> = None;
+    let mut graveyard = Vec::new();
     loop {
-        let work = shared.work.notified();
-        tokio::pin!(work);
-        work.as_mut().enable();
-        if shared.aborting() {
-            guard.clean = true;
-            return;
-        }
+        let (mut woken, mut retrying) = (0, false);
         let (taken, empty, closed, let_go) = {
             let mut state = shared.lock();
-            let taken = state.take(setup, timeout);
+            std::mem::swap(&mut graveyard, &mut state.graveyard);
+            if let Some((seq, result)) = last.take() {
+                match state.finish(setup, seq, result) {
+                    Finished::Woke(n) => woken = n,
+                    Finished::Retrying => retrying = true,
+                }
+            }
+            let taken = if shared.aborting() {
+                None
+            } else {
+                state.take(setup, timeout)
+            };
             let let_go = !state.let_go.is_empty();
             (taken, state.jobs.is_empty(), state.closed, let_go)
         };
+        graveyard.clear();
+        // Events that became ready beyond the one this sender took go to other senders.
+        for _ in usize::from(taken.is_some())..woken {
+            shared.work.notify_one();
+        }
+        if retrying {
+            shared.timers_changed.notify_one();
+        }
         if let_go {
             shared.let_go.notify_one();
         }
-        let Some((seq, webhook, span)) = taken else {
-            if empty {
-                // The last events may have completed unsent (superseded, released).
-                shared.drained.notify_waiters();
-                if closed {
-                    // Nothing left and nothing more to come.
-                    shared.work.notify_waiters();
-                    shared.timers_changed.notify_one();
-                    guard.clean = true;
-                    return;
-                }
-            }
-            work.await;
-            continue;
-        };
-        let aborted = shared.aborted.notified();
-        tokio::pin!(aborted);
-        aborted.as_mut().enable();
+        if empty {
+            // The last events may have completed unsent (superseded, released).
+            shared.drained.notify_waiters();
+        }
         if shared.aborting() {
-            shared.lock().cut(setup, seq);
             guard.clean = true;
             return;
         }
+        let Some(Taken {
+            seq,
+            webhook,
+            span,
+            born,
+        }) = taken
+        else {
+            if empty && closed {
+                // Nothing left and nothing more to come.
+                shared.work.notify_waiters();
+                shared.timers_changed.notify_one();
+                guard.clean = true;
+                return;
+            }
+            // Registered before looking once more, so that no wake-up is missed.
+            let work = shared.work.notified();
+            tokio::pin!(work);
+            work.as_mut().enable();
+            let idle = {
+                let state = shared.lock();
+                state.ready.is_empty() && !(state.closed && state.jobs.is_empty())
+            };
+            if idle && !shared.aborting() {
+                tokio::select! {
+                    _ = work => {}
+                    _ = aborted.as_mut() => {}
+                }
+            }
+            continue;
+        };
         let started = std::time::Instant::now();
         let result = tokio::select! {
             r = setup.ctx.service.send(&webhook).instrument(span) => r,
-            _ = aborted => {
+            _ = aborted.as_mut() => {
                 shared.lock().cut(setup, seq);
                 guard.clean = true;
                 return;
@@ -392,22 +426,11 @@ async fn sender(shared: Arc<Shared>) {
             started.elapsed(),
             result.is_ok(),
         );
-        let mut state = shared.lock();
-        let outcome = state.finish(setup, seq, result);
-        let empty = state.jobs.is_empty();
-        drop(state);
-        match outcome {
-            Finished::Woke(n) => {
-                // This sender takes one of them itself on its next turn.
-                for _ in 1..n {
-                    shared.work.notify_one();
-                }
-            }
-            Finished::Retrying => shared.timers_changed.notify_one(),
+        if result.is_ok() {
+            // Before the event completes: whoever sees it complete sees it counted.
+            setup.ctx.counters.sent(webhook.event(), born);
         }
-        if empty {
-            shared.drained.notify_waiters();
-        }
+        last = Some((seq, result));
     }
 }
 
@@ -476,6 +499,14 @@ struct Chain {
     newest_watch: Vec<(Box<str>, u64)>,
 }
 
+/// An event a sender took.
+struct Taken {
+    seq: u64,
+    webhook: Arc<super::Webhook>,
+    span: tracing::Span,
+    born: SystemTime,
+}
+
 /// What finishing an attempt led to.
 enum Finished {
     /// The event completed; this many events became ready.
@@ -484,10 +515,35 @@ enum Finished {
     Retrying,
 }
 
+/// Hashes the scheduler's keys, which are sequence numbers and chain keys (themselves
+/// hashes): one multiplication, where SipHash's resistance to chosen keys buys nothing.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: distinct keys stay distinct, and their high bits (where the
+        // map looks first) vary.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Keyed<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<KeyHasher>>;
+
 #[derive(Default)]
 struct State {
-    jobs: HashMap<u64, Entry>,
-    chains: HashMap<ChainKey, Chain>,
+    jobs: Keyed<u64, Entry>,
+    chains: Keyed<ChainKey, Chain>,
     ready: VecDeque<u64>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     next_seq: u64,
@@ -503,6 +559,11 @@ struct State {
     /// Events by sequence number with their birth, trimmed from the front as they
     /// complete: the oldest event held, in O(1).
     by_age: VecDeque<(u64, SystemTime)>,
+    /// The outbox's recorder (see [`Setup::reports`]).
+    reports: Option<mpsc::UnboundedSender<(i64, Report)>>,
+    /// Completed events, dropped by a sender after it let go of the lock: freeing their
+    /// bodies and spans need not hold up the other senders.
+    graveyard: Vec<Entry>,
 }
 
 impl State {
@@ -609,11 +670,7 @@ impl State {
 
     /// The next ready event to send, marked in flight; superseded events met on the way
     /// are completed.
-    fn take(
-        &mut self,
-        setup: &Setup,
-        attempt: Duration,
-    ) -> Option<(u64, super::Webhook, tracing::Span)> {
+    fn take(&mut self, setup: &Setup, attempt: Duration) -> Option<Taken> {
         while let Some(seq) = self.ready.pop_front() {
             match self.jobs.get(&seq) {
                 Some(e) if e.step == Step::Ready => {}
@@ -647,7 +704,12 @@ impl State {
                     .span
                     .record("queued_ms", queued.as_millis() as u64);
             }
-            return Some((seq, entry.job.webhook.clone(), entry.job.span.clone()));
+            return Some(Taken {
+                seq,
+                webhook: entry.job.webhook.clone(),
+                span: entry.job.span.clone(),
+                born: entry.job.born,
+            });
         }
         None
     }
@@ -661,8 +723,8 @@ impl State {
     ) -> Finished {
         let ctx = &setup.ctx;
         let error = match result {
+            // Counted as sent by the sender, before it took the lock.
             Ok(_) => {
-                ctx.counters.sent(&self.jobs[&seq].job);
                 if std::mem::take(&mut self.failing) {
                     tracing::info!(
                         url = ctx.service.endpoint_for_logs(),
@@ -701,7 +763,6 @@ impl State {
                 entry.step = Step::Retrying;
                 self.timers.push(Reverse((Instant::now() + delay, seq)));
                 self.report(
-                    setup,
                     seq,
                     Report::Failed {
                         attempts,
@@ -744,8 +805,8 @@ impl State {
         (woken, None)
     }
 
-    fn report(&self, setup: &Setup, seq: u64, report: Report) {
-        if let Some(reports) = &*setup.reports.lock().unwrap_or_else(|p| p.into_inner()) {
+    fn report(&self, seq: u64, report: Report) {
+        if let Some(reports) = &self.reports {
             let _ = reports.send((self.jobs[&seq].job.token, report));
         }
     }
@@ -772,7 +833,7 @@ impl State {
         );
         if let Some(handler) = &ctx.dead_letter {
             handler(DeadLetter {
-                webhook: job.webhook.clone(),
+                webhook: (*job.webhook).clone(),
                 attempts: job.attempts,
                 last_error,
             });
@@ -782,7 +843,7 @@ impl State {
     /// `seq` is done: it leaves its chains, and what was behind it may become ready.
     /// Returns how many became ready.
     fn complete(&mut self, setup: &Setup, seq: u64, report: Report) -> usize {
-        self.report(setup, seq, report);
+        self.report(seq, report);
         self.remove(setup.track_pending.then_some(&setup.ctx), seq)
     }
 
@@ -808,6 +869,7 @@ impl State {
                 }
             }
         }
+        self.graveyard.push(entry);
         if let Some(ctx) = pending {
             ctx.counters.release(1);
         }
@@ -858,7 +920,7 @@ impl State {
     /// Removes an event without waking what follows it (everything is being torn down).
     fn forget(&mut self, setup: &Setup, seq: u64, report: Report) {
         if self.jobs.contains_key(&seq) {
-            self.report(setup, seq, report);
+            self.report(seq, report);
             self.jobs.remove(&seq);
             if setup.track_pending {
                 setup.ctx.counters.release(1);

@@ -452,11 +452,11 @@ fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
         .and_then(TraceParent::parse)
         .unwrap_or_else(TraceParent::start);
     Ok(Job {
-        webhook: Webhook::stored(
+        webhook: std::sync::Arc::new(Webhook::stored(
             r.try_get("", "event_id")?,
             WebhookBody::from_stored(&event, body.into_bytes()),
             trace,
-        ),
+        )),
         row: ChainKey::row(&key),
         unit: unit.as_deref().map(ChainKey::unit),
         kind: EventKind::parse(&kind),

@@ -168,7 +168,7 @@ impl Outbox {
         let (reports, reports_rx) = tokio::sync::mpsc::unbounded_channel();
         let scheduler = Scheduler::start(Setup {
             ctx: ctx.clone(),
-            reports: Mutex::new(Some(reports)),
+            reports: Some(reports),
             track_pending: false,
             lease: Some(lease.clone()),
             dead_letter_leftovers: false,
