@@ -119,18 +119,35 @@ impl TraceParent {
     pub fn span_id(&self) -> String {
         format!("{:016x}", self.span_id)
     }
+
+    /// Whether `other` is in the same trace.
+    pub(crate) fn same_trace(&self, other: &TraceParent) -> bool {
+        self.trace_id == other.trace_id
+    }
+
+    /// The header value's bytes, `00-{trace id}-{span id}-{flags}`, made without the
+    /// formatting machinery (one per attempt).
+    pub(crate) fn header_bytes(&self) -> [u8; 55] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        fn put(out: &mut [u8], mut n: u128) {
+            for b in out.iter_mut().rev() {
+                *b = HEX[(n & 0xf) as usize];
+                n >>= 4;
+            }
+        }
+        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        put(&mut out[3..35], self.trace_id);
+        put(&mut out[36..52], u128::from(self.span_id));
+        put(&mut out[53..55], u128::from(u8::from(self.sampled)));
+        out
+    }
 }
 
 /// The `traceparent` header value: `00-{trace id}-{span id}-{flags}`.
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id,
-            self.span_id,
-            u8::from(self.sampled)
-        )
+        // ASCII by construction.
+        f.write_str(std::str::from_utf8(&self.header_bytes()).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -206,5 +223,38 @@ mod tests {
         }
         let later = TraceParent::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-x");
         assert!(later.is_some_and(|t| !t.sampled));
+    }
+
+    #[test]
+    fn the_header_is_written_as_the_specification_writes_it() {
+        let cases = [
+            (
+                1,
+                1,
+                true,
+                "00-00000000000000000000000000000001-0000000000000001-01",
+            ),
+            (
+                0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736,
+                0x00f0_67aa_0ba9_02b7,
+                false,
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            ),
+            (
+                u128::MAX,
+                u64::MAX,
+                true,
+                "00-ffffffffffffffffffffffffffffffff-ffffffffffffffff-01",
+            ),
+        ];
+        for (trace_id, span_id, sampled, header) in cases {
+            let t = TraceParent {
+                trace_id,
+                span_id,
+                sampled,
+            };
+            assert_eq!(t.to_string(), header);
+            assert_eq!(&t.header_bytes()[..], header.as_bytes());
+        }
     }
 }

@@ -190,6 +190,8 @@ pub struct WebhookService {
 
 struct Inner {
     config: WebhookConfig,
+    /// The current secret's and then each previous secret's keyed HMAC states.
+    signers: Vec<signature::Signer>,
     transport: Transport,
     /// The endpoint as it may appear in logs: without user name or password.
     log_url: String,
@@ -211,9 +213,14 @@ impl WebhookService {
         })
         .map_err(|source| StartError::HttpClient { source })?;
         let log_url = mask_url(&redact_url(config.parsed_url()));
+        let signers = std::iter::once(config.secret())
+            .chain(config.previous_secrets())
+            .map(|s| signature::Signer::new(s.expose()))
+            .collect();
         Ok(WebhookService {
             inner: Arc::new(Inner {
                 config,
+                signers,
                 transport,
                 log_url,
             }),
@@ -250,32 +257,7 @@ impl WebhookService {
 
     /// One attempt at delivering `webhook`: signs its bytes and POSTs those same bytes.
     pub async fn send(&self, webhook: &Webhook) -> Result<Delivered, DeliveryError> {
-        let config = &self.inner.config;
         let bytes: Bytes = webhook.body().shared_bytes();
-        let secret = config.secret().expose();
-        let mut headers = HeaderMap::with_capacity(8);
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
-        headers.insert(
-            SIGNATURE_HEADER,
-            header_value(&signature::sign(secret, &bytes)),
-        );
-        headers.insert(ID_HEADER, header_value(webhook.id()));
-        if config.standard_headers() {
-            let ts = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            headers.insert("webhook-id", header_value(webhook.id()));
-            headers.insert("webhook-timestamp", header_value(&ts.to_string()));
-            // One signature per current secret: receivers that know only one of them (during
-            // a rotation) find theirs.
-            let signatures: Vec<String> = std::iter::once(config.secret())
-                .chain(config.previous_secrets())
-                .map(|s| signature::standard_signature(s.expose(), webhook.id(), ts, &bytes))
-                .collect();
-            headers.insert("webhook-signature", header_value(&signatures.join(" ")));
-        }
         // This attempt is a span of the event's trace, the parent of what the receiver does:
         // with OpenTelemetry, the attempt span's own context.
         let span = tracing::info_span!(
@@ -284,23 +266,63 @@ impl WebhookService {
             span_id = tracing::field::Empty,
         );
         let attempt = TraceParent::of_span(&span)
-            .filter(|a| a.trace_id() == webhook.trace().trace_id())
+            .filter(|a| a.same_trace(&webhook.trace()))
             .unwrap_or_else(|| webhook.trace().child());
         if !span.is_disabled() {
             span.record("trace_id", attempt.trace_id());
             span.record("span_id", attempt.span_id());
         }
-        headers.insert("traceparent", header_value(&attempt.to_string()));
-        self.post(headers, bytes).instrument(span).await
+        let headers = |map: &mut HeaderMap| self.headers(map, webhook, &bytes, &attempt);
+        self.post(&headers, &bytes).instrument(span).await
+    }
+
+    /// Adds an attempt's headers (again for a resend on a new connection).
+    fn headers(
+        &self,
+        headers: &mut HeaderMap,
+        webhook: &Webhook,
+        bytes: &Bytes,
+        attempt: &TraceParent,
+    ) {
+        let config = &self.inner.config;
+        let signers = &self.inner.signers;
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+        headers.insert(SIGNATURE_HEADER, ascii_value(&signers[0].legacy(bytes)));
+        let id = ascii_value(webhook.id().as_bytes());
+        headers.insert(ID_HEADER, id.clone());
+        if config.standard_headers() {
+            let ts = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            headers.insert("webhook-id", id);
+            headers.insert("webhook-timestamp", HeaderValue::from(ts));
+            // One signature per current secret: receivers that know only one of them (during
+            // a rotation) find theirs.
+            let mut signatures = String::with_capacity(48 * signers.len());
+            for (i, signer) in signers.iter().enumerate() {
+                if i > 0 {
+                    signatures.push(' ');
+                }
+                signer.standard_into(webhook.id(), ts, bytes, &mut signatures);
+            }
+            headers.insert("webhook-signature", ascii_value(signatures.as_bytes()));
+        }
+        headers.insert("traceparent", ascii_value(&attempt.header_bytes()));
     }
 
     /// The POST itself (see [`Transport`]), and what its answer means.
-    async fn post(&self, headers: HeaderMap, bytes: Bytes) -> Result<Delivered, DeliveryError> {
+    async fn post(
+        &self,
+        headers: &(dyn Fn(&mut HeaderMap) + Sync),
+        bytes: &Bytes,
+    ) -> Result<Delivered, DeliveryError> {
         let config = &self.inner.config;
         let answer = self
             .inner
             .transport
-            .post(config.parsed_url(), &headers, &bytes, config.timeout())
+            .post(config.parsed_url(), headers, bytes, config.timeout())
             .await?;
         let (status, elapsed) = (answer.status, answer.elapsed);
         if (200..300).contains(&status) {
@@ -352,9 +374,9 @@ impl WebhookService {
     }
 }
 
-fn header_value(s: &str) -> HeaderValue {
+fn ascii_value(s: &[u8]) -> HeaderValue {
     // Hex, base64, digits and UUIDs are always valid header values.
-    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    HeaderValue::from_bytes(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 fn build_client(config: &WebhookConfig) -> Result<reqwest::Client, Cause> {

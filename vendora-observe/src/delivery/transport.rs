@@ -74,11 +74,12 @@ impl Transport {
         }
     }
 
-    /// POSTs `body` with `headers` to `url` and returns the answer's head, within `timeout`.
+    /// POSTs `body` with the headers `headers` adds (once, or again for a resend) to `url`
+    /// and returns the answer's head, within `timeout`.
     pub(super) async fn post(
         &self,
         url: &Url,
-        headers: &HeaderMap,
+        headers: &(dyn Fn(&mut HeaderMap) + Sync),
         body: &Bytes,
         timeout: Duration,
     ) -> Result<Answer, DeliveryError> {
@@ -87,9 +88,11 @@ impl Transport {
             Transport::Plain(pool) => pool.post(headers, body, started, timeout).await,
             Transport::Tls(client) => {
                 let post = || {
+                    let mut map = HeaderMap::with_capacity(10);
+                    headers(&mut map);
                     client
                         .post(url.clone())
-                        .headers(headers.clone())
+                        .headers(map)
                         .body(body.clone())
                         .send()
                 };
@@ -259,7 +262,7 @@ impl Pool {
     /// dropped; the answer stands either way (its status is what the receiver decided).
     async fn post(
         &self,
-        headers: &HeaderMap,
+        headers: &(dyn Fn(&mut HeaderMap) + Sync),
         body: &Bytes,
         started: Instant,
         timeout: Duration,
@@ -281,7 +284,7 @@ impl Pool {
     /// connection it came on.
     async fn exchange(
         &self,
-        headers: &HeaderMap,
+        headers: &(dyn Fn(&mut HeaderMap) + Sync),
         body: &Bytes,
         started: Instant,
         timeout: Duration,
@@ -300,19 +303,22 @@ impl Pool {
         Ok((answer, response.into_body(), conn))
     }
 
-    fn request(&self, headers: &HeaderMap, body: &Bytes) -> hyper::Request<Full<Bytes>> {
+    fn request(
+        &self,
+        headers: &(dyn Fn(&mut HeaderMap) + Sync),
+        body: &Bytes,
+    ) -> hyper::Request<Full<Bytes>> {
         let mut request = hyper::Request::new(Full::new(body.clone()));
         *request.method_mut() = hyper::Method::POST;
         *request.uri_mut() = self.target.clone();
+        // Room for `Host`, `Authorization` and what the sender adds (see `sender`).
         let h = request.headers_mut();
-        h.reserve(headers.len() + 3);
+        h.reserve(10);
         h.insert(HOST, self.authority.clone());
         if let Some(auth) = &self.authorization {
             h.insert(AUTHORIZATION, auth.clone());
         }
-        for (name, value) in headers {
-            h.insert(name, value.clone());
-        }
+        headers(h);
         request
     }
 
