@@ -7,6 +7,9 @@
 //! cargo run --release --example bench -- --quick # fewer iterations
 //! cargo run --release --example bench -- --delivery-only [direct] [sqlite] [postgres] [rust] [node]
 //! ```
+//! With `--delivery-only`, `BENCH_CASE="causal, 8 writer tasks"` runs one case and
+//! `BENCH_WRITES=30000` makes the drains longer (for a profiler, or steadier figures).
+//!
 //! The delivery-rate comparison needs `wrk` (Debian: `apt-get install wrk`), and node with
 //! npm for the Node socket.io server of `tests/node`.
 
@@ -1059,6 +1062,7 @@ async fn deliveries(
             let cases = [
                 ("causal, 8 writer tasks", Order::Causal, 8, Shape::Distinct),
                 ("causal, 1 writer task", Order::Causal, 1, Shape::Distinct),
+                ("per-row, 8 writer tasks", Order::PerRow, 8, Shape::Distinct),
                 ("per-row, 1 writer task", Order::PerRow, 1, Shape::Distinct),
                 (
                     "causal, 8 writer tasks, 10 hot rows",
@@ -1437,7 +1441,11 @@ async fn main() {
                         .any(|p| matches!(*p, "direct" | "sqlite" | "postgres"))
             })
             .collect();
-        let writes = if quick { 1000 } else { 10_000 };
+        // BENCH_WRITES: a longer drain, for a profiler.
+        let writes = std::env::var("BENCH_WRITES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if quick { 1000 } else { 10_000 });
         deliveries(&modes, writes, &targets).await;
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
