@@ -131,7 +131,8 @@ pub(super) struct Pool {
     /// `Authorization: Basic …` from credentials in the URL.
     authorization: Option<HeaderValue>,
     connect_timeout: Duration,
-    idle: Mutex<Vec<(Conn, Instant)>>,
+    /// Boxed: a connection's state is large, and it moves at every checkout and checkin.
+    idle: Mutex<Vec<(Box<Conn>, Instant)>>,
 }
 
 type Io = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
@@ -267,15 +268,21 @@ impl Pool {
         started: Instant,
         timeout: Duration,
     ) -> Result<Answer, DeliveryError> {
-        let exchange = self.exchange(headers, body, started, timeout);
-        let (answer, body, mut conn) = match tokio::time::timeout(timeout, exchange).await {
-            Ok(exchanged) => exchanged?,
-            Err(_) => return Err(DeliveryError::Timeout { after: timeout }),
+        // One timer for both steps.
+        let deadline = tokio::time::sleep_until((started + timeout).into());
+        tokio::pin!(deadline);
+        let (answer, body, mut conn) = tokio::select! {
+            biased;
+            exchanged = self.exchange(headers, body, started, timeout) => exchanged?,
+            _ = &mut deadline => return Err(DeliveryError::Timeout { after: timeout }),
         };
-        let left = timeout.saturating_sub(started.elapsed());
         let read = conn.drive(Limited::new(body, MAX_ANSWER_BODY).collect());
-        if let Ok(Ok(Ok(_))) = tokio::time::timeout(left, read).await {
-            self.checkin(conn);
+        tokio::select! {
+            biased;
+            read = read => if let Ok(Ok(_)) = read {
+                self.checkin(conn);
+            },
+            _ = &mut deadline => {}
         }
         Ok(answer)
     }
@@ -288,7 +295,7 @@ impl Pool {
         body: &Bytes,
         started: Instant,
         timeout: Duration,
-    ) -> Result<(Answer, Incoming, Conn), DeliveryError> {
+    ) -> Result<(Answer, Incoming, Box<Conn>), DeliveryError> {
         let mut conn = self.checkout().await?;
         let response = match conn.send(self.request(headers, body)).await {
             Ok(r) => r,
@@ -323,7 +330,7 @@ impl Pool {
     }
 
     /// An idle connection ready for a request, or a new one.
-    async fn checkout(&self) -> Result<Conn, DeliveryError> {
+    async fn checkout(&self) -> Result<Box<Conn>, DeliveryError> {
         loop {
             let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let Some((mut conn, since)) = idle else {
@@ -337,7 +344,7 @@ impl Pool {
         self.connect().await
     }
 
-    fn checkin(&self, conn: Conn) {
+    fn checkin(&self, conn: Box<Conn>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push((conn, Instant::now()));
@@ -345,7 +352,7 @@ impl Pool {
     }
 
     /// A new connection: name resolution and TCP connect within the connect timeout.
-    async fn connect(&self) -> Result<Conn, DeliveryError> {
+    async fn connect(&self) -> Result<Box<Conn>, DeliveryError> {
         let connect = async {
             let mut last = None;
             for addr in tokio::net::lookup_host((self.host.as_str(), self.port)).await? {
@@ -376,11 +383,11 @@ impl Pool {
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
                 .map_err(transport)?;
-        Ok(Conn {
+        Ok(Box::new(Conn {
             send,
             io,
             ended: false,
-        })
+        }))
     }
 }
 
