@@ -1144,16 +1144,24 @@ async fn autocommit_window(url: &str, n: usize) -> Summary {
 }
 
 /// `wrk`'s request rate against `url`, and the CPU per request (its own counted as
-/// "others").
+/// "others"). Its request carries the headers the sender's do (`Host`, `Content-Type`,
+/// `User-Agent`, both webhook headers, `traceparent`), so that the receiver does the same
+/// work for either.
 fn wrk_rate(url: &str, connections: usize, seconds: u64) -> Option<(f64, CpuPerEvent)> {
     let body = r#"{"event":"stock:updated","data":{"productId":1,"newStock":7}}"#;
     let sig = vendora_observe::sign(SECRET.as_bytes(), body.as_bytes());
+    // The sender's `User-Agent` (this crate's version is the library's).
+    let agent = concat!("vendora-observe/", env!("CARGO_PKG_VERSION"));
+    let trace = vendora_observe::trace::TraceParent::start().child();
     let script = std::env::temp_dir().join(format!("vendora-wrk-{}.lua", std::process::id()));
     std::fs::write(
         &script,
         format!(
             "wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
-             wrk.headers[\"X-Webhook-Signature\"] = \"{sig}\"\nwrk.headers[\"X-Webhook-Id\"] = \"bench\"\n"
+             wrk.headers[\"User-Agent\"] = \"{agent}\"\n\
+             wrk.headers[\"X-Webhook-Signature\"] = \"{sig}\"\n\
+             wrk.headers[\"X-Webhook-Id\"] = \"0193a7f2-4c1e-7d3a-9b8e-5f6a7b8c9d0e\"\n\
+             wrk.headers[\"traceparent\"] = \"{trace}\"\n"
         ),
     )
     .ok()?;
