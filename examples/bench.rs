@@ -1616,9 +1616,11 @@ async fn main() {
         } else {
             "per-row"
         };
-        let distinct = drains.iter().find(|d| {
-            d.target == hot.target && d.mode == hot.mode && d.case == "causal, 8 writer tasks"
-        });
+        // The same order over distinct rows.
+        let same = format!("{order}, 8 writer tasks");
+        let distinct = drains
+            .iter()
+            .find(|d| d.target == hot.target && d.mode == hot.mode && d.case == same);
         if let Some(distinct) = distinct {
             let _ = writeln!(
                 md,
