@@ -1573,7 +1573,7 @@ async fn main() {
     let _ = writeln!(md, "\n![write latency](benchmarks-latency.svg)\n");
     let _ = writeln!(
         md,
-        "## 2. Delivery\n\n{writes} updates of a watched column (two events each) written by 1 or 8 tasks (in outbox mode in transactions of 100 writes), held back, then released: events per second until the last arrived. Beside it, `wrk` posting a signed body of the same kind to the same receiver with 8 connections. *Causal* is the default order (each row's history and each task's writes in order); *per-row* keeps only each row's. *10 hot rows*: every write updates one of ten rows.\n"
+        "## 2. Delivery\n\n{writes} updates of a watched column (two events each) written by 1 or 8 tasks (in outbox mode in transactions of 100 writes), held back, then released: events per second until the last arrived. Beside it, `wrk` posting a signed body of the same kind, with the sender's headers, to the same receiver with 8 connections. *Causal* is the default order (each row's history and each task's writes in order); *per-row* keeps only each row's. *10 hot rows*: every write updates one of ten rows.\n"
     );
     for (name, w, cpu) in &wrks {
         let _ = writeln!(
