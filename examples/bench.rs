@@ -8,7 +8,8 @@
 //! cargo run --release --example bench -- --delivery-only [direct] [sqlite] [postgres] [rust] [node]
 //! ```
 //! With `--delivery-only`, `BENCH_CASE="causal, 8 writer tasks"` runs one case and
-//! `BENCH_WRITES=30000` makes the drains longer (for a profiler, or steadier figures).
+//! `BENCH_WRITES=30000` makes the drains longer (for a profiler, or steadier figures) and
+//! `BENCH_BATCH=512` sets the outbox's `OutboxOptions::batch` (default 128).
 //!
 //! The delivery-rate comparison needs `wrk` (Debian: `apt-get install wrk`), and node with
 //! npm for the Node socket.io server of `tests/node`.
@@ -888,6 +889,12 @@ async fn drain(
     let outbox_options = |db: &DatabaseConnection| {
         let mut o = OutboxOptions::new(db.clone());
         o.poll_interval = Duration::from_millis(100);
+        if let Some(b) = std::env::var("BENCH_BATCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            o.batch = b;
+        }
         o
     };
     let writer = match &mode.outbox {
