@@ -74,20 +74,9 @@ fn standard_mac(secret: &[u8], id: &str, timestamp: u64, body: &[u8]) -> HmacSha
 }
 
 fn standard_message(mut m: HmacSha256, id: &str, timestamp: u64, body: &[u8]) -> HmacSha256 {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut n = timestamp;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
     m.update(id.as_bytes());
     m.update(b".");
-    m.update(&digits[at..]);
+    m.update(itoa::Buffer::new().format(timestamp).as_bytes());
     m.update(b".");
     m.update(body);
     m

@@ -128,17 +128,11 @@ impl TraceParent {
     /// The header value's bytes, `00-{trace id}-{span id}-{flags}`, made without the
     /// formatting machinery (one per attempt).
     pub(crate) fn header_bytes(&self) -> [u8; 55] {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        fn put(out: &mut [u8], mut n: u128) {
-            for b in out.iter_mut().rev() {
-                *b = HEX[(n & 0xf) as usize];
-                n >>= 4;
-            }
-        }
         let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
-        put(&mut out[3..35], self.trace_id);
-        put(&mut out[36..52], u128::from(self.span_id));
-        put(&mut out[53..55], u128::from(u8::from(self.sampled)));
+        // Each slice holds exactly the hex digits of its bytes.
+        let _ = hex::encode_to_slice(self.trace_id.to_be_bytes(), &mut out[3..35]);
+        let _ = hex::encode_to_slice(self.span_id.to_be_bytes(), &mut out[36..52]);
+        let _ = hex::encode_to_slice([u8::from(self.sampled)], &mut out[53..55]);
         out
     }
 }

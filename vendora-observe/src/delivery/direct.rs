@@ -90,7 +90,7 @@ impl DirectQueue {
             let room = self.counters.space.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            let _waiting = SpaceWaiter::new(&self.counters);
+            let _waiting = self.counters.waiting_for_space();
             if self.counters.try_reserve(n, self.capacity) {
                 return Ok(());
             }
@@ -112,23 +112,6 @@ impl DirectQueue {
         self.closed.store(true, Ordering::Release);
         self.counters.space.notify_waiters();
         self.scheduler.shutdown(deadline).await
-    }
-}
-
-/// Counts a write waiting for room for as long as it waits (also when its future is
-/// dropped).
-struct SpaceWaiter<'a>(&'a Counters);
-
-impl<'a> SpaceWaiter<'a> {
-    fn new(counters: &'a Counters) -> Self {
-        counters.space_waiters.fetch_add(1, Ordering::SeqCst);
-        SpaceWaiter(counters)
-    }
-}
-
-impl Drop for SpaceWaiter<'_> {
-    fn drop(&mut self) {
-        self.0.space_waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

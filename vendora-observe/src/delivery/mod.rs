@@ -341,7 +341,16 @@ pub(crate) struct Counters {
     /// Signalled whenever pending events leave (room for [`Overflow::Wait`]), while
     /// `space_waiters` says that a write waits for it.
     pub(crate) space: Notify,
-    pub(crate) space_waiters: AtomicUsize,
+    space_waiters: AtomicUsize,
+}
+
+/// A write counted as waiting for room (see [`Counters::waiting_for_space`]), until dropped.
+pub(crate) struct SpaceWaiter<'a>(&'a Counters);
+
+impl Drop for SpaceWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.space_waiters.fetch_sub(1, AtomicOrdering::SeqCst);
+    }
 }
 
 impl Counters {
@@ -380,6 +389,12 @@ impl Counters {
         if self.space_waiters.load(AtomicOrdering::SeqCst) > 0 {
             self.space.notify_waiters();
         }
+    }
+    /// Counts the caller as waiting for room until the guard is dropped (also when its
+    /// future is). Register on `space` first, then count, then look at `pending` once more.
+    pub(crate) fn waiting_for_space(&self) -> SpaceWaiter<'_> {
+        self.space_waiters.fetch_add(1, AtomicOrdering::SeqCst);
+        SpaceWaiter(self)
     }
     pub(crate) fn set_pending(&self, n: u64) {
         if self.pending.swap(n, AtomicOrdering::AcqRel) != 0 && n == 0 {
