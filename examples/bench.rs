@@ -9,7 +9,9 @@
 //! ```
 //! With `--delivery-only`, `BENCH_CASE="causal, 8 writer tasks"` runs one case and
 //! `BENCH_WRITES=30000` makes the drains longer (for a profiler, or steadier figures) and
-//! `BENCH_BATCH=512` sets the outbox's `OutboxOptions::batch` (default 128).
+//! `BENCH_BATCH=512` and `BENCH_MAX_BATCH=4096` set the outbox's `OutboxOptions::batch` and
+//! `max_batch` (defaults 128 and 2,048); `BENCH_WAL=1` puts the SQLite outbox file in WAL
+//! journal mode (SQLite's default is a rollback journal).
 //!
 //! The delivery-rate comparison needs `wrk` (Debian: `apt-get install wrk`), and node with
 //! npm for the Node socket.io server of `tests/node`.
@@ -857,6 +859,17 @@ async fn drain(
             sea_orm::Database::connect(options).await.unwrap()
         }
     };
+    if std::env::var("BENCH_WAL").is_ok()
+        && mode
+            .outbox
+            .as_deref()
+            .is_some_and(|u| u.starts_with("sqlite"))
+    {
+        use sea_orm::ConnectionTrait;
+        db.execute_unprepared("PRAGMA journal_mode=WAL")
+            .await
+            .unwrap();
+    }
     prepare(&db).await;
     let rows = match shape {
         Shape::Distinct => writes,
@@ -894,6 +907,12 @@ async fn drain(
             .and_then(|v| v.parse().ok())
         {
             o.batch = b;
+        }
+        if let Some(b) = std::env::var("BENCH_MAX_BATCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            o.max_batch = b;
         }
         o
     };

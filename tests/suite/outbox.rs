@@ -399,12 +399,17 @@ async fn fill_outbox(db: &DatabaseConnection, delivered: i64, pending: i64) {
     .unwrap();
 }
 
-/// The claim's first step on `db`: the oldest pending rows not held by this relay.
+/// The claim's first step on `db`: the oldest pending rows not held by this relay (512,
+/// the window of a claim of 128 rows).
 fn frontier(db: &DatabaseConnection) -> sea_orm::Statement {
+    frontier_of(db, 512)
+}
+
+fn frontier_of(db: &DatabaseConnection, window: usize) -> sea_orm::Statement {
     vendora_observe::__private::outbox_plan::frontier_statement(
         sea_orm::ConnectionTrait::get_database_backend(db),
         "test-relay",
-        512,
+        window,
     )
 }
 
@@ -535,6 +540,82 @@ async fn rows_held_behind_a_slow_receiver_keep_their_lease_and_are_sent_once() {
     let distinct: HashSet<&String> = ids.iter().collect();
     assert_eq!(ids.len(), 3, "each event sent once: {ids:?}");
     assert_eq!(distinct.len(), 3, "three events: {ids:?}");
+}
+
+/// Rows this relay has claimed and not yet written an outcome for.
+async fn claimed(db: &DatabaseConnection) -> i64 {
+    use sea_orm::ConnectionTrait;
+    db.query_one_raw(sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        "SELECT COUNT(*) AS n FROM vendora_outbox \
+         WHERE status = 'pending' AND claimed_by IS NOT NULL",
+    ))
+    .await
+    .unwrap()
+    .unwrap()
+    .try_get("", "n")
+    .unwrap()
+}
+
+/// A relay starting on a backlog takes larger claims while they come back full: behind a
+/// receiver that does not answer, with `batch` 8 and `max_batch` 64, it comes to hold more
+/// than the 32 rows (4 x 8) that claims of a fixed size allow, and never more than 256
+/// (4 x 64). Once the receiver answers, every event arrives, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_on_a_backlog_claims_more_rows_at_once_up_to_max_batch() {
+    let (db, _dir) = sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    // Writes only: its relay stops before anything is written.
+    let writer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    writer.shutdown(Duration::ZERO).await;
+    // 30 tasks, so 30 units of work of 10 rows each: no chain's share of a relay binds.
+    for chunk in 0..30 {
+        let db = db.clone();
+        tokio::spawn(writer.scope(async move {
+            let txn = db.begin().await.unwrap();
+            for i in 0..10 {
+                product_am(&format!("backlog {chunk}.{i}"), i)
+                    .insert(&txn)
+                    .await
+                    .unwrap();
+            }
+            txn.commit().await.unwrap();
+        }))
+        .await
+        .unwrap();
+    }
+    receiver.set_reply(Reply::Delay(Duration::from_secs(60)));
+    let mut options = vendora_observe::OutboxOptions::new(db.clone());
+    options.poll_interval = Duration::from_millis(50);
+    options.lease = Duration::from_secs(3);
+    options.batch = 8;
+    options.max_batch = 64;
+    let relay = Observer::builder(common::config(&receiver.url()))
+        .retry(fast_retries())
+        .outbox_options(options)
+        .build()
+        .await
+        .unwrap();
+    eventually(WAIT, "the relay holds more than 4 x batch rows", || {
+        let db = db.clone();
+        async move { claimed(&db).await > 32 }
+    })
+    .await;
+    // It goes on claiming up to its bound (4 x 64 of the 300 rows), and no further.
+    eventually(WAIT, "the relay holds 4 x max_batch rows", || {
+        let db = db.clone();
+        async move { claimed(&db).await == 256 }
+    })
+    .await;
+    receiver.set_reply(Reply::Ok);
+    assert!(relay.flush(WAIT).await);
+    let ids: HashSet<String> = receiver
+        .delivered()
+        .iter()
+        .map(|r| r.id().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 300);
+    assert_eq!(claimed(&db).await, 0);
 }
 
 /// The events of one row leave one after the other: each becomes claimable once the one
@@ -759,9 +840,12 @@ async fn postgres_claim_cost_does_not_follow_the_backlog_of_hot_rows() {
         .unwrap()
         .try_get("", "id")
         .unwrap();
-    for (step, statement) in [
-        ("frontier", frontier(&db)),
-        ("skip scan", skip_scan(&db, beyond)),
+    // A claim of 128 rows, and the largest frontier (a claim of 1,024 rows or more reads
+    // 4,096): each reads what its window holds, not the 20,000.
+    for (step, statement, bound) in [
+        ("frontier", frontier(&db), 2_000),
+        ("skip scan", skip_scan(&db, beyond), 2_000),
+        ("largest frontier", frontier_of(&db, 4_096), 4_200),
     ] {
         let plan = explain(&db, "EXPLAIN (ANALYZE, COSTS OFF)", "QUERY PLAN", statement).await;
         // Rows produced by every scan of the table, each loop counted.
@@ -780,7 +864,7 @@ async fn postgres_claim_cost_does_not_follow_the_backlog_of_hot_rows() {
             })
             .sum();
         assert!(
-            read < 2_000,
+            read < bound,
             "the {step} read {read} rows of 20,000 pending: {plan:#?}"
         );
     }

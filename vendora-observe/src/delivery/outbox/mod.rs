@@ -78,10 +78,16 @@ pub struct OutboxOptions {
     pub lease: Duration,
     /// How long delivered rows are kept before they are deleted (default 24 h).
     pub retention: Duration,
-    /// Rows claimed at once (default 128); a relay holds at most four batches. A larger
-    /// batch drains a large backlog faster (fewer claims per row) and holds more rows per
-    /// relay; the README's *Delivery* section gives measured rates.
+    /// Rows claimed at once when a relay starts on a backlog (default 128). While claims
+    /// come back full (a backlog), each claim takes twice as many rows as the one before,
+    /// up to [`max_batch`](Self::max_batch); once the relay has nothing left, it starts again
+    /// from `batch`. A relay holds at most four claims' worth of rows.
     pub batch: usize,
+    /// The most rows one claim takes (default 2,048). Larger claims drain a backlog faster
+    /// (fewer statements per row) and let one relay hold more rows (4 × `max_batch`, each
+    /// with its body, at most); the README's *Delivery* section gives measured rates. Set it
+    /// to `batch` for claims of a fixed size (a smaller value counts as `batch`).
+    pub max_batch: usize,
 }
 
 impl OutboxOptions {
@@ -93,6 +99,7 @@ impl OutboxOptions {
             lease: Duration::from_secs(60),
             retention: Duration::from_secs(24 * 3600),
             batch: 128,
+            max_batch: 2048,
         }
     }
 }

@@ -85,6 +85,10 @@ pub(super) async fn run(
     let options = &inner.options;
     let db = &options.db;
     let batch = options.batch.max(1);
+    let max_batch = options.max_batch.max(batch);
+    // Rows the next claim takes at most: `batch`, doubled after each full claim (a
+    // backlog), back to `batch` once the relay holds nothing and finds nothing.
+    let mut size = batch;
     let (done_tx, mut done) = mpsc::unbounded_channel();
     let recorder = tokio::spawn(record(outbox.clone(), reports, done_tx));
     let mut relay_id = inner.relay_id.clone();
@@ -135,15 +139,15 @@ pub(super) async fn run(
         // Rows let go while a claim runs may lie before what it took: then it gives back.
         let let_go_before = inner.scheduler.let_go_count();
         let stopping = inner.stopping.load(std::sync::atomic::Ordering::Acquire);
-        let room = max_held(batch).saturating_sub(held.len());
+        let room = max_held(size).saturating_sub(held.len());
         if !stopping && !idle && room > 0 {
-            let want = room.min(batch);
+            let want = room.min(size);
             let req = Request {
                 relay: &relay_id,
                 now: now_ms(),
                 lease: options.lease,
                 want,
-                per_chain: max_held(batch) / 2,
+                per_chain: max_held(size) / 2,
             };
             match claim::claim(db, &held, &mut cursor, req).await {
                 Ok(Claimed {
@@ -155,6 +159,9 @@ pub(super) async fn run(
                     }
                     next_due = due;
                     idle = jobs.len() < want;
+                    if !idle {
+                        size = (size * 2).min(max_batch);
+                    }
                     freed = 0;
                     if jobs.len() >= batch {
                         outbox.refresh_statistics(&mut last_analyze);
@@ -194,6 +201,7 @@ pub(super) async fn run(
             }
         }
         if idle && held.is_empty() {
+            size = batch;
             outbox.refresh_pending().await;
             inner.progress.notify_waiters();
             if last_prune.elapsed() > Duration::from_secs(60) {
