@@ -838,13 +838,13 @@ struct DrainRow {
 
 /// Writes `writes` updates of a watched column (two events each) from `writers` tasks, in
 /// transactions of 100 writes in outbox mode, held back from the receiver; then releases
-/// them and times the drain until the last event arrived.
+/// them and times the drain until the last event arrived. With `alone` (outbox modes), no
+/// relay starts: the relay's database work runs alone (claims of `max_batch` rows, written
+/// delivered, nothing sent), the ceiling the database sets.
 async fn drain(
     target: &Target,
     mode: &Mode,
-    order: Order,
-    writers: usize,
-    shape: Shape,
+    (order, writers, shape, alone): (Order, usize, Shape, bool),
     writes: usize,
 ) -> (f64, CpuPerEvent, u64) {
     let db = match &mode.outbox {
@@ -975,6 +975,25 @@ async fn drain(
             target.gate(true).await;
             None
         }
+        Some(url) if alone => {
+            let relay_db = db::connect(url).await.unwrap();
+            let want = outbox_options(&relay_db).max_batch;
+            let n = vendora_observe::__private::outbox_plan::drain_without_sending(&relay_db, want)
+                .await
+                .unwrap();
+            let rate = events as f64 / started.elapsed().as_secs_f64();
+            let cpu = Cpu::per_event(cpu_before, events);
+            assert_eq!(
+                n, events,
+                "{}: the statements went through every row",
+                mode.name
+            );
+            target.gate(true).await;
+            writer.shutdown(Duration::from_secs(5)).await;
+            use sea_orm::ConnectionTrait;
+            let _ = db.execute_unprepared("DELETE FROM vendora_outbox").await;
+            return (rate, cpu, events);
+        }
         Some(url) => {
             target.gate(true).await;
             let relay_db = db::connect(url).await.unwrap();
@@ -1049,6 +1068,9 @@ async fn latency(sink: &Sink, mode: &Mode) -> Summary {
     )
 }
 
+/// The bench case that runs the relay's database work without sending.
+const STATEMENTS_ALONE: &str = "the relay's statements alone, no HTTP";
+
 /// The delivery section: for each receiver, wrk's rate, then each mode's drains.
 async fn deliveries(
     modes: &[Mode],
@@ -1086,28 +1108,41 @@ async fn deliveries(
         for mode in modes {
             let only = std::env::var("BENCH_CASE").ok();
             let cases = [
-                ("causal, 8 writer tasks", Order::Causal, 8, Shape::Distinct),
-                ("causal, 1 writer task", Order::Causal, 1, Shape::Distinct),
-                ("per-row, 8 writer tasks", Order::PerRow, 8, Shape::Distinct),
-                ("per-row, 1 writer task", Order::PerRow, 1, Shape::Distinct),
+                (
+                    "causal, 8 writer tasks",
+                    (Order::Causal, 8, Shape::Distinct, false),
+                ),
+                (
+                    "causal, 1 writer task",
+                    (Order::Causal, 1, Shape::Distinct, false),
+                ),
+                (
+                    "per-row, 8 writer tasks",
+                    (Order::PerRow, 8, Shape::Distinct, false),
+                ),
+                (
+                    "per-row, 1 writer task",
+                    (Order::PerRow, 1, Shape::Distinct, false),
+                ),
                 (
                     "causal, 8 writer tasks, 10 hot rows",
-                    Order::Causal,
-                    8,
-                    Shape::Hot,
+                    (Order::Causal, 8, Shape::Hot, false),
                 ),
                 (
                     "per-row, 8 writer tasks, 10 hot rows",
-                    Order::PerRow,
-                    8,
-                    Shape::Hot,
+                    (Order::PerRow, 8, Shape::Hot, false),
                 ),
+                (STATEMENTS_ALONE, (Order::Causal, 8, Shape::Distinct, true)),
             ];
-            for (case, order, writers, shape) in cases {
+            for (case, how) in cases {
                 if only.as_deref().is_some_and(|o| o != case) {
                     continue;
                 }
-                let (rate, cpu, _) = drain(&target, mode, order, writers, shape, writes).await;
+                // The database's ceiling: outbox modes, once (no receiver takes part).
+                if how.3 && (mode.outbox.is_none() || !matches!(target, Target::Rust(_))) {
+                    continue;
+                }
+                let (rate, cpu, _) = drain(&target, mode, how, writes).await;
                 println!(
                     "  {:<22} {:<18} {case:<38} {rate:>8.0} events/s  {:<12} CPU {cpu}",
                     target.name(),
@@ -1599,7 +1634,7 @@ async fn main() {
     let _ = writeln!(md, "\n![write latency](benchmarks-latency.svg)\n");
     let _ = writeln!(
         md,
-        "## 2. Delivery\n\n{writes} updates of a watched column (two events each) written by 1 or 8 tasks (in outbox mode in transactions of 100 writes), held back, then released: events per second until the last arrived. Beside it, `wrk` posting a signed body of the same kind, with the sender's headers, to the same receiver with 8 connections. *Causal* is the default order (each row's history and each task's writes in order); *per-row* keeps only each row's. *10 hot rows*: every write updates one of ten rows.\n"
+        "## 2. Delivery\n\n{writes} updates of a watched column (two events each) written by 1 or 8 tasks (in outbox mode in transactions of 100 writes), held back, then released: events per second until the last arrived. Beside it, `wrk` posting a signed body of the same kind, with the sender's headers, to the same receiver with 8 connections. *Causal* is the default order (each row's history and each task's writes in order); *per-row* keeps only each row's. *10 hot rows*: every write updates one of ten rows. *The relay's statements alone*: the same backlog (causal, 8 tasks) claimed and written delivered by the relay's own statements, 2,048 rows at a time, one after the other, with nothing sent: the rate the database allows before any HTTP.\n"
     );
     for (name, w, cpu) in &wrks {
         let _ = writeln!(

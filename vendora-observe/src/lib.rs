@@ -370,9 +370,11 @@ pub mod __private {
     pub use async_trait::async_trait;
     pub use sea_orm;
 
-    /// The outbox claim's statements, for the query-plan tests.
+    /// The outbox claim's statements, for the query-plan tests, and the relay's database
+    /// work alone, for the bench.
     pub mod outbox_plan {
         pub use crate::delivery::outbox::claim::{frontier_statement, skip_scan_statement};
+        pub use crate::delivery::outbox::drain_without_sending;
     }
     pub use serde;
     pub use serde_json;

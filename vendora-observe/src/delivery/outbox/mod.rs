@@ -56,6 +56,8 @@ pub use admin::{
     Counts, OutboxRow, Requeued, counts, dead, dead_count, finished_count_since, finished_since,
     oldest_pending, pending, purge_delivered, requeue,
 };
+#[doc(hidden)]
+pub use relay::drain_without_sending;
 pub use schema::{create_table, table_exists};
 
 use super::scheduler::{Lease, Scheduler, Setup, now_ms};

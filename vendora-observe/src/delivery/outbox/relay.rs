@@ -518,3 +518,39 @@ impl Outbox {
         });
     }
 }
+
+/// The relay's database work alone, for the bench's ceiling: claims `want` rows at a time
+/// (the statements a relay runs, bodies included) and writes them delivered, without
+/// sending anything, until nothing is left. Returns the rows it went through. On
+/// PostgreSQL it first takes the table's statistics, as a relay does at a backlog's first
+/// full claim.
+#[doc(hidden)]
+pub async fn drain_without_sending(
+    db: &sea_orm::DatabaseConnection,
+    want: usize,
+) -> Result<u64, DbErr> {
+    if db.get_database_backend() == DbBackend::Postgres {
+        db.execute_unprepared(&format!("ANALYZE {TABLE}")).await?;
+    }
+    let relay = uuid::Uuid::now_v7().to_string();
+    let mut cursor = Cursor::default();
+    let mut total = 0u64;
+    loop {
+        let req = Request {
+            relay: &relay,
+            now: now_ms(),
+            lease: Duration::from_secs(60),
+            want,
+            per_chain: max_held(want) / 2,
+        };
+        let Claimed { jobs, .. } = claim::claim(db, &Held::default(), &mut cursor, req)
+            .await
+            .map_err(|f| f.error)?;
+        if jobs.is_empty() {
+            return Ok(total);
+        }
+        let ids: Vec<i64> = jobs.iter().map(|j| j.token).collect();
+        mark_on(db, db.get_database_backend(), &ids, false).await?;
+        total += ids.len() as u64;
+    }
+}
