@@ -557,27 +557,26 @@ async fn claimed(db: &DatabaseConnection) -> i64 {
     .unwrap()
 }
 
-/// A relay starting on a backlog takes larger claims while they come back full: behind a
-/// receiver that does not answer, with `batch` 8 and `max_batch` 64, it comes to hold more
-/// than the 32 rows (4 x 8) that claims of a fixed size allow, and never more than 256
-/// (4 x 64). Once the receiver answers, every event arrives, once.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_relay_on_a_backlog_claims_more_rows_at_once_up_to_max_batch() {
-    let (db, _dir) = sqlite_file().await;
+/// 300 events (30 tasks, so 30 units of work of 10 rows each: no chain's share of a relay
+/// binds) written to a SQLite file with no relay running, product names of `name_len`
+/// bytes, and a receiver that answers nothing within the test (requests time out and are
+/// retried): rows stay claimed once a relay takes them.
+async fn backlog_behind_a_stalled_receiver(
+    name_len: usize,
+) -> (DatabaseConnection, String, Receiver) {
+    let (db, url) = sqlite_file().await;
     let receiver = Receiver::start(SECRET).await.unwrap();
     // Writes only: its relay stops before anything is written.
     let writer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
     writer.shutdown(Duration::ZERO).await;
-    // 30 tasks, so 30 units of work of 10 rows each: no chain's share of a relay binds.
     for chunk in 0..30 {
         let db = db.clone();
         tokio::spawn(writer.scope(async move {
             let txn = db.begin().await.unwrap();
             for i in 0..10 {
-                product_am(&format!("backlog {chunk}.{i}"), i)
-                    .insert(&txn)
-                    .await
-                    .unwrap();
+                let name = format!("backlog {chunk:02}.{i} ");
+                let name = format!("{name}{}", "x".repeat(name_len.saturating_sub(name.len())));
+                product_am(&name, i).insert(&txn).await.unwrap();
             }
             txn.commit().await.unwrap();
         }))
@@ -585,17 +584,50 @@ async fn a_relay_on_a_backlog_claims_more_rows_at_once_up_to_max_batch() {
         .unwrap();
     }
     receiver.set_reply(Reply::Delay(Duration::from_secs(60)));
+    (db, url, receiver)
+}
+
+/// A relay on `db` whose claims start at 8 rows and may grow to 64.
+async fn growing_relay(
+    db: &DatabaseConnection,
+    receiver: &Receiver,
+    max_held_bytes: usize,
+) -> Observer {
     let mut options = vendora_observe::OutboxOptions::new(db.clone());
     options.poll_interval = Duration::from_millis(50);
     options.lease = Duration::from_secs(3);
     options.batch = 8;
     options.max_batch = 64;
-    let relay = Observer::builder(common::config(&receiver.url()))
+    options.max_held_bytes = max_held_bytes;
+    Observer::builder(common::config(&receiver.url()))
         .retry(fast_retries())
         .outbox_options(options)
         .build()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The receiver answers again: every one of the 300 events arrives, once.
+async fn all_delivered_once(db: &DatabaseConnection, receiver: &Receiver, relay: &Observer) {
+    receiver.set_reply(Reply::Ok);
+    assert!(relay.flush(WAIT).await);
+    let ids: HashSet<String> = receiver
+        .delivered()
+        .iter()
+        .map(|r| r.id().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 300);
+    assert_eq!(claimed(db).await, 0);
+}
+
+/// A relay starting on a backlog takes larger claims while they come back full: behind a
+/// receiver that does not answer, with `batch` 8 and `max_batch` 64, it comes to hold more
+/// than the 32 rows (4 x 8) that claims of a fixed size allow, and never more than 256
+/// (4 x 64). Once the receiver answers, every event arrives, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_on_a_backlog_claims_more_rows_at_once_up_to_max_batch() {
+    let (db, _url, receiver) = backlog_behind_a_stalled_receiver(0).await;
+    let relay = growing_relay(&db, &receiver, 32 << 20).await;
     eventually(WAIT, "the relay holds more than 4 x batch rows", || {
         let db = db.clone();
         async move { claimed(&db).await > 32 }
@@ -607,15 +639,63 @@ async fn a_relay_on_a_backlog_claims_more_rows_at_once_up_to_max_batch() {
         async move { claimed(&db).await == 256 }
     })
     .await;
-    receiver.set_reply(Reply::Ok);
-    assert!(relay.flush(WAIT).await);
-    let ids: HashSet<String> = receiver
-        .delivered()
-        .iter()
-        .map(|r| r.id().to_owned())
-        .collect();
-    assert_eq!(ids.len(), 300);
-    assert_eq!(claimed(&db).await, 0);
+    all_delivered_once(&db, &receiver, &relay).await;
+}
+
+/// The latest lease end among claimed rows: it moves each time the relay renews, once per
+/// turn of its loop on a heartbeat.
+async fn lease_end(db: &DatabaseConnection) -> i64 {
+    use sea_orm::ConnectionTrait;
+    db.query_one_raw(sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        "SELECT COALESCE(MAX(claimed_until), 0) AS t FROM vendora_outbox",
+    ))
+    .await
+    .unwrap()
+    .unwrap()
+    .try_get("", "t")
+    .unwrap()
+}
+
+/// Claims grow only while the bodies held fit in `max_held_bytes`: with bodies of ~10 KB
+/// and a budget of 100 bodies, the relay still grows past 4 x `batch` (32 rows), but after
+/// several more turns of its loop (lease renewals) it holds no more than 100 rows, where
+/// the row bound alone (4 x 64) would let it take 256.
+#[tokio::test(flavor = "multi_thread")]
+async fn claims_grow_only_while_the_bodies_held_fit_in_max_held_bytes() {
+    use sea_orm::ConnectionTrait;
+    let (db, _url, receiver) = backlog_behind_a_stalled_receiver(10_000).await;
+    let body: i64 = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT MAX(LENGTH(body)) AS n FROM vendora_outbox",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get("", "n")
+        .unwrap();
+    let relay = growing_relay(&db, &receiver, 100 * body as usize).await;
+    eventually(WAIT, "the relay holds more than 4 x batch rows", || {
+        let db = db.clone();
+        async move { claimed(&db).await > 32 }
+    })
+    .await;
+    // Five renewals: five more turns of the loop, each free to claim again.
+    for _ in 0..5 {
+        let before = lease_end(&db).await;
+        eventually(WAIT, "the relay renews its lease", || {
+            let db = db.clone();
+            async move { lease_end(&db).await > before }
+        })
+        .await;
+    }
+    let held = claimed(&db).await;
+    assert!(
+        (33..=100).contains(&held),
+        "{held} rows of ~{body} bytes held with a budget of 100 such bodies"
+    );
+    all_delivered_once(&db, &receiver, &relay).await;
 }
 
 /// The events of one row leave one after the other: each becomes claimable once the one

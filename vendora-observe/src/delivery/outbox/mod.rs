@@ -82,14 +82,19 @@ pub struct OutboxOptions {
     pub retention: Duration,
     /// Rows claimed at once when a relay starts on a backlog (default 128). While claims
     /// come back full (a backlog), each claim takes twice as many rows as the one before,
-    /// up to [`max_batch`](Self::max_batch); once the relay has nothing left, it starts again
-    /// from `batch`. A relay holds at most four claims' worth of rows.
+    /// up to [`max_batch`](Self::max_batch) and [`max_held_bytes`](Self::max_held_bytes);
+    /// once the relay has nothing left, it starts again from `batch`. A relay holds at
+    /// most four claims' worth of rows.
     pub batch: usize,
     /// The most rows one claim takes (default 2,048). Larger claims drain a backlog faster
     /// (fewer statements per row) and let one relay hold more rows (4 × `max_batch`, each
     /// with its body, at most); the README's *Delivery* section gives measured rates. Set it
     /// to `batch` for claims of a fixed size (a smaller value counts as `batch`).
     pub max_batch: usize,
+    /// About how many bytes of bodies one relay holds (default 32 MiB): claims grow only
+    /// while four of them, with bodies the size of the last claim's, fit in it. Claims
+    /// never shrink below `batch`, so with very large bodies a relay holds 4 × `batch`.
+    pub max_held_bytes: usize,
 }
 
 impl OutboxOptions {
@@ -102,6 +107,7 @@ impl OutboxOptions {
             retention: Duration::from_secs(24 * 3600),
             batch: 128,
             max_batch: 2048,
+            max_held_bytes: 32 << 20,
         }
     }
 }

@@ -76,6 +76,14 @@ fn max_held(batch: usize) -> usize {
     4 * batch
 }
 
+/// The largest claim such that a relay holding four of them, with bodies the size of
+/// `jobs`', stays within `budget` bytes; never below `batch`.
+fn rows_that_fit(jobs: &[crate::delivery::Job], budget: usize, batch: usize) -> usize {
+    let bytes: usize = jobs.iter().map(|j| j.webhook.body().len()).sum();
+    let per_row = (bytes / jobs.len().max(1)).max(1);
+    (budget / max_held(1) / per_row).max(batch)
+}
+
 pub(super) async fn run(
     outbox: Outbox,
     reports: mpsc::UnboundedReceiver<(i64, Report)>,
@@ -87,7 +95,8 @@ pub(super) async fn run(
     let batch = options.batch.max(1);
     let max_batch = options.max_batch.max(batch);
     // Rows the next claim takes at most: `batch`, doubled after each full claim (a
-    // backlog), back to `batch` once the relay holds nothing and finds nothing.
+    // backlog) while four claims of bodies the size of the last ones fit in
+    // `max_held_bytes`, back to `batch` once the relay holds nothing and finds nothing.
     let mut size = batch;
     let (done_tx, mut done) = mpsc::unbounded_channel();
     let recorder = tokio::spawn(record(outbox.clone(), reports, done_tx));
@@ -161,6 +170,9 @@ pub(super) async fn run(
                     idle = jobs.len() < want;
                     if !idle {
                         size = (size * 2).min(max_batch);
+                    }
+                    if !jobs.is_empty() {
+                        size = size.min(rows_that_fit(&jobs, options.max_held_bytes, batch));
                     }
                     freed = 0;
                     if jobs.len() >= batch {
