@@ -41,7 +41,7 @@
 
 mod admin;
 pub(crate) mod claim;
-mod relay;
+pub(crate) mod relay;
 mod schema;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,8 +56,6 @@ pub use admin::{
     Counts, OutboxRow, Requeued, counts, dead, dead_count, finished_count_since, finished_since,
     oldest_pending, pending, purge_delivered, requeue,
 };
-#[doc(hidden)]
-pub use relay::drain_without_sending;
 pub use schema::{create_table, table_exists};
 
 use super::scheduler::{Lease, Scheduler, Setup, now_ms};
