@@ -1134,12 +1134,12 @@ async fn deliveries(
                 ),
                 (STATEMENTS_ALONE, (Order::Causal, 8, Shape::Distinct, true)),
             ];
-            for (case, how) in cases {
+            for (case, how @ (_, _, _, alone)) in cases {
                 if only.as_deref().is_some_and(|o| o != case) {
                     continue;
                 }
                 // The database's ceiling: outbox modes, once (no receiver takes part).
-                if how.3 && (mode.outbox.is_none() || !matches!(target, Target::Rust(_))) {
+                if alone && (mode.outbox.is_none() || !matches!(target, Target::Rust(_))) {
                     continue;
                 }
                 let (rate, cpu, _) = drain(&target, mode, how, writes).await;

@@ -542,19 +542,28 @@ async fn rows_held_behind_a_slow_receiver_keep_their_lease_and_are_sent_once() {
     assert_eq!(distinct.len(), 3, "three events: {ids:?}");
 }
 
-/// Rows this relay has claimed and not yet written an outcome for.
-async fn claimed(db: &DatabaseConnection) -> i64 {
+/// The one integer `sql` selects, as column `n`.
+async fn scalar(db: &DatabaseConnection, sql: &str) -> i64 {
     use sea_orm::ConnectionTrait;
     db.query_one_raw(sea_orm::Statement::from_string(
         db.get_database_backend(),
-        "SELECT COUNT(*) AS n FROM vendora_outbox \
-         WHERE status = 'pending' AND claimed_by IS NOT NULL",
+        sql,
     ))
     .await
     .unwrap()
-    .unwrap()
+    .expect("one row")
     .try_get("", "n")
     .unwrap()
+}
+
+/// Rows this relay has claimed and not yet written an outcome for.
+async fn claimed(db: &DatabaseConnection) -> i64 {
+    scalar(
+        db,
+        "SELECT COUNT(*) AS n FROM vendora_outbox \
+         WHERE status = 'pending' AND claimed_by IS NOT NULL",
+    )
+    .await
 }
 
 /// 300 events (30 tasks, so 30 units of work of 10 rows each: no chain's share of a relay
@@ -645,16 +654,11 @@ async fn a_relay_on_a_backlog_claims_more_rows_at_once_up_to_max_batch() {
 /// The latest lease end among claimed rows: it moves each time the relay renews, once per
 /// turn of its loop on a heartbeat.
 async fn lease_end(db: &DatabaseConnection) -> i64 {
-    use sea_orm::ConnectionTrait;
-    db.query_one_raw(sea_orm::Statement::from_string(
-        db.get_database_backend(),
-        "SELECT COALESCE(MAX(claimed_until), 0) AS t FROM vendora_outbox",
-    ))
+    scalar(
+        db,
+        "SELECT COALESCE(MAX(claimed_until), 0) AS n FROM vendora_outbox",
+    )
     .await
-    .unwrap()
-    .unwrap()
-    .try_get("", "t")
-    .unwrap()
 }
 
 /// Claims grow only while the bodies held fit in `max_held_bytes`: with bodies of ~10 KB
@@ -663,18 +667,8 @@ async fn lease_end(db: &DatabaseConnection) -> i64 {
 /// the row bound alone (4 x 64) would let it take 256.
 #[tokio::test(flavor = "multi_thread")]
 async fn claims_grow_only_while_the_bodies_held_fit_in_max_held_bytes() {
-    use sea_orm::ConnectionTrait;
     let (db, _url, receiver) = backlog_behind_a_stalled_receiver(10_000).await;
-    let body: i64 = db
-        .query_one_raw(sea_orm::Statement::from_string(
-            db.get_database_backend(),
-            "SELECT MAX(LENGTH(body)) AS n FROM vendora_outbox",
-        ))
-        .await
-        .unwrap()
-        .unwrap()
-        .try_get("", "n")
-        .unwrap();
+    let body = scalar(&db, "SELECT MAX(LENGTH(body)) AS n FROM vendora_outbox").await;
     let relay = growing_relay(&db, &receiver, 100 * body as usize).await;
     eventually(WAIT, "the relay holds more than 4 x batch rows", || {
         let db = db.clone();
@@ -910,16 +904,11 @@ async fn postgres_claim_cost_does_not_follow_the_backlog_of_hot_rows() {
     db.execute_unprepared("ANALYZE vendora_outbox")
         .await
         .unwrap();
-    let beyond: i64 = db
-        .query_one_raw(sea_orm::Statement::from_string(
-            db.get_database_backend(),
-            "SELECT id FROM vendora_outbox ORDER BY id OFFSET 511 LIMIT 1",
-        ))
-        .await
-        .unwrap()
-        .unwrap()
-        .try_get("", "id")
-        .unwrap();
+    let beyond = scalar(
+        &db,
+        "SELECT id AS n FROM vendora_outbox ORDER BY id OFFSET 511 LIMIT 1",
+    )
+    .await;
     // A claim of 128 rows, and the largest frontier (a claim of 1,024 rows or more reads
     // 4,096): each reads what its window holds, not the 20,000.
     for (step, statement, bound) in [

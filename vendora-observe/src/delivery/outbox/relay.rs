@@ -536,7 +536,6 @@ impl Outbox {
 /// sending anything, until nothing is left. Returns the rows it went through. On
 /// PostgreSQL it first takes the table's statistics, as a relay does at a backlog's first
 /// full claim.
-#[doc(hidden)]
 pub async fn drain_without_sending(
     db: &sea_orm::DatabaseConnection,
     want: usize,
