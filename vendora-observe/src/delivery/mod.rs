@@ -15,7 +15,7 @@
 //! waits on a timer and holds only its own chains.
 //!
 //! This module holds what both sources share: the event ([`Webhook`]), the retry and
-//! dead-letter decision (made once, in [`decide`]), the counters and the dead-letter type.
+//! dead-letter decision (made once, in `decide`), the counters and the dead-letter type.
 
 pub(crate) mod direct;
 pub mod outbox;

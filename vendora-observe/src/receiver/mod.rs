@@ -53,7 +53,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-pub use dedupe::{Claim, Dedupe};
+pub use dedupe::{Claim, Dedupe, Ticket};
 pub use token::{AppToken, TokenError};
 
 use crate::config::Secret;

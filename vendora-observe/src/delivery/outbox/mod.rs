@@ -19,9 +19,10 @@
 //!
 //! A relay takes a row only when every earlier pending row of its chains is delivered,
 //! dead, or already its own, so events of one row, and of one unit of work, leave in the
-//! order they were written, across retries and across relays (see [`claim`]'s steps). A
-//! relay keeps its rows leased while it holds them (renewed every quarter of the lease),
-//! and the rows of a relay that died are claimed again once their lease runs out.
+//! order they were written, across retries and across relays (the claim's steps are
+//! described in `src/delivery/outbox/claim.rs`). A relay keeps its rows leased while it
+//! holds them (renewed every quarter of the lease), and the rows of a relay that died are
+//! claimed again once their lease runs out.
 //!
 //! # Dead rows
 //!
