@@ -596,17 +596,18 @@ async fn backlog_behind_a_stalled_receiver(
     (db, url, receiver)
 }
 
-/// A relay on `db` whose claims start at 8 rows and may grow to 64.
+/// A relay on `db` whose claims start at 8 rows and may grow to `max_batch`.
 async fn growing_relay(
     db: &DatabaseConnection,
     receiver: &Receiver,
     max_held_bytes: usize,
+    max_batch: usize,
 ) -> Observer {
     let mut options = vendora_observe::OutboxOptions::new(db.clone());
     options.poll_interval = Duration::from_millis(50);
     options.lease = Duration::from_secs(3);
     options.batch = 8;
-    options.max_batch = 64;
+    options.max_batch = max_batch;
     options.max_held_bytes = max_held_bytes;
     Observer::builder(common::config(&receiver.url()))
         .retry(fast_retries())
@@ -636,7 +637,7 @@ async fn all_delivered_once(db: &DatabaseConnection, receiver: &Receiver, relay:
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_on_a_backlog_claims_more_rows_at_once_up_to_max_batch() {
     let (db, _url, receiver) = backlog_behind_a_stalled_receiver(0).await;
-    let relay = growing_relay(&db, &receiver, 32 << 20).await;
+    let relay = growing_relay(&db, &receiver, 32 << 20, 64).await;
     eventually(WAIT, "the relay holds more than 4 x batch rows", || {
         let db = db.clone();
         async move { claimed(&db).await > 32 }
@@ -669,7 +670,7 @@ async fn lease_end(db: &DatabaseConnection) -> i64 {
 async fn claims_grow_only_while_the_bodies_held_fit_in_max_held_bytes() {
     let (db, _url, receiver) = backlog_behind_a_stalled_receiver(10_000).await;
     let body = scalar(&db, "SELECT MAX(LENGTH(body)) AS n FROM vendora_outbox").await;
-    let relay = growing_relay(&db, &receiver, 100 * body as usize).await;
+    let relay = growing_relay(&db, &receiver, 100 * body as usize, 64).await;
     eventually(WAIT, "the relay holds more than 4 x batch rows", || {
         let db = db.clone();
         async move { claimed(&db).await > 32 }
@@ -721,6 +722,43 @@ async fn later_events_of_one_row_follow_without_waiting_for_the_poll() {
         .collect();
     assert_eq!(stocks, (1..=10).collect::<Vec<i64>>());
     observer.shutdown(Duration::from_secs(5)).await;
+}
+
+/// `shutdown` delivers the whole backlog before its deadline, not only the rows the relay
+/// holds: 300 events written with no relay running, a relay that holds at most 32 rows
+/// (claims of 8), shut down as soon as it starts. Every event arrives, nothing is left
+/// pending, and the report says drained. A backlog still pending at the deadline is not
+/// reported as drained.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_delivers_a_backlog_larger_than_the_relay_holds() {
+    let (db, _url, receiver) = backlog_behind_a_stalled_receiver(0).await;
+    receiver.set_reply(Reply::Ok);
+    let relay = growing_relay(&db, &receiver, 32 << 20, 8).await;
+    let report = relay.shutdown(WAIT).await;
+    assert_eq!(
+        (
+            report.left,
+            report.outcome_unknown,
+            report.pending_in_outbox
+        ),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert!(report.drained, "{report:?}");
+    let ids: HashSet<String> = receiver
+        .delivered()
+        .iter()
+        .map(|r| r.id().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 300);
+
+    // The same backlog behind a receiver that does not answer: the deadline passes with
+    // rows pending, and the report says so.
+    let (db, _url, receiver) = backlog_behind_a_stalled_receiver(0).await;
+    let relay = growing_relay(&db, &receiver, 32 << 20, 8).await;
+    let report = relay.shutdown(Duration::from_millis(500)).await;
+    assert_eq!(report.pending_in_outbox, 300, "{report:?}");
+    assert!(!report.drained, "{report:?}");
 }
 
 /// A request in flight when the shutdown deadline passes is reported as of unknown outcome,

@@ -28,7 +28,8 @@ use crate::telemetry::Mode;
 #[non_exhaustive]
 pub struct ShutdownReport {
     /// Whether every accepted event was delivered (or dead-lettered after its last
-    /// attempt) before the deadline.
+    /// attempt) before the deadline; in outbox mode, whether no row is left pending in
+    /// the table.
     pub drained: bool,
     /// Requests still in flight at the deadline, cut: the receiver may or may not have
     /// processed them. In outbox mode they stay pending and are sent again (same
@@ -180,9 +181,10 @@ impl Observer {
         self.inner.order
     }
 
-    /// Stops accepting events and delivers what is queued until `deadline`. Requests still
-    /// in flight then are cut and reported as of unknown outcome; in direct mode what never
-    /// left is dead-lettered; in outbox mode it stays in the table for the next start.
+    /// Stops accepting events and delivers what is queued (in outbox mode: the table's
+    /// pending rows) until `deadline`. Requests still in flight then are cut and reported as
+    /// of unknown outcome; in direct mode what never left is dead-lettered; in outbox mode
+    /// it stays in the table for the next start.
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let (leftovers, pending_in_outbox) = match &self.inner.sink {
             Sink::Direct(queue) => (queue.shutdown(deadline).await, 0),
@@ -190,7 +192,7 @@ impl Observer {
         };
         let stats = self.stats();
         ShutdownReport {
-            drained: leftovers.unknown == 0 && leftovers.left == 0,
+            drained: leftovers.unknown == 0 && leftovers.left == 0 && pending_in_outbox == 0,
             outcome_unknown: leftovers.unknown,
             left: leftovers.left,
             pending_in_outbox,

@@ -322,13 +322,29 @@ impl Outbox {
         }
     }
 
-    /// Stops claiming, delivers what the relay holds until `deadline`, then cuts what is
-    /// in flight; every row not delivered stays in the table (its lease handed back) for
-    /// the next start. Returns what was cut and left, and the rows still pending.
+    /// Delivers the backlog until no row is pending or `deadline` passes (claiming as
+    /// usual: a backlog is more than the rows a relay holds), then stops claiming, delivers
+    /// what the relay still holds in the time left and cuts what is in flight; every row
+    /// not delivered stays in the table (its lease handed back) for the next start.
+    /// Returns what was cut and left, and the rows still pending.
     pub(crate) async fn shutdown(&self, deadline: Duration) -> (Leftovers, u64) {
+        let deadline = Instant::now() + deadline;
+        let relay_running = self
+            .inner
+            .relay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if relay_running {
+            self.flush(deadline).await;
+        }
         self.inner.stopping.store(true, Ordering::Release);
         self.inner.wake.notify_one();
-        let leftovers = self.inner.scheduler.shutdown(deadline).await;
+        let leftovers = self
+            .inner
+            .scheduler
+            .shutdown(deadline.saturating_duration_since(Instant::now()))
+            .await;
         let task = self
             .inner
             .relay
