@@ -382,7 +382,11 @@ fn ascii_value(s: &[u8]) -> HeaderValue {
 fn build_client(config: &WebhookConfig) -> Result<reqwest::Client, Cause> {
     use rustls_platform_verifier::BuilderVerifierExt as _;
     // ring rather than aws-lc-rs: no C/CMake build, and TLS speed is not what limits a
-    // webhook sender. The platform verifier uses the system's trust store.
+    // webhook sender. The platform verifier uses the system's trust store. rustls 0.23.48
+    // deprecates ring's provider because it offers no post-quantum key exchange; it is
+    // still supported, and without the allow a fresh resolve of rustls turns the lint into
+    // a warning for every build of this crate from source (an error under -D warnings).
+    #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
