@@ -17,12 +17,20 @@ pub(crate) enum Kind {
     Shed,
     /// Set-up mistakes: no observer, a write that bypasses the outbox's transaction, …
     Setup,
+    /// Requests a receiver refused before its handler saw them (too large, too slow, …).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    Refused,
 }
 
 /// How many messages of one kind reach stderr when no subscriber is installed.
 const STDERR_BUDGET: u32 = 20;
 
-static BUDGETS: [AtomicU32; 3] = [AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)];
+static BUDGETS: [AtomicU32; 4] = [
+    AtomicU32::new(0),
+    AtomicU32::new(0),
+    AtomicU32::new(0),
+    AtomicU32::new(0),
+];
 
 /// Whether a `tracing` subscriber would see a message from here (scoped or global).
 pub(crate) fn has_subscriber() -> bool {

@@ -212,6 +212,72 @@ fn send_to_listen_verifies_and_prints_and_a_wrong_secret_gets_the_hint() {
     assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
 }
 
+/// A request head declaring a 50 MB body, none sent: the status `listen` answers.
+fn declare_huge_body(port: &str) -> u16 {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    s.write_all(
+        b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 50000000\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What the server's limits refuse reaches the terminal of `listen` (which installs no
+/// tracing subscriber): the first refusal at once, with the sender's address; a flood is
+/// summed up, not printed line by line.
+#[test]
+fn listen_says_what_its_limits_refused() {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = probe.local_addr().unwrap().port().to_string();
+    drop(probe);
+    let mut listener = KillOnDrop(
+        Command::new(BIN)
+            .args(["listen", "--port", &port, "--secret", "shared"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = |pipe: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    let out = lines(Box::new(listener.0.stdout.take().unwrap()));
+    let err = lines(Box::new(listener.0.stderr.take().unwrap()));
+    let first = out.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(first.starts_with("listening on "), "{first}");
+
+    for _ in 0..5 {
+        assert_eq!(declare_huge_body(&port), 413);
+    }
+    let line = err.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        line.contains("refused a request: body too large (answered 413), from 127.0.0.1:"),
+        "{line}"
+    );
+    // The other four: one line, once the window has passed.
+    let summary = err.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        summary.contains("body too large (answered 413): 4 more time(s) in the last 10 s"),
+        "{summary}"
+    );
+}
+
 /// A child process that is killed when the test ends, passed or failed.
 struct KillOnDrop(std::process::Child);
 

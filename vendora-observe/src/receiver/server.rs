@@ -18,11 +18,17 @@
 //! - **Body timeout** (10 s) and **bounded buffering**: bodies up to 64 KiB are read at once;
 //!   larger ones (and chunked ones) wait for one of 8 slots, so unfinished large bodies can
 //!   hold at most 8 MiB of memory, however many connections send them.
+//!
+//! What the limits refuse is logged (a `tracing` warning, or standard error when no
+//! subscriber is installed), so that an operator sees it, without a flood of lines: the
+//! first refusal of each kind at once, with the sender's address, then how many more every
+//! 10 s while they go on.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -87,6 +93,7 @@ fn default_max_connections() -> usize {
 
 /// One connection, as the server tracks it.
 struct Conn {
+    peer: SocketAddr,
     /// Milliseconds since the server started, when it was accepted.
     opened: u64,
     /// It has had a whole request answered.
@@ -111,6 +118,7 @@ struct Shared {
     /// Notified when a connection closes.
     closed: Notify,
     large: Semaphore,
+    refusals: Refusals,
 }
 
 impl Shared {
@@ -143,6 +151,7 @@ impl Shared {
                 // Evicted once: it no longer counts as a candidate.
                 c.evicted.store(true, Ordering::Release);
                 c.evict.notify_one();
+                self.refusals.note(Refusal::Evicted, c.peer, Instant::now());
                 true
             }
             None => false,
@@ -184,7 +193,9 @@ pub async fn serve(
         started: Instant::now(),
         conns: Mutex::new(HashMap::new()),
         closed: Notify::new(),
+        refusals: Refusals::new(REPORT_WINDOW),
     });
+    tokio::spawn(report_refusals(Arc::downgrade(&shared)));
     let app = app.layer(axum::middleware::from_fn_with_state(
         shared.clone(),
         read_body,
@@ -192,7 +203,7 @@ pub async fn serve(
     let mut next_id = 0u64;
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 // Out of files, or a connection reset before it was accepted: go on.
@@ -218,6 +229,7 @@ pub async fn serve(
         let id = next_id;
         let now = shared.now();
         let conn = Arc::new(Conn {
+            peer,
             opened: now,
             served: AtomicBool::new(false),
             last_active: AtomicU64::new(now),
@@ -280,8 +292,154 @@ impl Drop for Busy<'_> {
     }
 }
 
-fn refuse(status: StatusCode, message: &'static str) -> Response {
+/// Answers a request the limits refuse, and notes it for the log.
+fn refuse(shared: &Shared, peer: Option<SocketAddr>, refusal: Refusal) -> Response {
+    if let Some(peer) = peer {
+        shared.refusals.note(refusal, peer, Instant::now());
+    }
+    let (status, message) = refusal.answer();
     (status, [(header::CONNECTION, "close")], message).into_response()
+}
+
+/// Why the server turned a request or connection away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Refusal {
+    TooLarge,
+    Busy,
+    SlowBody,
+    Unreadable,
+    /// Closed at the connection cap (open over a second without a finished request, or
+    /// kept alive and unused for over a second).
+    Evicted,
+}
+
+impl Refusal {
+    fn answer(self) -> (StatusCode, &'static str) {
+        match self {
+            Refusal::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
+            Refusal::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy, try again"),
+            Refusal::SlowBody => (StatusCode::REQUEST_TIMEOUT, "body not received in time"),
+            Refusal::Unreadable => (StatusCode::BAD_REQUEST, "body could not be read"),
+            // Not answered: the connection is closed.
+            Refusal::Evicted => (StatusCode::SERVICE_UNAVAILABLE, "connection cap reached"),
+        }
+    }
+
+    /// What happened, for the log.
+    fn describe(self) -> String {
+        match self {
+            Refusal::Evicted => "closed a connection at the connection cap (it was idle or \
+                                 unfinished for over a second)"
+                .to_owned(),
+            other => {
+                let (status, message) = other.answer();
+                format!(
+                    "refused a request: {message} (answered {})",
+                    status.as_u16()
+                )
+            }
+        }
+    }
+}
+
+/// How often refusals of one kind are summed up in the log, after the first one.
+const REPORT_WINDOW: Duration = Duration::from_secs(10);
+
+/// Refusals of each kind: the first is logged at once, the next ones counted and summed up
+/// once the window since the last line has passed.
+struct Refusals {
+    window: Duration,
+    tallies: Mutex<HashMap<Refusal, Tally>>,
+}
+
+struct Tally {
+    /// When the last line about this kind was logged.
+    logged: Instant,
+    /// Refusals since, not logged yet.
+    more: u64,
+}
+
+impl Refusals {
+    fn new(window: Duration) -> Self {
+        Refusals {
+            window,
+            tallies: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts one refusal; logs it if none of its kind was logged within the window.
+    fn note(&self, refusal: Refusal, peer: SocketAddr, now: Instant) {
+        if self.count(refusal, now) {
+            crate::diagnostics::warn(
+                crate::diagnostics::Kind::Refused,
+                format_args!(
+                    "receiver: {}, from {peer}; more like it are summed up every {} s",
+                    refusal.describe(),
+                    self.window.as_secs()
+                ),
+            );
+        }
+    }
+
+    /// Whether this refusal is to be logged now (else it was counted).
+    fn count(&self, refusal: Refusal, now: Instant) -> bool {
+        let mut tallies = self.tallies.lock().unwrap_or_else(|p| p.into_inner());
+        match tallies.get_mut(&refusal) {
+            Some(t) => {
+                t.more += 1;
+                false
+            }
+            None => {
+                tallies.insert(
+                    refusal,
+                    Tally {
+                        logged: now,
+                        more: 0,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// The kinds whose window has passed, with the refusals counted since their last line.
+    /// A kind with none is forgotten, so that its next refusal is logged at once.
+    fn due(&self, now: Instant) -> Vec<(Refusal, u64)> {
+        let mut tallies = self.tallies.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        tallies.retain(|refusal, t| {
+            if now.duration_since(t.logged) < self.window {
+                return true;
+            }
+            if t.more == 0 {
+                return false;
+            }
+            out.push((*refusal, std::mem::take(&mut t.more)));
+            t.logged = now;
+            true
+        });
+        out
+    }
+}
+
+/// Sums up counted refusals once a second, for as long as the server runs.
+async fn report_refusals(shared: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let window = shared.refusals.window.as_secs();
+        for (refusal, n) in shared.refusals.due(Instant::now()) {
+            crate::diagnostics::warn(
+                crate::diagnostics::Kind::Refused,
+                format_args!(
+                    "receiver: {}: {n} more time(s) in the last {window} s",
+                    refusal.describe()
+                ),
+            );
+        }
+    }
 }
 
 /// Reads the body within the limits, then hands the request on with the whole body.
@@ -291,6 +449,7 @@ async fn read_body(State(shared): State<Arc<Shared>>, req: Request, next: Next) 
         c.request_started.store(shared.now(), Ordering::Release);
         c.in_request.store(true, Ordering::Release);
     }
+    let peer = conn.as_ref().map(|c| c.peer);
     let _busy = Busy {
         shared: &shared,
         conn,
@@ -302,12 +461,12 @@ async fn read_body(State(shared): State<Arc<Shared>>, req: Request, next: Next) 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limits.max_body) {
-        return refuse(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+        return refuse(&shared, peer, Refusal::TooLarge);
     }
     let _slot = if declared.is_none_or(|n| n > limits.small_body) {
         match tokio::time::timeout(limits.body_timeout, shared.large.acquire()).await {
             Ok(Ok(permit)) => Some(permit),
-            _ => return refuse(StatusCode::SERVICE_UNAVAILABLE, "busy, try again"),
+            _ => return refuse(&shared, peer, Refusal::Busy),
         }
     } else {
         None
@@ -315,13 +474,44 @@ async fn read_body(State(shared): State<Arc<Shared>>, req: Request, next: Next) 
     let (parts, body) = req.into_parts();
     let limited = http_body_util::Limited::new(body, limits.max_body);
     let bytes = match tokio::time::timeout(limits.body_timeout, limited.collect()).await {
-        Err(_) => return refuse(StatusCode::REQUEST_TIMEOUT, "body not received in time"),
+        Err(_) => return refuse(&shared, peer, Refusal::SlowBody),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+            return refuse(&shared, peer, Refusal::TooLarge);
         }
-        Ok(Err(_)) => return refuse(StatusCode::BAD_REQUEST, "body could not be read"),
+        Ok(Err(_)) => return refuse(&shared, peer, Refusal::Unreadable),
         Ok(Ok(collected)) => collected.to_bytes(),
     };
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_refusal_of_a_kind_is_logged_the_next_ones_summed_up_once_a_window() {
+        let r = Refusals::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(r.count(Refusal::TooLarge, at(0)), "the first is logged");
+        assert!(!r.count(Refusal::TooLarge, at(1)));
+        assert!(!r.count(Refusal::TooLarge, at(2)));
+        assert!(
+            r.count(Refusal::SlowBody, at(2)),
+            "another kind is logged at once"
+        );
+        assert!(
+            r.due(at(9)).is_empty(),
+            "within the window, nothing is summed up"
+        );
+        assert_eq!(r.due(at(10)), [(Refusal::TooLarge, 2)]);
+        // The flood goes on: counted, summed up one window after the last line.
+        assert!(!r.count(Refusal::TooLarge, at(11)));
+        assert!(r.due(at(19)).is_empty());
+        assert_eq!(r.due(at(20)), [(Refusal::TooLarge, 1)]);
+        // Quiet for a window: forgotten, and the next one is logged at once again.
+        assert!(r.due(at(30)).is_empty());
+        assert!(r.count(Refusal::TooLarge, at(31)));
+    }
 }
