@@ -1036,3 +1036,95 @@ async fn postgres_schema_creation_is_safe_under_concurrent_starts() {
         failures.len()
     );
 }
+
+/// An application role that may not change the schema (on PostgreSQL 15 and later, any
+/// role but the database's owner) starts an outbox observer on a table a migration made,
+/// and delivers through it. Before the migration, start-up fails and says what to run and
+/// grant. (Start-up used to run `CREATE … IF NOT EXISTS` every time, which PostgreSQL
+/// refuses to such a role even when everything exists.)
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
+async fn postgres_an_application_role_without_ddl_rights_starts_on_a_prepared_table() {
+    use sea_orm::ConnectionTrait;
+    let (owner, url) = postgres().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let role = format!("vendora_t_app_{nanos:x}");
+    // Roles an earlier failed run left behind, once nothing is granted to them any more
+    // (their databases are dropped after an hour): roles are the cluster's, not the
+    // database's.
+    let stale = owner
+        .query_all_raw(sea_orm::Statement::from_string(
+            owner.get_database_backend(),
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE 'vendora\\_t\\_app\\_%'",
+        ))
+        .await
+        .unwrap();
+    for r in stale {
+        let name: String = r.try_get("", "rolname").unwrap();
+        let _ = owner
+            .execute_unprepared(&format!("DROP ROLE IF EXISTS {name}"))
+            .await;
+    }
+    for sql in [
+        format!("CREATE ROLE {role} LOGIN PASSWORD 'app'"),
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC".to_owned(),
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"),
+        format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+    ] {
+        owner.execute_unprepared(&sql).await.unwrap();
+    }
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (_, host_and_db) = rest.split_once('@').unwrap();
+    let app = vendora_pos::db::connect(&format!("{scheme}://{role}:app@{host_and_db}"))
+        .await
+        .unwrap();
+
+    let refused = Observer::builder(common::config(&receiver.url()))
+        .outbox(app.clone())
+        .build()
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    for part in [
+        "permission denied",
+        "vendora_observe::outbox::create_table",
+        "SELECT, INSERT, UPDATE, DELETE on vendora_outbox",
+        "USAGE on vendora_outbox_id_seq",
+    ] {
+        assert!(refused.contains(part), "{part:?} not in: {refused}");
+    }
+
+    // The migration, by the owner.
+    vendora_observe::outbox::create_table(&owner).await.unwrap();
+    for sql in [
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON vendora_outbox TO {role}"),
+        format!("GRANT USAGE ON SEQUENCE vendora_outbox_id_seq TO {role}"),
+    ] {
+        owner.execute_unprepared(&sql).await.unwrap();
+    }
+    let observer = outbox_observer(&app, &receiver.url(), fast_retries()).await;
+    observer
+        .scope(async {
+            let txn = app.begin().await.unwrap();
+            product_am("least privilege", 1).insert(&txn).await.unwrap();
+            txn.commit().await.unwrap();
+        })
+        .await;
+    let got = receiver.wait_delivered(1, WAIT).await;
+    assert_eq!(got[0].event(), "product:created");
+    assert!(observer.shutdown(Duration::from_secs(5)).await.drained);
+
+    app.close().await.unwrap();
+    for sql in [
+        format!("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"),
+        format!("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}"),
+        format!("DROP ROLE {role}"),
+    ] {
+        owner.execute_unprepared(&sql).await.unwrap();
+    }
+}

@@ -32,7 +32,10 @@ pub enum StartError {
     #[error(
         "the outbox table vendora_outbox cannot be created in the database given to \
          ObserverBuilder::outbox ({source}); check that the connection may create tables, or \
-         create it beforehand with vendora_observe::outbox::create_table"
+         create it beforehand (vendora_observe::outbox::create_table, run by a role that may) \
+         and grant this connection's role SELECT, INSERT, UPDATE, DELETE on vendora_outbox \
+         (on PostgreSQL also USAGE on vendora_outbox_id_seq): a table already up to date needs \
+         no right to create anything"
     )]
     Outbox {
         /// What the database said.

@@ -2,6 +2,8 @@
 //! brought up to date when an older version of the table is found, safely under
 //! concurrent starts.
 
+use std::collections::HashSet;
+
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, TransactionSession, TransactionTrait};
 
 use super::{CHANNEL, TABLE, stmt};
@@ -21,12 +23,20 @@ const ADDED_COLUMNS: [(&str, &str); 4] = [
 /// Creates the outbox table, its indexes and (PostgreSQL) its NOTIFY trigger when missing,
 /// and adds the columns of newer versions to an older table. Idempotent; on PostgreSQL
 /// several instances may run it at once (an advisory lock orders them).
+///
+/// When everything is already there it changes nothing, so it needs no right to change the
+/// schema: a role that may create tables runs it once (a migration, a deploy step), and the
+/// application's own role then needs only `SELECT, INSERT, UPDATE, DELETE` on
+/// `vendora_outbox` (and, on PostgreSQL, `USAGE` on `vendora_outbox_id_seq`).
 pub async fn create_table<C: ConnectionTrait + TransactionTrait>(db: &C) -> Result<(), DbErr> {
     let backend = db.get_database_backend();
     if !matches!(backend, DbBackend::Postgres | DbBackend::Sqlite) {
         return Err(DbErr::Custom(
             "the vendora-observe outbox supports SQLite and PostgreSQL".into(),
         ));
+    }
+    if is_current(db).await? {
+        return Ok(());
     }
     let txn = db.begin().await?;
     if backend == DbBackend::Postgres {
@@ -90,39 +100,74 @@ fn ddl(backend: DbBackend) -> Vec<String> {
     )]
 }
 
+/// The indexes the outbox needs: name (after `{TABLE}_`) and definition.
+///
+/// Partial indexes over pending rows only: the claim reads the oldest pending rows by id,
+/// and visits chains by their key. Delivered rows are kept for `retention` (a day by
+/// default, so often millions of them) and must cost the claim nothing. Pruning walks
+/// finished rows by age; the dead-letter list and requeue read dead rows, and a delivery
+/// looks up the dead rows of its row that it made stale.
+const INDEXES: [(&str, &str); 6] = [
+    ("pending", "(id) WHERE status = 'pending'"),
+    ("pending_key", "(ordering_key, id) WHERE status = 'pending'"),
+    ("pending_unit", "(unit_key, id) WHERE status = 'pending'"),
+    (
+        "done",
+        "(delivered_at) WHERE status IN ('delivered', 'superseded')",
+    ),
+    ("dead", "(id) WHERE status = 'dead'"),
+    ("dead_key", "(ordering_key, id) WHERE status = 'dead'"),
+];
+
+/// Indexes of older versions of the table, dropped when found. A full (status, …) index
+/// offers the planners a worse path for the claim (SQLite took it and sorted every pending
+/// row).
+const OLD_INDEXES: [&str; 3] = ["by_key", "by_time", "delivered"];
+
 fn indexes() -> Vec<String> {
-    vec![
-        // Partial indexes over pending rows only: the claim reads the oldest pending rows
-        // by id, and visits chains by their key. Delivered rows are kept for `retention` (a
-        // day by default, so often millions of them) and must cost the claim nothing.
-        format!(
-            "CREATE INDEX IF NOT EXISTS {TABLE}_pending ON {TABLE} (id) WHERE status = 'pending'"
-        ),
-        format!(
-            "CREATE INDEX IF NOT EXISTS {TABLE}_pending_key ON {TABLE} (ordering_key, id) \
-             WHERE status = 'pending'"
-        ),
-        format!(
-            "CREATE INDEX IF NOT EXISTS {TABLE}_pending_unit ON {TABLE} (unit_key, id) \
-             WHERE status = 'pending'"
-        ),
-        // Pruning walks finished rows by age; the dead-letter list and requeue read dead
-        // rows, and a delivery looks up the dead rows of its row that it made stale.
-        format!(
-            "CREATE INDEX IF NOT EXISTS {TABLE}_done ON {TABLE} (delivered_at) \
-             WHERE status IN ('delivered', 'superseded')"
-        ),
-        format!("CREATE INDEX IF NOT EXISTS {TABLE}_dead ON {TABLE} (id) WHERE status = 'dead'"),
-        format!(
-            "CREATE INDEX IF NOT EXISTS {TABLE}_dead_key ON {TABLE} (ordering_key, id) \
-             WHERE status = 'dead'"
-        ),
-        // Indexes of older versions of the table. A full (status, …) index offers the
-        // planners a worse path for the claim (SQLite took it and sorted every pending row).
-        format!("DROP INDEX IF EXISTS {TABLE}_by_key"),
-        format!("DROP INDEX IF EXISTS {TABLE}_by_time"),
-        format!("DROP INDEX IF EXISTS {TABLE}_delivered"),
-    ]
+    INDEXES
+        .iter()
+        .map(|(name, definition)| {
+            format!("CREATE INDEX IF NOT EXISTS {TABLE}_{name} ON {TABLE} {definition}")
+        })
+        .chain(
+            OLD_INDEXES
+                .iter()
+                .map(|name| format!("DROP INDEX IF EXISTS {TABLE}_{name}")),
+        )
+        .collect()
+}
+
+/// Whether the table is as this version makes it: every column, every index and no old
+/// one, and (PostgreSQL) its trigger. Reads the catalogs only.
+async fn is_current<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
+    let backend = db.get_database_backend();
+    if !table_exists(db).await? {
+        return Ok(false);
+    }
+    for (column, _) in ADDED_COLUMNS {
+        if !has_column(db, column).await? {
+            return Ok(false);
+        }
+    }
+    let q = match backend {
+        DbBackend::Postgres => {
+            "SELECT indexname AS name FROM pg_indexes \
+             WHERE schemaname = current_schema() AND tablename = ?"
+        }
+        _ => "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?",
+    };
+    let names = db
+        .query_all_raw(stmt(backend, q, vec![TABLE.into()]))
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String>("", "name"))
+        .collect::<Result<HashSet<_>, _>>()?;
+    let has = |name: &str| names.contains(&format!("{TABLE}_{name}"));
+    if !INDEXES.iter().all(|(name, _)| has(name)) || OLD_INDEXES.iter().any(|name| has(name)) {
+        return Ok(false);
+    }
+    Ok(backend != DbBackend::Postgres || trigger_exists(db).await?)
 }
 
 async fn has_column<C: ConnectionTrait>(db: &C, column: &str) -> Result<bool, DbErr> {
