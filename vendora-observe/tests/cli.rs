@@ -118,9 +118,7 @@ fn usage_errors_read_like_cargo() {
 
 #[test]
 fn send_to_listen_verifies_and_prints_and_a_wrong_secret_gets_the_hint() {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = probe.local_addr().unwrap().port().to_string();
-    drop(probe);
+    let port = free_port();
     let mut listener = KillOnDrop(
         Command::new(BIN)
             .args(["listen", "--port", &port, "--secret", "shared"])
@@ -128,15 +126,7 @@ fn send_to_listen_verifies_and_prints_and_a_wrong_secret_gets_the_hint() {
             .spawn()
             .unwrap(),
     );
-    let (tx, rx) = channel();
-    let stdout = listener.0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = lines(listener.0.stdout.take().unwrap());
     let first = rx.recv_timeout(Duration::from_secs(20)).unwrap();
     assert!(
         first.starts_with("listening on http://127.0.0.1:"),
@@ -235,9 +225,7 @@ fn declare_huge_body(port: &str) -> u16 {
 /// summed up, not printed line by line.
 #[test]
 fn listen_says_what_its_limits_refused() {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = probe.local_addr().unwrap().port().to_string();
-    drop(probe);
+    let port = free_port();
     let mut listener = KillOnDrop(
         Command::new(BIN)
             .args(["listen", "--port", &port, "--secret", "shared"])
@@ -246,19 +234,8 @@ fn listen_says_what_its_limits_refused() {
             .spawn()
             .unwrap(),
     );
-    let lines = |pipe: Box<dyn std::io::Read + Send>| {
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        rx
-    };
-    let out = lines(Box::new(listener.0.stdout.take().unwrap()));
-    let err = lines(Box::new(listener.0.stderr.take().unwrap()));
+    let out = lines(listener.0.stdout.take().unwrap());
+    let err = lines(listener.0.stderr.take().unwrap());
     let first = out.recv_timeout(Duration::from_secs(20)).unwrap();
     assert!(first.starts_with("listening on "), "{first}");
 
@@ -276,6 +253,25 @@ fn listen_says_what_its_limits_refused() {
         summary.contains("body too large (answered 413): 4 more time(s) in the last 10 s"),
         "{summary}"
     );
+}
+
+/// A port free on 127.0.0.1 a moment ago, for a child to listen on.
+fn free_port() -> String {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port().to_string()
+}
+
+/// The lines a child writes to `pipe`, as they come (read on a thread of their own).
+fn lines(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// A child process that is killed when the test ends, passed or failed.
@@ -369,15 +365,7 @@ impl Child {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = lines(child.stdout.take().unwrap());
         Child { child, lines }
     }
 
@@ -571,9 +559,7 @@ fn get(port: &str, path: &str, until: &str) -> (u16, String) {
 /// `listen --secret shared` on a free port, once it listens: the process, its port and the
 /// line that gives the live page's address.
 fn listen_with_page() -> (Child, String, String) {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = probe.local_addr().unwrap().port().to_string();
-    drop(probe);
+    let port = free_port();
     let listen = Child::spawn(&["listen", "--port", &port, "--secret", "shared"], &[]);
     assert!(listen.line().starts_with("listening on "));
     let page = listen.line();
