@@ -206,7 +206,7 @@ impl Outbox {
         outbox.refresh_pending().await;
         let listener = relay::listen(&outbox.inner.options.db).await;
         let task = tokio::spawn(relay::run(outbox.clone(), reports_rx, listener));
-        *outbox.inner.relay.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        *outbox.relay_task() = Some(task);
         Ok(outbox)
     }
 
@@ -322,6 +322,11 @@ impl Outbox {
         }
     }
 
+    /// The relay's task, while it runs.
+    fn relay_task(&self) -> std::sync::MutexGuard<'_, Option<JoinHandle<()>>> {
+        self.inner.relay.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Delivers the backlog until no row is pending or `deadline` passes (claiming as
     /// usual: a backlog is more than the rows a relay holds), then stops claiming, delivers
     /// what the relay still holds in the time left and cuts what is in flight; every row
@@ -329,12 +334,7 @@ impl Outbox {
     /// Returns what was cut and left, and the rows still pending.
     pub(crate) async fn shutdown(&self, deadline: Duration) -> (Leftovers, u64) {
         let deadline = Instant::now() + deadline;
-        let relay_running = self
-            .inner
-            .relay
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
+        let relay_running = self.relay_task().is_some();
         if relay_running {
             self.flush(deadline).await;
         }
@@ -345,12 +345,7 @@ impl Outbox {
             .scheduler
             .shutdown(deadline.saturating_duration_since(Instant::now()))
             .await;
-        let task = self
-            .inner
-            .relay
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let task = self.relay_task().take();
         // The relay ends once the outcomes are written and its leases handed back.
         if let Some(mut task) = task
             && tokio::time::timeout(Duration::from_secs(5), &mut task)
