@@ -146,16 +146,17 @@ impl Shared {
             .values()
             .filter_map(|c| eviction_rank(c, now).map(|rank| (rank, c)))
             .min_by_key(|(rank, _)| *rank);
-        match victim {
-            Some((_, c)) => {
-                // Evicted once: it no longer counts as a candidate.
-                c.evicted.store(true, Ordering::Release);
-                c.evict.notify_one();
-                self.refusals.note(Refusal::Evicted, c.peer, Instant::now());
-                true
-            }
-            None => false,
-        }
+        let Some((_, c)) = victim else {
+            return false;
+        };
+        // Evicted once: it no longer counts as a candidate.
+        c.evicted.store(true, Ordering::Release);
+        c.evict.notify_one();
+        let peer = c.peer;
+        // Logged after the lock: every accept and every closing connection takes it.
+        drop(conns);
+        self.refusals.note(Refusal::Evicted, peer, Instant::now());
+        true
     }
 }
 
