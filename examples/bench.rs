@@ -8,6 +8,7 @@
 //! cargo run --release --example bench -- --delivery-only [direct] [sqlite] [postgres] [rust] [node]
 //! ```
 //! With `--delivery-only`, `BENCH_CASE="causal, 8 writer tasks"` runs one case and
+//! `BENCH_CASE=latency` the commit-to-received latency instead of the drains,
 //! `BENCH_WRITES=30000` makes the drains longer (for a profiler, or steadier figures) and
 //! `BENCH_BATCH=512` and `BENCH_MAX_BATCH=4096` set the outbox's `OutboxOptions::batch` and
 //! `max_batch` (defaults 128 and 2,048); `BENCH_WAL=1` puts the SQLite outbox file in WAL
@@ -1021,6 +1022,9 @@ async fn drain(
     (rate, cpu, events)
 }
 
+/// The bench case (`--delivery-only`) that measures [`latency`] instead of drains.
+const LATENCY: &str = "latency";
+
 /// Commit-to-received latency: 1,000 writes 2 ms apart, from the write's return to the
 /// event's arrival at the Rust receiver.
 async fn latency(sink: &Sink, mode: &Mode) -> Summary {
@@ -1515,7 +1519,15 @@ async fn main() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(if quick { 1000 } else { 10_000 });
-        deliveries(&modes, writes, &targets).await;
+        if std::env::var("BENCH_CASE").as_deref() == Ok(LATENCY) {
+            let sink = Sink::start().await;
+            for mode in &modes {
+                let l = latency(&sink, mode).await;
+                println!("  {:<18} p50 {} p99 {}", mode.name, us(l.p50), us(l.p99));
+            }
+        } else {
+            deliveries(&modes, writes, &targets).await;
+        }
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
         }

@@ -373,7 +373,9 @@ pub mod __private {
     /// The outbox claim's statements, for the query-plan tests, and the relay's database
     /// work alone, for the bench.
     pub mod outbox_plan {
-        pub use crate::delivery::outbox::claim::{frontier_statement, skip_scan_statement};
+        pub use crate::delivery::outbox::claim::{
+            frontier_settings, frontier_statement, skip_scan_statement,
+        };
         pub use crate::delivery::outbox::relay::drain_without_sending;
     }
     pub use serde;

@@ -151,6 +151,8 @@ pub(crate) struct Cursor {
     /// Unit runs that found nothing in a row, and when to read them again.
     unit_misses: u32,
     units_again_at: i64,
+    /// The last frontier came back full: a backlog (see [`frontier_settings`]).
+    backlog: bool,
 }
 
 /// The most pending rows one frontier reads.
@@ -199,14 +201,20 @@ pub(crate) async fn claim(
     };
     let backend = db.get_database_backend();
     let window = (4 * req.want).clamp(64, MAX_WINDOW);
-    let frontier =
-        super::query_planned_each_time(db, frontier_statement(backend, req.relay, window))
-            .await
-            .map_err(read)?
-            .iter()
-            .map(Candidate::from_row)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(read)?;
+    // The settings cost a transaction (two round trips) and matter only when far more rows
+    // are pending than the frontier reads: only behind a full frontier.
+    let frontier = super::query_planned_each_time(
+        db,
+        frontier_statement(backend, req.relay, window),
+        frontier_settings(backend, cursor.backlog),
+    )
+    .await
+    .map_err(read)?
+    .iter()
+    .map(Candidate::from_row)
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(read)?;
+    cursor.backlog = frontier.len() == window;
     let mut choice = Choice::new(held, req.now, req.want, req.per_chain);
     for c in &frontier {
         choice.consider(c);
@@ -221,6 +229,7 @@ pub(crate) async fn claim(
         let units = super::query_planned_each_time(
             db,
             unit_scan_statement(backend, &cursor.after_unit, UNITS_PER_CLAIM),
+            None,
         )
         .await
         .map_err(read)?
@@ -282,6 +291,7 @@ pub(crate) async fn claim(
         let rows = super::query_planned_each_time(
             db,
             skip_scan_statement(backend, &cursor.after_key, probes, beyond),
+            None,
         )
         .await
         .map_err(read)?;
@@ -477,7 +487,21 @@ pub(crate) fn by_index(backend: DbBackend, index: &str) -> String {
     }
 }
 
-/// Step 1: the oldest `window` pending rows not held by `relay`.
+/// PostgreSQL planner settings for the frontier on a backlog (`SET LOCAL`, this query
+/// alone): its rows come in the order of their own index, never from a sort. Without statistics (a table
+/// not analyzed yet; a role that does not own the table cannot `ANALYZE` it, so only
+/// autovacuum does) PostgreSQL takes `status = 'pending'` to match 0.5% of the rows, plans a
+/// bitmap scan of every pending row and a top-N sort, and reads 20,000 rows to return 512.
+pub const IN_INDEX_ORDER: &str = "SET LOCAL enable_sort = off";
+
+/// The planner settings the frontier runs with: [`IN_INDEX_ORDER`] on PostgreSQL once a
+/// frontier came back full (`backlog`).
+pub fn frontier_settings(backend: DbBackend, backlog: bool) -> Option<&'static str> {
+    (backend == DbBackend::Postgres && backlog).then_some(IN_INDEX_ORDER)
+}
+
+/// Step 1: the oldest `window` pending rows not held by `relay`, run with
+/// [`frontier_settings`].
 pub fn frontier_statement(backend: DbBackend, relay: &str, window: usize) -> sea_orm::Statement {
     stmt(
         backend,

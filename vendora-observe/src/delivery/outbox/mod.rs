@@ -363,10 +363,15 @@ impl Outbox {
 /// the outbox was nearly empty, a claim's plan scanned every pending row's key for each
 /// candidate (5 s per claim once 20,000 rows were pending). An unnamed statement is planned
 /// at each execution, still in one round trip.
+///
+/// `settings` (PostgreSQL `SET LOCAL` statements, e.g. [`claim::IN_INDEX_ORDER`]) hold for
+/// this query alone: it then runs in a transaction of its own, begun with them in the same
+/// round trip.
 #[cfg(feature = "postgres")]
 async fn query_planned_each_time(
     db: &DatabaseConnection,
     query: Statement,
+    settings: Option<&str>,
 ) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
     use sqlx::Arguments;
     if db.get_database_backend() != DbBackend::Postgres {
@@ -385,11 +390,21 @@ async fn query_planned_each_time(
         };
         bound.map_err(|e| DbErr::Custom(e.to_string()))?;
     }
-    let rows = sqlx::query_with(sqlx::AssertSqlSafe(query.sql), args)
-        .persistent(false)
-        .fetch_all(db.get_postgres_connection_pool())
-        .await
-        .map_err(|e| DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into())))?;
+    let error = |e: sqlx::Error| DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into()));
+    let query = sqlx::query_with(sqlx::AssertSqlSafe(query.sql), args).persistent(false);
+    let pool = db.get_postgres_connection_pool();
+    let rows = match settings {
+        None => query.fetch_all(pool).await.map_err(error)?,
+        Some(settings) => {
+            let mut txn = pool
+                .begin_with(sqlx::AssertSqlSafe(format!("BEGIN; {settings}")))
+                .await
+                .map_err(error)?;
+            let rows = query.fetch_all(&mut *txn).await.map_err(error)?;
+            txn.commit().await.map_err(error)?;
+            rows
+        }
+    };
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
@@ -397,6 +412,7 @@ async fn query_planned_each_time(
 async fn query_planned_each_time(
     db: &DatabaseConnection,
     query: Statement,
+    _settings: Option<&str>,
 ) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
     db.query_all_raw(query).await
 }
