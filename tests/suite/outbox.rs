@@ -1028,6 +1028,65 @@ async fn postgres_claim_cost_does_not_follow_the_backlog_of_hot_rows() {
     }
 }
 
+/// A table left by an older version whose trigger function differs from this version's:
+/// start-up replaces the function (it used to keep any function of that name), and changes
+/// nothing once it is current.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
+async fn postgres_an_older_trigger_function_is_replaced_at_start() {
+    use sea_orm::ConnectionTrait;
+    let (db, _) = postgres().await;
+    vendora_observe::outbox::create_table(&db).await.unwrap();
+    let source = |db: DatabaseConnection| async move {
+        db.query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT prosrc FROM pg_proc WHERE proname = 'vendora_outbox_notify'",
+        ))
+        .await
+        .unwrap()
+        .expect("the trigger function")
+        .try_get::<String>("", "prosrc")
+        .unwrap()
+    };
+    let current = source(db.clone()).await;
+    assert!(current.contains("pg_notify('vendora_outbox'"), "{current}");
+    db.execute_unprepared(
+        "CREATE OR REPLACE FUNCTION vendora_outbox_notify() RETURNS trigger AS $$ \
+         BEGIN RETURN NULL; END; $$ LANGUAGE plpgsql",
+    )
+    .await
+    .unwrap();
+    vendora_observe::outbox::create_table(&db).await.unwrap();
+    assert_eq!(source(db.clone()).await, current);
+    // Current now: a second start finds nothing to change (no DDL, so its `xmin` stays).
+    let version = "SELECT xmin::text AS v FROM pg_proc WHERE proname = 'vendora_outbox_notify'";
+    let before = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            version,
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<String>("", "v")
+        .unwrap();
+    vendora_observe::outbox::create_table(&db).await.unwrap();
+    let after = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            version,
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<String>("", "v")
+        .unwrap();
+    assert_eq!(
+        before, after,
+        "a start with everything current rewrote the function"
+    );
+}
+
 /// Five instances start at once on a fresh PostgreSQL database, twenty times: every start
 /// creates or finds the outbox table (its trigger included) without an error.
 #[tokio::test(flavor = "multi_thread")]

@@ -65,11 +65,14 @@ pub async fn create_table<C: ConnectionTrait + TransactionTrait>(db: &C) -> Resu
         txn.execute_unprepared(&statement).await?;
     }
     if backend == DbBackend::Postgres {
-        txn.execute_unprepared(&format!(
-            "CREATE OR REPLACE FUNCTION {TABLE}_notify() RETURNS trigger AS $$ \
-             BEGIN PERFORM pg_notify('{CHANNEL}', ''); RETURN NULL; END; $$ LANGUAGE plpgsql"
-        ))
-        .await?;
+        if !notify_function_is_current(&txn).await? {
+            txn.execute_unprepared(&format!(
+                "CREATE OR REPLACE FUNCTION {TABLE}_notify() RETURNS trigger AS $$\
+                 {}$$ LANGUAGE plpgsql",
+                notify_body()
+            ))
+            .await?;
+        }
         if !trigger_exists(&txn).await? {
             txn.execute_unprepared(&format!(
                 "CREATE TRIGGER {TABLE}_notify AFTER INSERT ON {TABLE} \
@@ -167,7 +170,29 @@ async fn is_current<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
     if !INDEXES.iter().all(|(name, _)| has(name)) || OLD_INDEXES.iter().any(|name| has(name)) {
         return Ok(false);
     }
-    Ok(backend != DbBackend::Postgres || trigger_exists(db).await?)
+    Ok(backend != DbBackend::Postgres
+        || (trigger_exists(db).await? && notify_function_is_current(db).await?))
+}
+
+/// The body of the trigger function that wakes the relays (PostgreSQL). Compared with the
+/// catalog's at start-up: a body from an older version is replaced.
+fn notify_body() -> String {
+    format!(" BEGIN PERFORM pg_notify('{CHANNEL}', ''); RETURN NULL; END; ")
+}
+
+/// Whether the trigger function exists, in the table's schema, with this version's body.
+async fn notify_function_is_current<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
+    let source = db
+        .query_one_raw(stmt(
+            db.get_database_backend(),
+            "SELECT prosrc FROM pg_proc \
+             WHERE proname = ? AND pronamespace = current_schema()::regnamespace",
+            vec![format!("{TABLE}_notify").into()],
+        ))
+        .await?
+        .map(|r| r.try_get::<String>("", "prosrc"))
+        .transpose()?;
+    Ok(source.as_deref() == Some(notify_body().as_str()))
 }
 
 async fn has_column<C: ConnectionTrait>(db: &C, column: &str) -> Result<bool, DbErr> {
@@ -189,8 +214,8 @@ async fn trigger_exists<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
     Ok(db
         .query_one_raw(stmt(
             db.get_database_backend(),
-            "SELECT 1 AS one FROM pg_trigger WHERE tgname = ?",
-            vec![format!("{TABLE}_notify").into()],
+            "SELECT 1 AS one FROM pg_trigger WHERE tgname = ? AND tgrelid = to_regclass(?)",
+            vec![format!("{TABLE}_notify").into(), TABLE.into()],
         ))
         .await?
         .is_some())
