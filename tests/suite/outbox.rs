@@ -524,6 +524,99 @@ async fn postgres_claim_does_not_visit_delivered_rows() {
     }
 }
 
+/// Rows a relay left leased when its process was killed (kill -9) wait out their lease:
+/// the next start says so at once, with their count and why, instead of a silent minute;
+/// they go out when the lease ends. Rows of a relay that stops renewing its lease while
+/// this one runs are told of too.
+#[tokio::test]
+async fn sqlite_rows_left_leased_by_a_killed_relay_are_told_of_and_sent_after_the_lease() {
+    let (_guard, logs) = common::capture_logs();
+    let (db, _) = sqlite_file().await;
+    rows_left_leased_by_a_killed_relay(db, logs).await;
+}
+
+#[tokio::test]
+#[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
+async fn postgres_rows_left_leased_by_a_killed_relay_are_told_of_and_sent_after_the_lease() {
+    let (_guard, logs) = common::capture_logs();
+    let (db, _) = postgres().await;
+    rows_left_leased_by_a_killed_relay(db, logs).await;
+}
+
+async fn rows_left_leased_by_a_killed_relay(db: DatabaseConnection, logs: impl Fn() -> String) {
+    use sea_orm::ConnectionTrait;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    vendora_observe::outbox::create_table(&db).await.unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    // As a relay leaves rows when killed right after renewing their lease (4 s here), in
+    // one transaction.
+    let leased = |relay: &'static str, key: &'static str, n: usize, until: i64| {
+        let db = db.clone();
+        async move {
+            let txn = db.begin().await.unwrap();
+            for i in 0..n {
+                txn.execute_unprepared(&format!(
+                    "INSERT INTO vendora_outbox (event_id, ordering_key, unit_key, event, body, \
+                     next_attempt_at, created_at, claimed_by, claimed_until) VALUES \
+                     ('{relay}-{i}', '{key}', '{relay}', 'product:updated', \
+                     '{{\"event\":\"product:updated\",\"data\":{{\"id\":{i}}}}}', \
+                     0, 0, '{relay}', {until})"
+                ))
+                .await
+                .unwrap();
+            }
+            txn.commit().await.unwrap();
+        }
+    };
+    leased("killed-relay", "product:1", 3, now() + 4_000).await;
+    let mut options = vendora_observe::OutboxOptions::new(db.clone());
+    options.poll_interval = Duration::from_millis(50);
+    options.lease = Duration::from_secs(4);
+    let observer = Observer::builder(common::config(&receiver.url()))
+        .retry(fast_retries())
+        .outbox_options(options)
+        .build()
+        .await
+        .unwrap();
+    common::eventually(WAIT, "the start-up notice", || async {
+        logs().contains("3 pending event(s) are leased to another relay")
+    })
+    .await;
+    let told = logs();
+    assert!(told.contains("OutboxOptions::lease, 4 s"), "{told}");
+    assert!(told.contains("kill -9"), "{told}");
+    assert!(
+        receiver.delivered().is_empty(),
+        "sent before their lease ended"
+    );
+    // The lease ends: they go out, in order.
+    let sent = receiver.wait_delivered(3, WAIT).await;
+    let ids: Vec<_> = sent.iter().map(|r| r.data()["id"].clone()).collect();
+    assert_eq!(ids, [0, 1, 2]);
+
+    // Running now: a relay whose rows' lease ends in 1 s has not renewed it for 3 s (a live
+    // one renews every second here). Told of once a lease passed since the last notice.
+    leased("stalled-relay", "product:2", 4, now() + 1_000).await;
+    common::eventually(
+        WAIT,
+        "the notice of a relay that stopped renewing",
+        || async {
+            logs().contains(
+                "4 pending event(s) are leased to a relay that no longer renews its lease",
+            )
+        },
+    )
+    .await;
+    receiver.wait_delivered(7, WAIT).await;
+    assert!(observer.flush(WAIT).await);
+    assert_eq!(logs().matches("are leased to").count(), 2, "{}", logs());
+}
+
 /// Two relays share one SQLite file behind a slow receiver, with a lease (3 s) shorter
 /// than the time the three events take one after the other (3 x 1.2 s): the relay holding
 /// them renews their lease while they wait, the other never takes them, and every event

@@ -139,6 +139,9 @@ pub(crate) struct Claimed {
     pub(crate) jobs: Vec<Job>,
     /// The earliest `next_attempt_at` of a free row that was not due yet.
     pub(crate) next_due: Option<i64>,
+    /// When the first lease of the frontier's rows leased to another relay ends, if there
+    /// are such rows.
+    pub(crate) leased_elsewhere: Option<i64>,
 }
 
 /// The claim's memory between runs: where the scans over keys and units resume.
@@ -215,6 +218,10 @@ pub(crate) async fn claim(
     .collect::<Result<Vec<_>, _>>()
     .map_err(read)?;
     cursor.backlog = frontier.len() == window;
+    let leased_elsewhere = frontier
+        .iter()
+        .filter_map(|c| c.claimed_until.filter(|until| *until >= req.now))
+        .min();
     let mut choice = Choice::new(held, req.now, req.want, req.per_chain);
     for c in &frontier {
         choice.consider(c);
@@ -319,6 +326,7 @@ pub(crate) async fn claim(
         return Ok(Claimed {
             jobs: Vec::new(),
             next_due,
+            leased_elsewhere,
         });
     }
     let rows = db
@@ -350,7 +358,11 @@ pub(crate) async fn claim(
             .await
             .map_err(leased)?;
     }
-    Ok(Claimed { jobs, next_due })
+    Ok(Claimed {
+        jobs,
+        next_due,
+        leased_elsewhere,
+    })
 }
 
 /// The in-memory half of the claim: walks candidates in id order.
@@ -485,6 +497,27 @@ pub(crate) fn by_index(backend: DbBackend, index: &str) -> String {
         DbBackend::Sqlite => format!(" INDEXED BY {TABLE}_{index}"),
         _ => String::new(),
     }
+}
+
+/// The pending rows leased to relays other than `relay` whose lease has not ended and ends
+/// before `below`, by relay: how many (`n`) and when the last lease ends (`until`). Read
+/// only to say so, rarely.
+pub(crate) fn leased_elsewhere_statement(
+    backend: DbBackend,
+    relay: &str,
+    now: i64,
+    below: i64,
+) -> sea_orm::Statement {
+    stmt(
+        backend,
+        &format!(
+            "SELECT claimed_by AS relay, COUNT(*) AS n, MAX(claimed_until) AS until \
+             FROM {TABLE}{} WHERE status = 'pending' AND claimed_until >= ? \
+             AND claimed_until < ? AND claimed_by <> ? GROUP BY claimed_by",
+            by_index(backend, "pending")
+        ),
+        vec![now.into(), below.into(), relay.into()],
+    )
 }
 
 /// PostgreSQL planner settings for the frontier on a backlog (`SET LOCAL`, this query

@@ -6,6 +6,7 @@
 //! meanwhile in one round; a row leaves the relay's hands only once its outcome is written,
 //! so no claim ever mistakes a delivered-but-unrecorded row for a pending one.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, TransactionTrait, Value};
@@ -111,6 +112,7 @@ pub(super) async fn run(
     let mut claim_failing = false;
     let mut last_prune = Instant::now();
     let mut last_analyze: Option<Instant> = None;
+    let mut notice = LeaseNotice::default();
     let mut heartbeat = tokio::time::interval(heartbeat_period(
         options.lease,
         inner.ctx.service.config().timeout(),
@@ -162,7 +164,11 @@ pub(super) async fn run(
                 Ok(Claimed {
                     jobs,
                     next_due: due,
+                    leased_elsewhere,
                 }) => {
+                    if let Some(tell) = notice.due(leased_elsewhere, now_ms(), options.lease) {
+                        notice.tell(&outbox, &relay_id, tell).await;
+                    }
                     if std::mem::take(&mut claim_failing) {
                         tracing::info!("outbox: claiming rows works again");
                     }
@@ -292,6 +298,109 @@ fn heartbeat_period(lease: Duration, timeout: Duration) -> Duration {
     (lease / 4)
         .min(lease.saturating_sub(timeout) / 3)
         .max(Duration::from_millis(10))
+}
+
+/// What [`LeaseNotice`] tells of.
+#[derive(Debug, Clone, Copy)]
+enum Tell {
+    /// Every row leased elsewhere, at start-up.
+    AtStart,
+    /// Rows whose lease ends before `below`: no longer renewed.
+    Unrenewed { below: i64 },
+}
+
+/// Says when rows leased to other relays hold this one's chains, once per relay: at
+/// start-up (rows a process left when it stopped without `shutdown` — a crash, kill -9 —
+/// and then nothing of their chains goes out for up to a lease), and later of a relay
+/// whose rows' lease is no longer renewed (a live relay renews every quarter of the lease
+/// at least).
+#[derive(Debug, Default)]
+struct LeaseNotice {
+    /// A claim ran since this relay started.
+    started: bool,
+    /// Relays told of (a bounded set: emptied when it grows past 1,024).
+    told: HashSet<String>,
+    /// The last lease end of their rows: earlier leases need no new look.
+    told_until: i64,
+}
+
+impl LeaseNotice {
+    /// After each claim: whether to look at the rows leased elsewhere, given when the first
+    /// lease of the frontier's such rows ends (`first`).
+    fn due(&mut self, first: Option<i64>, now: i64, lease: Duration) -> Option<Tell> {
+        let started = std::mem::replace(&mut self.started, true);
+        let first = first?;
+        // A live relay's leases end at least three quarters of a lease from now.
+        let below = now + lease.as_millis() as i64 / 2;
+        if !started {
+            Some(Tell::AtStart)
+        } else if first < below && first > self.told_until {
+            Some(Tell::Unrenewed { below })
+        } else {
+            None
+        }
+    }
+
+    /// Reads the pending rows leased elsewhere by relay and tells of those of relays not
+    /// told of yet.
+    async fn tell(&mut self, outbox: &Outbox, relay: &str, tell: Tell) {
+        let inner = &outbox.inner;
+        let now = now_ms();
+        let (whose, below) = match tell {
+            Tell::AtStart => ("another relay", i64::MAX),
+            Tell::Unrenewed { below } => ("a relay that no longer renews its lease", below),
+        };
+        let rows = match inner
+            .options
+            .db
+            .query_all_raw(claim::leased_elsewhere_statement(
+                inner.backend,
+                relay,
+                now,
+                below,
+            ))
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::debug!("outbox: reading rows leased elsewhere failed: {e}");
+                return;
+            }
+        };
+        if self.told.len() > 1024 {
+            self.told.clear();
+        }
+        let (mut events, mut until) = (0, None::<i64>);
+        for r in rows {
+            let (Ok(holder), Ok(n), Ok(last)) = (
+                r.try_get::<String>("", "relay"),
+                r.try_get::<i64>("", "n"),
+                r.try_get::<i64>("", "until"),
+            ) else {
+                continue;
+            };
+            self.told_until = self.told_until.max(last);
+            if self.told.insert(holder) {
+                events += n;
+                until = until.max(Some(last));
+            }
+        }
+        let Some(until) = until else {
+            return;
+        };
+        crate::diagnostics::warn(
+            crate::diagnostics::Kind::Setup,
+            format_args!(
+                "outbox: {events} pending event(s) are leased to {whose}, for up to {} s \
+                 more, and the events after them in their chains wait for them. With no \
+                 other instance running, they were left by a process that stopped without \
+                 `Observer::shutdown` (a crash, kill -9) and go out when their lease ends \
+                 (OutboxOptions::lease, {} s)",
+                ((until - now).max(0) as u64).div_ceil(1000),
+                inner.options.lease.as_secs()
+            ),
+        );
+    }
 }
 
 /// A new identity for the relay, after rows may have stayed leased to the old one without
@@ -563,5 +672,43 @@ pub async fn drain_without_sending(
         let ids: Vec<i64> = jobs.iter().map(|j| j.token).collect();
         mark_on(db, db.get_database_backend(), &ids, false).await?;
         total += ids.len() as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn rows_leased_elsewhere_are_told_of_at_start_then_only_when_no_longer_renewed() {
+        let mut notice = LeaseNotice::default();
+        // The first claim finds another relay's rows: told of whatever their lease.
+        assert!(matches!(
+            notice.due(Some(1_060_000), 1_000_000, LEASE),
+            Some(Tell::AtStart)
+        ));
+        notice.told_until = 1_060_000;
+        // A live relay's rows: renewed at least every quarter lease, so their lease ends
+        // three quarters of a lease from now or later.
+        assert!(notice.due(Some(1_046_000), 1_001_000, LEASE).is_none());
+        // Rows already told of, while their lease runs out.
+        assert!(notice.due(Some(1_060_000), 1_040_000, LEASE).is_none());
+        // Rows whose lease was last renewed 40 s ago.
+        assert!(matches!(
+            notice.due(Some(1_080_000), 1_060_000, LEASE),
+            Some(Tell::Unrenewed { below: 1_090_000 })
+        ));
+        // Nothing leased elsewhere: nothing to tell.
+        assert!(notice.due(None, 1_070_000, LEASE).is_none());
+    }
+
+    #[test]
+    fn a_first_claim_without_leased_rows_ends_the_start_up_notice() {
+        let mut notice = LeaseNotice::default();
+        assert!(notice.due(None, 1_000_000, LEASE).is_none());
+        // Another relay's fresh rows, later: a live relay at work, not told of.
+        assert!(notice.due(Some(1_061_000), 1_001_000, LEASE).is_none());
     }
 }
