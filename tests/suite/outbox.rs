@@ -553,7 +553,7 @@ async fn rows_left_leased_by_a_killed_relay(db: DatabaseConnection, logs: impl F
             .unwrap()
             .as_millis() as i64
     };
-    // As a relay leaves rows when killed right after renewing their lease (4 s here), in
+    // As a relay leaves rows when killed right after renewing their lease (10 s here), in
     // one transaction.
     let leased = |relay: &'static str, key: &'static str, n: usize, until: i64| {
         let db = db.clone();
@@ -573,10 +573,10 @@ async fn rows_left_leased_by_a_killed_relay(db: DatabaseConnection, logs: impl F
             txn.commit().await.unwrap();
         }
     };
-    leased("killed-relay", "product:1", 3, now() + 4_000).await;
+    leased("killed-relay", "product:1", 3, now() + 10_000).await;
     let mut options = vendora_observe::OutboxOptions::new(db.clone());
     options.poll_interval = Duration::from_millis(50);
-    options.lease = Duration::from_secs(4);
+    options.lease = Duration::from_secs(10);
     let observer = Observer::builder(common::config(&receiver.url()))
         .retry(fast_retries())
         .outbox_options(options)
@@ -588,20 +588,26 @@ async fn rows_left_leased_by_a_killed_relay(db: DatabaseConnection, logs: impl F
     })
     .await;
     let told = logs();
-    assert!(told.contains("OutboxOptions::lease, 4 s"), "{told}");
+    assert!(told.contains("OutboxOptions::lease, 10 s"), "{told}");
     assert!(told.contains("kill -9"), "{told}");
     assert!(
         receiver.delivered().is_empty(),
         "sent before their lease ended"
     );
-    // The lease ends: they go out, in order.
+    // The lease ends (moved to now, not waited for): they go out, in order.
+    db.execute_unprepared(&format!(
+        "UPDATE vendora_outbox SET claimed_until = {} WHERE claimed_by = 'killed-relay'",
+        now() - 1
+    ))
+    .await
+    .unwrap();
     let sent = receiver.wait_delivered(3, WAIT).await;
     let ids: Vec<_> = sent.iter().map(|r| r.data()["id"].clone()).collect();
     assert_eq!(ids, [0, 1, 2]);
 
-    // Running now: a relay whose rows' lease ends in 1 s has not renewed it for 3 s (a live
-    // one renews every second here). Told of once a lease passed since the last notice.
-    leased("stalled-relay", "product:2", 4, now() + 1_000).await;
+    // Running now: a relay whose rows' lease ends in 4.9 s has not renewed it for 5.1 s (a
+    // live one renews every 2.5 s here). Told of once.
+    leased("stalled-relay", "product:2", 4, now() + 4_900).await;
     common::eventually(
         WAIT,
         "the notice of a relay that stopped renewing",

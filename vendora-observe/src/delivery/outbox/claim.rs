@@ -521,10 +521,11 @@ pub(crate) fn leased_elsewhere_statement(
 }
 
 /// PostgreSQL planner settings for the frontier on a backlog (`SET LOCAL`, this query
-/// alone): its rows come in the order of their own index, never from a sort. Without statistics (a table
-/// not analyzed yet; a role that does not own the table cannot `ANALYZE` it, so only
-/// autovacuum does) PostgreSQL takes `status = 'pending'` to match 0.5% of the rows, plans a
-/// bitmap scan of every pending row and a top-N sort, and reads 20,000 rows to return 512.
+/// alone): its rows come in the order of their own index, never from a sort. Without
+/// statistics (a table not analyzed yet; a role that does not own the table cannot
+/// `ANALYZE` it, so only autovacuum does) PostgreSQL takes `status = 'pending'` to match
+/// 0.5% of the rows, plans a bitmap scan of every pending row and a top-N sort, and reads
+/// 20,000 rows to return 512.
 pub const IN_INDEX_ORDER: &str = "SET LOCAL enable_sort = off";
 
 /// The planner settings the frontier runs with: [`IN_INDEX_ORDER`] on PostgreSQL once a

@@ -320,25 +320,29 @@ struct LeaseNotice {
     started: bool,
     /// Relays told of (a bounded set: emptied when it grows past 1,024).
     told: HashSet<String>,
-    /// The last lease end of their rows: earlier leases need no new look.
-    told_until: i64,
+    /// When the rows leased elsewhere were last read (at most every quarter lease).
+    looked_at: i64,
 }
 
 impl LeaseNotice {
-    /// After each claim: whether to look at the rows leased elsewhere, given when the first
-    /// lease of the frontier's such rows ends (`first`).
+    /// After each claim: whether to read the rows leased elsewhere, given when the first
+    /// lease of the frontier's such rows ends (`first`). A relay's unrenewed leases stay
+    /// within half a lease of their end for half a lease: a look every quarter sees them.
     fn due(&mut self, first: Option<i64>, now: i64, lease: Duration) -> Option<Tell> {
         let started = std::mem::replace(&mut self.started, true);
         let first = first?;
+        let lease = lease.as_millis() as i64;
         // A live relay's leases end at least three quarters of a lease from now.
-        let below = now + lease.as_millis() as i64 / 2;
-        if !started {
-            Some(Tell::AtStart)
-        } else if first < below && first > self.told_until {
-            Some(Tell::Unrenewed { below })
+        let below = now + lease / 2;
+        let tell = if !started {
+            Tell::AtStart
+        } else if first < below && now - self.looked_at >= lease / 4 {
+            Tell::Unrenewed { below }
         } else {
-            None
-        }
+            return None;
+        };
+        self.looked_at = now;
+        Some(tell)
     }
 
     /// Reads the pending rows leased elsewhere by relay and tells of those of relays not
@@ -379,7 +383,6 @@ impl LeaseNotice {
             ) else {
                 continue;
             };
-            self.told_until = self.told_until.max(last);
             if self.told.insert(holder) {
                 events += n;
                 until = until.max(Some(last));
@@ -682,33 +685,33 @@ mod tests {
     const LEASE: Duration = Duration::from_secs(60);
 
     #[test]
-    fn rows_leased_elsewhere_are_told_of_at_start_then_only_when_no_longer_renewed() {
+    fn rows_leased_elsewhere_are_read_at_start_then_only_when_no_longer_renewed() {
         let mut notice = LeaseNotice::default();
-        // The first claim finds another relay's rows: told of whatever their lease.
+        // The first claim finds another relay's rows: read whatever their lease.
         assert!(matches!(
             notice.due(Some(1_060_000), 1_000_000, LEASE),
             Some(Tell::AtStart)
         ));
-        notice.told_until = 1_060_000;
         // A live relay's rows: renewed at least every quarter lease, so their lease ends
         // three quarters of a lease from now or later.
-        assert!(notice.due(Some(1_046_000), 1_001_000, LEASE).is_none());
-        // Rows already told of, while their lease runs out.
-        assert!(notice.due(Some(1_060_000), 1_040_000, LEASE).is_none());
+        assert!(notice.due(Some(1_046_000), 1_016_000, LEASE).is_none());
         // Rows whose lease was last renewed 40 s ago.
         assert!(matches!(
             notice.due(Some(1_080_000), 1_060_000, LEASE),
             Some(Tell::Unrenewed { below: 1_090_000 })
         ));
-        // Nothing leased elsewhere: nothing to tell.
-        assert!(notice.due(None, 1_070_000, LEASE).is_none());
+        // Read again only a quarter lease later.
+        assert!(notice.due(Some(1_080_000), 1_070_000, LEASE).is_none());
+        assert!(notice.due(Some(1_080_000), 1_075_000, LEASE).is_some());
+        // Nothing leased elsewhere: nothing to read.
+        assert!(notice.due(None, 1_095_000, LEASE).is_none());
     }
 
     #[test]
     fn a_first_claim_without_leased_rows_ends_the_start_up_notice() {
         let mut notice = LeaseNotice::default();
         assert!(notice.due(None, 1_000_000, LEASE).is_none());
-        // Another relay's fresh rows, later: a live relay at work, not told of.
+        // Another relay's fresh rows, later: a live relay at work, not read.
         assert!(notice.due(Some(1_061_000), 1_001_000, LEASE).is_none());
     }
 }
