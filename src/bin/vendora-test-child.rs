@@ -2,7 +2,7 @@
 //! the same time as others, or that exit in a particular way. Not a tool for users.
 //!
 //! ```text
-//! vendora-test-child crash-writer DB_URL HOOK_URL   # outbox writes in transactions until killed, "committed N"
+//! vendora-test-child crash-writer DB_URL HOOK_URL [LEASE_S]  # outbox writes in transactions until killed, "committed N"
 //! vendora-test-child schema                         # per stdin URL: "ready", wait "go", create
 //! vendora-test-child write HOOK_URL SECRET N [exit|shutdown]  # N products, no tracing subscriber
 //! vendora-test-child no-observer                    # writes with no observer installed
@@ -50,7 +50,10 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or_default();
     match arg(0) {
-        "crash-writer" => crash_writer(arg(1), arg(2)).await,
+        "crash-writer" => {
+            let lease = arg(3).parse().unwrap_or(3);
+            crash_writer(arg(1), arg(2), Duration::from_secs(lease)).await
+        }
         "schema" => schema().await,
         "write" => {
             let n = arg(3).parse().expect("N");
@@ -62,11 +65,11 @@ async fn main() {
 }
 
 /// Outbox writes, one insert per transaction, printing each commit, until killed.
-async fn crash_writer(db_url: &str, hook_url: &str) {
+async fn crash_writer(db_url: &str, hook_url: &str, lease: Duration) {
     let db = db::connect(db_url).await.unwrap();
     let mut options = OutboxOptions::new(db.clone());
     options.poll_interval = Duration::from_millis(50);
-    options.lease = Duration::from_secs(3);
+    options.lease = lease;
     let observer = Observer::builder(config(hook_url, "test-secret-0123456789"))
         .retry(fast_retries())
         .outbox_options(options)

@@ -284,9 +284,9 @@ async fn crash_mid_stream_then_restart_delivers_every_committed_event() {
         },
     )
     .await;
-    // Rows claimed by the dead relay wait for their lease (60 s by default): the check
-    // above covers them. Every committed row's created event arrived, duplicates only
-    // with the same id.
+    // Rows claimed by the dead relay are taken back at once (its process is gone, on this
+    // machine). Every committed row's created event arrived, duplicates only with the same
+    // id.
     let delivered = receiver.delivered();
     let by_id: HashMap<i64, HashSet<String>> = delivered.iter().fold(HashMap::new(), |mut m, r| {
         m.entry(r.data()["id"].as_i64().unwrap())
@@ -524,10 +524,83 @@ async fn postgres_claim_does_not_visit_delivered_rows() {
     }
 }
 
-/// Rows a relay left leased when its process was killed (kill -9) wait out their lease:
-/// the next start says so at once, with their count and why, instead of a silent minute;
-/// they go out when the lease ends. Rows of a relay that stops renewing its lease while
-/// this one runs are told of too.
+/// A relay killed (SIGKILL) while it holds leased rows: a relay that starts on the same
+/// machine sees that the process holding them is gone, takes them back at once instead of
+/// waiting out their lease (10 minutes here), and says so.
+#[tokio::test]
+async fn sqlite_rows_of_a_killed_relay_on_this_machine_are_taken_back_at_once() {
+    let (_guard, logs) = common::capture_logs();
+    let (db, url) = sqlite_file().await;
+    rows_of_a_killed_relay_are_taken_back(db, &url, logs).await;
+}
+
+#[tokio::test]
+#[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
+async fn postgres_rows_of_a_killed_relay_on_this_machine_are_taken_back_at_once() {
+    let (_guard, logs) = common::capture_logs();
+    let (db, url) = postgres().await;
+    rows_of_a_killed_relay_are_taken_back(db, &url, logs).await;
+}
+
+async fn rows_of_a_killed_relay_are_taken_back(
+    db: DatabaseConnection,
+    db_url: &str,
+    logs: impl Fn() -> String,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    // The child's first request hangs: what it claims stays leased to it.
+    receiver.set_reply(Reply::Delay(Duration::from_secs(20)));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vendora-test-child"))
+        .args(["crash-writer", db_url, &receiver.url(), "600"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    while !tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("the child stopped writing")
+        .unwrap()
+        .expect("the child exited")
+        .starts_with("committed 49")
+    {}
+    let leased = "SELECT COUNT(*) AS n FROM vendora_outbox \
+                  WHERE status = 'pending' AND claimed_by IS NOT NULL";
+    common::eventually(WAIT, "rows leased to the child", || async {
+        scalar(&db, leased).await > 0
+    })
+    .await;
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    let held = scalar(&db, leased).await;
+    receiver.set_reply(Reply::Ok);
+    let observer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    let outbox = observer.outbox().unwrap().clone();
+    // Without the take-back, the child's rows (and every later row of its one task) would
+    // wait ten minutes.
+    common::eventually(WAIT, "every committed event delivered", || {
+        let outbox = outbox.clone();
+        async move { outbox.pending().await.unwrap() == 0 }
+    })
+    .await;
+    let told = logs();
+    assert!(
+        told.contains(&format!(
+            "took back {held} pending event(s) leased to a relay whose process (pid {pid}, \
+             this machine) is gone"
+        )),
+        "{told}"
+    );
+    assert!(!told.contains("are leased to"), "{told}");
+}
+
+/// Rows left leased by a relay this one cannot judge (on another machine, in another pid
+/// namespace, or an id of an older version) wait out their lease: the next start says so
+/// at once, with their count and why, instead of a silent minute; they go out when the
+/// lease ends. Rows of a relay that stops renewing its lease while this one runs are told
+/// of too.
 #[tokio::test]
 async fn sqlite_rows_left_leased_by_a_killed_relay_are_told_of_and_sent_after_the_lease() {
     let (_guard, logs) = common::capture_logs();

@@ -724,6 +724,18 @@ pub(crate) fn release_statement(
     )
 }
 
+/// Hands back every pending row leased to `relay` (a relay whose process is gone).
+pub(crate) fn release_all_statement(backend: DbBackend, relay: &str) -> sea_orm::Statement {
+    stmt(
+        backend,
+        &format!(
+            "UPDATE {TABLE} SET claimed_by = NULL, claimed_until = NULL \
+             WHERE claimed_by = ? AND status = 'pending'"
+        ),
+        vec![relay.into()],
+    )
+}
+
 /// Extends the lease of rows `relay` holds.
 pub(crate) fn renew_statement(
     backend: DbBackend,

@@ -21,8 +21,10 @@
 //! dead, or already its own, so events of one row, and of one unit of work, leave in the
 //! order they were written, across retries and across relays (the claim's steps are
 //! described in `src/delivery/outbox/claim.rs`). A relay keeps its rows leased while it
-//! holds them (renewed every quarter of the lease), and the rows of a relay that died are
-//! claimed again once their lease runs out.
+//! holds them (renewed every quarter of the lease). The rows of a relay whose process is
+//! gone are taken back at once by a relay on the same machine (Linux: relay ids name their
+//! process, see `holder.rs`); a relay elsewhere claims them again once their lease runs
+//! out, and says at its start how many wait and for how long.
 //!
 //! # Dead rows
 //!
@@ -42,6 +44,7 @@
 
 mod admin;
 pub(crate) mod claim;
+mod holder;
 pub(crate) mod relay;
 mod schema;
 
@@ -195,7 +198,7 @@ impl Outbox {
             ctx,
             scheduler,
             lease,
-            relay_id: uuid::Uuid::now_v7().to_string(),
+            relay_id: holder::new_relay_id(),
             wake: Notify::new(),
             progress: Notify::new(),
             stopping: AtomicBool::new(false),

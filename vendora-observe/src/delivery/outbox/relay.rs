@@ -166,14 +166,15 @@ pub(super) async fn run(
                     next_due: due,
                     leased_elsewhere,
                 }) => {
-                    if let Some(tell) = notice.due(leased_elsewhere, now_ms(), options.lease) {
-                        notice.tell(&outbox, &relay_id, tell).await;
-                    }
+                    let took_back = match notice.due(leased_elsewhere, now_ms(), options.lease) {
+                        Some(tell) => notice.tell(&outbox, &relay_id, tell).await,
+                        None => false,
+                    };
                     if std::mem::take(&mut claim_failing) {
                         tracing::info!("outbox: claiming rows works again");
                     }
                     next_due = due;
-                    idle = jobs.len() < want;
+                    idle = jobs.len() < want && !took_back;
                     if !idle {
                         size = (size * 2).min(max_batch);
                     }
@@ -345,9 +346,10 @@ impl LeaseNotice {
         Some(tell)
     }
 
-    /// Reads the pending rows leased elsewhere by relay and tells of those of relays not
-    /// told of yet.
-    async fn tell(&mut self, outbox: &Outbox, relay: &str, tell: Tell) {
+    /// Reads the pending rows leased elsewhere by relay: takes back those of a relay whose
+    /// process is gone (see [`super::holder`]), and tells of the others, of relays not told
+    /// of yet. Returns whether rows were taken back.
+    async fn tell(&mut self, outbox: &Outbox, relay: &str, tell: Tell) -> bool {
         let inner = &outbox.inner;
         let now = now_ms();
         let (whose, below) = match tell {
@@ -368,13 +370,13 @@ impl LeaseNotice {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::debug!("outbox: reading rows leased elsewhere failed: {e}");
-                return;
+                return false;
             }
         };
         if self.told.len() > 1024 {
             self.told.clear();
         }
-        let (mut events, mut until) = (0, None::<i64>);
+        let (mut events, mut until, mut took_back) = (0, None::<i64>, false);
         for r in rows {
             let (Ok(holder), Ok(n), Ok(last)) = (
                 r.try_get::<String>("", "relay"),
@@ -383,13 +385,38 @@ impl LeaseNotice {
             ) else {
                 continue;
             };
+            if let Some(pid) = super::holder::gone(&holder) {
+                match inner
+                    .options
+                    .db
+                    .execute_raw(claim::release_all_statement(inner.backend, &holder))
+                    .await
+                {
+                    Ok(done) => {
+                        took_back = true;
+                        crate::diagnostics::warn(
+                            crate::diagnostics::Kind::Setup,
+                            format_args!(
+                                "outbox: took back {} pending event(s) leased to a relay whose \
+                                 process (pid {pid}, this machine) is gone: it stopped without \
+                                 `Observer::shutdown` (a crash, kill -9); they go out now",
+                                done.rows_affected()
+                            ),
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!("outbox: taking back the rows of relay {holder}: {e}")
+                    }
+                }
+            }
             if self.told.insert(holder) {
                 events += n;
                 until = until.max(Some(last));
             }
         }
         let Some(until) = until else {
-            return;
+            return took_back;
         };
         crate::diagnostics::warn(
             crate::diagnostics::Kind::Setup,
@@ -403,6 +430,7 @@ impl LeaseNotice {
                 inner.options.lease.as_secs()
             ),
         );
+        took_back
     }
 }
 
@@ -417,7 +445,7 @@ fn rotate(outbox: &Outbox, held: &mut Held) -> String {
     for id in scheduler.take_let_go() {
         held.remove(id);
     }
-    uuid::Uuid::now_v7().to_string()
+    super::holder::new_relay_id()
 }
 
 /// Extends the lease of every row held, so a row waiting on a long retry is never taken by
