@@ -12,17 +12,18 @@
 
 /// A new relay id: naming this process where it can be judged, a UUID otherwise.
 pub(super) fn new_relay_id() -> String {
-    let random = uuid::Uuid::now_v7().simple().to_string();
+    let id = uuid::Uuid::now_v7();
     match Process::current() {
+        // The last 12 hex digits of a v7 UUID are random bits.
         Some(me) => format!(
             "p:{}:{}:{}:{}:{}",
             me.boot,
             me.namespace,
             me.pid,
             me.start,
-            &random[20..]
+            &id.simple().to_string()[20..]
         ),
-        None => uuid::Uuid::now_v7().to_string(),
+        None => id.to_string(),
     }
 }
 
