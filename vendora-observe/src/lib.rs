@@ -374,7 +374,7 @@ pub mod __private {
     /// work alone, for the bench.
     pub mod outbox_plan {
         pub use crate::delivery::outbox::claim::{
-            frontier_settings, frontier_statement, skip_scan_statement,
+            IN_INDEX_ORDER, frontier_settings, frontier_statement, skip_scan_statement,
         };
         pub use crate::delivery::outbox::relay::drain_without_sending;
     }
