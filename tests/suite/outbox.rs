@@ -596,6 +596,78 @@ async fn rows_of_a_killed_relay_are_taken_back(
     assert!(!told.contains("are leased to"), "{told}");
 }
 
+/// Rows leased to a relay whose process runs on this machine (here: this one) are left to
+/// it: a second relay starting beside it neither takes them nor reports a stopped relay,
+/// and says at info level what its chains wait for.
+#[tokio::test]
+async fn rows_leased_to_a_running_relay_on_this_machine_are_left_to_it() {
+    let (_guard, logs) = common::capture_logs();
+    let (db, _) = sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    // The first relay's first request hangs: what it claimed stays leased to it.
+    receiver.set_reply(Reply::Delay(Duration::from_secs(20)));
+    let relay = || async {
+        let mut options = vendora_observe::OutboxOptions::new(db.clone());
+        options.poll_interval = Duration::from_millis(50);
+        options.lease = Duration::from_secs(600);
+        Observer::builder(common::config(&receiver.url()))
+            .retry(fast_retries())
+            .outbox_options(options)
+            .build()
+            .await
+            .unwrap()
+    };
+    let first = relay().await;
+    first
+        .scope(async {
+            let txn = db.begin().await.unwrap();
+            for i in 0..3 {
+                product_am(&format!("held {i}"), i)
+                    .insert(&txn)
+                    .await
+                    .unwrap();
+            }
+            txn.commit().await.unwrap();
+        })
+        .await;
+    let leased = "SELECT COUNT(*) AS n FROM vendora_outbox \
+                  WHERE status = 'pending' AND claimed_by IS NOT NULL";
+    common::eventually(WAIT, "three rows leased to the first relay", || async {
+        scalar(&db, leased).await == 3
+    })
+    .await;
+    let holders = || async {
+        use sea_orm::ConnectionTrait;
+        db.query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT DISTINCT claimed_by AS relay FROM vendora_outbox \
+             WHERE status = 'pending' AND claimed_by IS NOT NULL",
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get::<String>("", "relay").unwrap())
+        .collect::<Vec<_>>()
+    };
+    let holder = holders().await;
+    assert_eq!(holder.len(), 1, "{holder:?}");
+    let second = relay().await;
+    common::eventually(WAIT, "the second relay's look at them", || async {
+        logs().contains(
+            "3 pending event(s) are leased to relays of processes running on this machine",
+        )
+    })
+    .await;
+    // Still the first relay's three, none taken back.
+    assert_eq!(scalar(&db, leased).await, 3);
+    assert_eq!(holders().await, holder);
+    let told = logs();
+    assert!(!told.contains("took back"), "{told}");
+    assert!(!told.contains("are leased to another relay"), "{told}");
+    second.shutdown(Duration::from_millis(100)).await;
+    first.shutdown(Duration::from_millis(100)).await;
+}
+
 /// Rows left leased by a relay this one cannot judge (on another machine, in another pid
 /// namespace, or an id of an older version) wait out their lease: the next start says so
 /// at once, with their count and why, instead of a silent minute; they go out when the

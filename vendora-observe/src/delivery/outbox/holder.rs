@@ -27,25 +27,47 @@ pub(super) fn new_relay_id() -> String {
     }
 }
 
-/// What the relay `id` names, when it is a process of this machine and pid namespace that
-/// is gone: its pid.
-pub(super) fn gone(id: &str) -> Option<u32> {
-    let me = Process::current()?;
-    let mut parts = id.strip_prefix("p:")?.split(':');
-    let (boot, namespace, pid, start) = (
-        parts.next()?,
-        parts.next()?.parse::<u64>().ok()?,
-        parts.next()?.parse::<u32>().ok()?,
-        parts.next()?.parse::<u64>().ok()?,
-    );
-    if boot != me.boot || namespace != me.namespace || pid == me.pid {
-        return None;
+/// What is known of the process behind a relay id.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Holder {
+    /// A process of this machine and pid namespace that is gone: its pid.
+    Gone(u32),
+    /// This process, or one of this machine and pid namespace that still runs.
+    Running,
+    /// Nothing: another machine or namespace, a process hidden from us, an id of another
+    /// form.
+    Unknown,
+}
+
+/// Judges the process behind the relay `id`.
+pub(super) fn judge(id: &str) -> Holder {
+    let Some(me) = Process::current() else {
+        return Holder::Unknown;
+    };
+    let parse = || {
+        let mut parts = id.strip_prefix("p:")?.split(':');
+        Some((
+            parts.next()?,
+            parts.next()?.parse::<u64>().ok()?,
+            parts.next()?.parse::<u32>().ok()?,
+            parts.next()?.parse::<u64>().ok()?,
+        ))
+    };
+    let Some((boot, namespace, pid, start)) = parse() else {
+        return Holder::Unknown;
+    };
+    if boot != me.boot || namespace != me.namespace {
+        return Holder::Unknown;
+    }
+    if pid == me.pid {
+        return Holder::Running;
     }
     match running(pid) {
-        Running::No => Some(pid),
+        Running::No => Holder::Gone(pid),
         // The pid was taken again by a later process.
-        Running::Since(s) if s != start => Some(pid),
-        Running::Since(_) | Running::Unknown => None,
+        Running::Since(s) if s != start => Holder::Gone(pid),
+        Running::Since(_) => Holder::Running,
+        Running::Unknown => Holder::Unknown,
     }
 }
 
@@ -158,7 +180,7 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn a_relay_id_names_this_process_which_is_not_gone() {
+    fn a_relay_id_names_this_process_which_runs() {
         let id = new_relay_id();
         assert!(id.starts_with("p:"), "{id}");
         assert!(id.len() <= 64, "{id} does not fit claimed_by");
@@ -168,11 +190,14 @@ mod tests {
             "two identities of one process are one id"
         );
         // This process, and ids that cannot be judged here.
-        assert_eq!(gone(&id), None);
-        assert_eq!(gone("0195f6a0-7c1e-7000-8000-000000000000"), None);
-        assert_eq!(gone("killed-relay"), None);
+        assert_eq!(judge(&id), Holder::Running);
+        assert_eq!(
+            judge("0195f6a0-7c1e-7000-8000-000000000000"),
+            Holder::Unknown
+        );
+        assert_eq!(judge("killed-relay"), Holder::Unknown);
         let other_boot = format!("p:000000000000{}", &id[14..]);
-        assert_eq!(gone(&other_boot), None);
+        assert_eq!(judge(&other_boot), Holder::Unknown);
     }
 
     #[cfg(target_os = "linux")]
@@ -204,13 +229,13 @@ mod tests {
         let id = |pid: u32, start: u64| {
             format!("p:{}:{}:{pid}:{start}:000000000000", me.boot, me.namespace)
         };
-        assert_eq!(gone(&id(pid, 1)), Some(pid));
+        assert_eq!(judge(&id(pid, 1)), Holder::Gone(pid));
         // A running process (pid 1), named with another start time: the pid was reused.
         let init = match running(1) {
             Running::Since(start) => start,
             _ => return,
         };
-        assert_eq!(gone(&id(1, init)), None);
-        assert_eq!(gone(&id(1, init + 1)), Some(1));
+        assert_eq!(judge(&id(1, init)), Holder::Running);
+        assert_eq!(judge(&id(1, init + 1)), Holder::Gone(1));
     }
 }

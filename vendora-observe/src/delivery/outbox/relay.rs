@@ -13,6 +13,7 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr, TransactionTrait, Value};
 use tokio::sync::mpsc;
 
 use super::claim::{self, Claimed, Cursor, Held, Request};
+use super::holder::Holder;
 use super::{Outbox, TABLE, admin, stmt};
 use crate::delivery::scheduler::{Report, now_ms};
 
@@ -376,7 +377,7 @@ impl LeaseNotice {
         if self.told.len() > 1024 {
             self.told.clear();
         }
-        let (mut events, mut until, mut took_back) = (0, None::<i64>, false);
+        let (mut events, mut until, mut took_back, mut running) = (0, None::<i64>, false, 0);
         for r in rows {
             let (Ok(holder), Ok(n), Ok(last)) = (
                 r.try_get::<String>("", "relay"),
@@ -385,7 +386,17 @@ impl LeaseNotice {
             ) else {
                 continue;
             };
-            if let Some(pid) = super::holder::gone(&holder) {
+            let pid = match super::holder::judge(&holder) {
+                // A relay of a process that runs on this machine (this one included, under
+                // an earlier identity) renews its leases or lets them end.
+                Holder::Running => {
+                    running += n;
+                    continue;
+                }
+                Holder::Gone(pid) => Some(pid),
+                Holder::Unknown => None,
+            };
+            if let Some(pid) = pid {
                 match inner
                     .options
                     .db
@@ -414,6 +425,12 @@ impl LeaseNotice {
                 events += n;
                 until = until.max(Some(last));
             }
+        }
+        if running > 0 {
+            tracing::info!(
+                "outbox: {running} pending event(s) are leased to relays of processes running \
+                 on this machine (this one included); their chains wait for those relays"
+            );
         }
         let Some(until) = until else {
             return took_back;
