@@ -160,10 +160,20 @@ async fn drop_stale_databases(admin: &DatabaseConnection) {
 
 /// An outbox-mode observer on `db`, polling fast.
 pub async fn outbox_observer(db: &DatabaseConnection, url: &str, retry: RetryPolicy) -> Observer {
+    // Longer than a request may take (2 s), short enough for the crash test.
+    outbox_observer_with_lease(db, url, retry, Duration::from_secs(3)).await
+}
+
+/// [`outbox_observer`] with its own lease.
+pub async fn outbox_observer_with_lease(
+    db: &DatabaseConnection,
+    url: &str,
+    retry: RetryPolicy,
+    lease: Duration,
+) -> Observer {
     let mut options = vendora_observe::OutboxOptions::new(db.clone());
     options.poll_interval = Duration::from_millis(50);
-    // Longer than a request may take (2 s), short enough for the crash test.
-    options.lease = Duration::from_secs(3);
+    options.lease = lease;
     Observer::builder(config(url))
         .retry(retry)
         .outbox_options(options)

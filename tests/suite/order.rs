@@ -390,16 +390,14 @@ async fn rows_let_go_for_a_lost_lease_keep_their_order(db: DatabaseConnection, u
     let (_guard, logs) = common::capture_logs();
     let receiver = Receiver::start(SECRET).await.unwrap();
     receiver.set_reply(Reply::Delay(Duration::from_millis(10)));
-    let mut options = vendora_observe::OutboxOptions::new(db.clone());
-    options.poll_interval = Duration::from_millis(50);
     // 300 ms more than the 2 s timeout: an attempt may start only while the lease covers it.
-    options.lease = Duration::from_millis(2_300);
-    let observer = Observer::builder(common::config(&receiver.url()))
-        .retry(fast_retries())
-        .outbox_options(options)
-        .build()
-        .await
-        .unwrap();
+    let observer = common::outbox_observer_with_lease(
+        &db,
+        &receiver.url(),
+        fast_retries(),
+        Duration::from_millis(2_300),
+    )
+    .await;
     let mut ids = Vec::new();
     for r in 0..10 {
         let p = observer

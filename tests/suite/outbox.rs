@@ -606,30 +606,11 @@ async fn rows_leased_to_a_running_relay_on_this_machine_are_left_to_it() {
     let receiver = Receiver::start(SECRET).await.unwrap();
     // The first relay's first request hangs: what it claimed stays leased to it.
     receiver.set_reply(Reply::Delay(Duration::from_secs(20)));
-    let relay = || async {
-        let mut options = vendora_observe::OutboxOptions::new(db.clone());
-        options.poll_interval = Duration::from_millis(50);
-        options.lease = Duration::from_secs(600);
-        Observer::builder(common::config(&receiver.url()))
-            .retry(fast_retries())
-            .outbox_options(options)
-            .build()
-            .await
-            .unwrap()
-    };
+    let url = receiver.url();
+    let relay =
+        || common::outbox_observer_with_lease(&db, &url, fast_retries(), Duration::from_secs(600));
     let first = relay().await;
-    first
-        .scope(async {
-            let txn = db.begin().await.unwrap();
-            for i in 0..3 {
-                product_am(&format!("held {i}"), i)
-                    .insert(&txn)
-                    .await
-                    .unwrap();
-            }
-            txn.commit().await.unwrap();
-        })
-        .await;
+    three_in_one_transaction(&first, &db, "held").await;
     let leased = "SELECT COUNT(*) AS n FROM vendora_outbox \
                   WHERE status = 'pending' AND claimed_by IS NOT NULL";
     common::eventually(WAIT, "three rows leased to the first relay", || async {
@@ -719,15 +700,13 @@ async fn rows_left_leased_by_a_killed_relay(db: DatabaseConnection, logs: impl F
         }
     };
     leased("killed-relay", "product:1", 3, now() + 10_000).await;
-    let mut options = vendora_observe::OutboxOptions::new(db.clone());
-    options.poll_interval = Duration::from_millis(50);
-    options.lease = Duration::from_secs(10);
-    let observer = Observer::builder(common::config(&receiver.url()))
-        .retry(fast_retries())
-        .outbox_options(options)
-        .build()
-        .await
-        .unwrap();
+    let observer = common::outbox_observer_with_lease(
+        &db,
+        &receiver.url(),
+        fast_retries(),
+        Duration::from_secs(10),
+    )
+    .await;
     common::eventually(WAIT, "the start-up notice", || async {
         logs().contains("3 pending event(s) are leased to another relay")
     })
@@ -777,33 +756,10 @@ async fn rows_held_behind_a_slow_receiver_keep_their_lease_and_are_sent_once() {
     let (db, url) = sqlite_file().await;
     let receiver = Receiver::start(SECRET).await.unwrap();
     receiver.set_reply(Reply::Delay(Duration::from_millis(1200)));
-    let relay = |db: DatabaseConnection| {
-        let url = receiver.url();
-        async move {
-            let mut options = vendora_observe::OutboxOptions::new(db);
-            options.poll_interval = Duration::from_millis(50);
-            options.lease = Duration::from_secs(3);
-            Observer::builder(common::config(&url))
-                .retry(fast_retries())
-                .outbox_options(options)
-                .build()
-                .await
-                .unwrap()
-        }
-    };
-    let a = relay(db.clone()).await;
-    let b = relay(vendora_pos::db::connect(&url).await.unwrap()).await;
-    a.scope(async {
-        let txn = db.begin().await.unwrap();
-        for i in 0..3 {
-            product_am(&format!("slow {i}"), i)
-                .insert(&txn)
-                .await
-                .unwrap();
-        }
-        txn.commit().await.unwrap();
-    })
-    .await;
+    let a = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    let other = vendora_pos::db::connect(&url).await.unwrap();
+    let b = outbox_observer(&other, &receiver.url(), fast_retries()).await;
+    three_in_one_transaction(&a, &db, "slow").await;
     receiver.wait_delivered(3, WAIT).await;
     assert!(a.flush(WAIT).await && b.flush(WAIT).await);
     // The receiver records a request when it answers: let every send in flight finish.
@@ -831,6 +787,23 @@ async fn scalar(db: &DatabaseConnection, sql: &str) -> i64 {
     .expect("one row")
     .try_get("", "n")
     .unwrap()
+}
+
+/// Three products written through `observer` in one transaction (one unit of work), named
+/// `{prefix} 0` to `{prefix} 2`.
+async fn three_in_one_transaction(observer: &Observer, db: &DatabaseConnection, prefix: &str) {
+    observer
+        .scope(async {
+            let txn = db.begin().await.unwrap();
+            for i in 0..3 {
+                product_am(&format!("{prefix} {i}"), i)
+                    .insert(&txn)
+                    .await
+                    .unwrap();
+            }
+            txn.commit().await.unwrap();
+        })
+        .await;
 }
 
 /// Rows this relay has claimed and not yet written an outcome for.

@@ -123,6 +123,10 @@ impl Candidate {
         })
     }
 
+    fn all(rows: &[QueryResult]) -> Result<Vec<Candidate>, DbErr> {
+        rows.iter().map(Candidate::from_row).collect()
+    }
+
     fn chains(&self) -> impl Iterator<Item = ChainKey> + use<> {
         std::iter::once(self.row).chain(self.unit)
     }
@@ -212,10 +216,7 @@ pub(crate) async fn claim(
         frontier_settings(backend, cursor.backlog),
     )
     .await
-    .map_err(read)?
-    .iter()
-    .map(Candidate::from_row)
-    .collect::<Result<Vec<_>, _>>()
+    .and_then(|rows| Candidate::all(&rows))
     .map_err(read)?;
     cursor.backlog = frontier.len() == window;
     let leased_elsewhere = frontier
@@ -266,10 +267,7 @@ pub(crate) async fn claim(
             let mut runs = db
                 .query_all_raw(unit_runs_statement(backend, req.relay, &units))
                 .await
-                .map_err(read)?
-                .iter()
-                .map(Candidate::from_row)
-                .collect::<Result<Vec<_>, _>>()
+                .and_then(|rows| Candidate::all(&rows))
                 .map_err(read)?;
             runs.sort_by_key(|c| c.id);
             let before = choice.chosen.len();

@@ -396,30 +396,11 @@ impl LeaseNotice {
                 Holder::Gone(pid) => Some(pid),
                 Holder::Unknown => None,
             };
-            if let Some(pid) = pid {
-                match inner
-                    .options
-                    .db
-                    .execute_raw(claim::release_all_statement(inner.backend, &holder))
-                    .await
-                {
-                    Ok(done) => {
-                        took_back = true;
-                        crate::diagnostics::warn(
-                            crate::diagnostics::Kind::Setup,
-                            format_args!(
-                                "outbox: took back {} pending event(s) leased to a relay whose \
-                                 process (pid {pid}, this machine) is gone: it stopped without \
-                                 `Observer::shutdown` (a crash, kill -9); they go out now",
-                                done.rows_affected()
-                            ),
-                        );
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::debug!("outbox: taking back the rows of relay {holder}: {e}")
-                    }
-                }
+            if let Some(pid) = pid
+                && take_back(outbox, &holder, pid).await
+            {
+                took_back = true;
+                continue;
             }
             if self.told.insert(holder) {
                 events += n;
@@ -448,6 +429,35 @@ impl LeaseNotice {
             ),
         );
         took_back
+    }
+}
+
+/// Hands back every pending row leased to `holder`, a relay whose process (`pid`) is gone,
+/// and says so. Whether it did.
+async fn take_back(outbox: &Outbox, holder: &str, pid: u32) -> bool {
+    let inner = &outbox.inner;
+    match inner
+        .options
+        .db
+        .execute_raw(claim::release_all_statement(inner.backend, holder))
+        .await
+    {
+        Ok(done) => {
+            crate::diagnostics::warn(
+                crate::diagnostics::Kind::Setup,
+                format_args!(
+                    "outbox: took back {} pending event(s) leased to a relay whose process \
+                     (pid {pid}, this machine) is gone: it stopped without \
+                     `Observer::shutdown` (a crash, kill -9); they go out now",
+                    done.rows_affected()
+                ),
+            );
+            true
+        }
+        Err(e) => {
+            tracing::debug!("outbox: taking back the rows of relay {holder}: {e}");
+            false
+        }
     }
 }
 
