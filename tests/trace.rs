@@ -28,9 +28,10 @@ async fn a_delivery_logs_under_the_span_of_its_write_with_its_trace_id() {
         .expect("a valid traceparent");
     let line = logs()
         .lines()
-        .find(|l| l.contains("webhook rejected"))
+        .find(|l| l.contains("dead-lettered"))
         .map(str::to_owned)
-        .unwrap_or_else(|| panic!("no rejection logged:\n{}", logs()));
+        .unwrap_or_else(|| panic!("no dead letter logged:\n{}", logs()));
+    assert!(line.contains("status=401"), "{line}");
     assert!(line.contains("checkout{order=7}:"), "{line}");
     assert!(line.contains("webhook.deliver{"), "{line}");
     assert!(

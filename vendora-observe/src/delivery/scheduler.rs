@@ -258,6 +258,7 @@ impl Scheduler {
                     &self.shared.setup,
                     seq,
                     "shutdown deadline passed before delivery".into(),
+                    None,
                 );
             }
             state.forget(&self.shared.setup, seq, Report::Released);
@@ -742,12 +743,12 @@ impl State {
         let span = entry.job.span.clone();
         let _span = span.enter();
         let webhook = &entry.job.webhook;
-        if !self.failing || !error.is_retryable() {
-            // One line when attempts start failing, not one per attempt; a final answer
-            // (a 401, a 400) always gets its own.
+        let decision = decide(&ctx.policy, attempts, &error);
+        if !self.failing && matches!(decision, Decision::Retry(_)) {
+            // One line when attempts start failing, not one per attempt. A last attempt
+            // (a 401 is always one) gets the dead-letter line alone, which names the error.
             ctx.service
                 .log_failure(webhook.event(), Some(webhook.id()), &error);
-            self.failing |= error.is_retryable();
         } else {
             tracing::debug!(
                 event = webhook.event(),
@@ -756,8 +757,9 @@ impl State {
                 "webhook attempt failed: {error}"
             );
         }
+        self.failing |= error.is_retryable();
         let described = format!("{}: {error}", error.kind());
-        match decide(&ctx.policy, attempts, &error) {
+        match decision {
             Decision::Retry(delay) => {
                 ctx.counters.retried(webhook.event());
                 entry.step = Step::Retrying;
@@ -773,7 +775,7 @@ impl State {
                 Finished::Retrying
             }
             Decision::Dead => {
-                self.dead_letter(setup, seq, described.clone());
+                self.dead_letter(setup, seq, described.clone(), Some(&error));
                 Finished::Woke(self.complete(
                     setup,
                     seq,
@@ -811,7 +813,15 @@ impl State {
         }
     }
 
-    fn dead_letter(&self, setup: &Setup, seq: u64, last_error: String) {
+    /// Gives up on `seq`: counted, told in one line (with the error that ended it, if one
+    /// did), handed to the dead-letter handler.
+    fn dead_letter(
+        &self,
+        setup: &Setup,
+        seq: u64,
+        last_error: String,
+        cause: Option<&DeliveryError>,
+    ) {
         let ctx = &setup.ctx;
         let job = &self.jobs[&seq].job;
         let _span = job.span.enter();
@@ -821,15 +831,29 @@ impl State {
         } else {
             " (kept in the outbox: requeue it with Outbox::requeue or `vendora-observe outbox retry`)"
         };
-        crate::diagnostics::error(
+        let (event, id, attempts) = (job.webhook.event(), job.webhook.id(), job.attempts);
+        let url = ctx.service.endpoint_for_logs();
+        let why: &dyn std::fmt::Display = match cause {
+            Some(error) => error,
+            None => &last_error,
+        };
+        let message = format!(
+            "webhook {event} (X-Webhook-Id {id}) to {url} dead-lettered after {attempts} attempt(s){hint}: {why}"
+        );
+        tracing::error!(
+            target: "vendora_observe",
+            event,
+            id,
+            url,
+            attempts,
+            kind = cause.map(DeliveryError::kind),
+            status = cause.and_then(DeliveryError::status),
+            "{message}"
+        );
+        crate::diagnostics::fallback(
             crate::diagnostics::Kind::Delivery,
-            format_args!(
-                "webhook {} (X-Webhook-Id {}) dead-lettered after {} attempt(s) to {}{hint}: {last_error}",
-                job.webhook.event(),
-                job.webhook.id(),
-                job.attempts,
-                ctx.service.endpoint_for_logs(),
-            ),
+            "error",
+            format_args!("{message}"),
         );
         if let Some(handler) = &ctx.dead_letter {
             handler(DeadLetter {
