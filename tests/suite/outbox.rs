@@ -1003,12 +1003,18 @@ async fn shutdown_delivers_a_backlog_larger_than_the_relay_holds() {
     assert_eq!(distinct_delivered(&receiver), 300);
 
     // The same backlog behind a receiver that does not answer: the deadline passes with
-    // rows pending, and the report says so.
+    // rows pending, and the report and the log say so.
     let (db, _url, receiver) = backlog_behind_a_stalled_receiver(0).await;
     let relay = growing_relay(&db, &receiver, 32 << 20, 8).await;
+    let (_guard, logs) = common::capture_logs();
     let report = relay.shutdown(Duration::from_millis(500)).await;
     assert_eq!(report.pending_in_outbox, 300, "{report:?}");
     assert!(!report.drained, "{report:?}");
+    let logs = logs();
+    assert!(
+        logs.contains("WARN") && logs.contains("outbox: 300 event(s) still pending"),
+        "{logs}"
+    );
 }
 
 /// A request in flight when the shutdown deadline passes is reported as of unknown outcome,

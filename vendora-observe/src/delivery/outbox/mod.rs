@@ -357,7 +357,22 @@ impl Outbox {
         {
             task.abort();
         }
-        (leftovers, self.refresh_pending().await)
+        let pending = self.refresh_pending().await;
+        if pending > 0 {
+            // Not lost, but not delivered either: say so, or a program that prints only what
+            // was sent would look as if its events were gone.
+            crate::diagnostics::warn(
+                crate::diagnostics::Kind::Delivery,
+                format_args!(
+                    "outbox: {pending} event(s) still pending in the outbox table at shutdown \
+                     ({} cut in flight, {} not yet sent); nothing is lost: a relay sends them, \
+                     with the same X-Webhook-Id, when it next runs on this database \
+                     (`vendora-observe outbox status` counts them)",
+                    leftovers.unknown, leftovers.left,
+                ),
+            );
+        }
+        (leftovers, pending)
     }
 }
 
