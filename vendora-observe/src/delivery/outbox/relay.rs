@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, TransactionTrait, Value};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::claim::{self, Claimed, Cursor, Held, Request};
 use super::holder::Holder;
@@ -113,6 +114,7 @@ pub(super) async fn run(
     let mut claim_failing = false;
     let mut last_prune = Instant::now();
     let mut last_analyze: Option<Instant> = None;
+    let mut analyzing: Option<JoinHandle<()>> = None;
     let mut notice = LeaseNotice::default();
     let mut heartbeat = tokio::time::interval(heartbeat_period(
         options.lease,
@@ -184,7 +186,7 @@ pub(super) async fn run(
                     }
                     freed = 0;
                     if jobs.len() >= batch {
-                        outbox.refresh_statistics(&mut last_analyze);
+                        outbox.refresh_statistics(&mut last_analyze, &mut analyzing);
                     }
                     for job in &jobs {
                         held.insert(job.token, job.row, job.unit);
@@ -282,6 +284,10 @@ pub(super) async fn run(
         }
     }
     let _ = recorder.await;
+    // Nothing of the relay's outlives it.
+    if let Some(task) = analyzing {
+        let _ = task.await;
+    }
     if !held.is_empty() {
         let _ = db
             .execute_raw(claim::release_statement(
@@ -682,7 +688,14 @@ impl Outbox {
     /// once a minute, when a claim comes back full (a burst). A table that grew from a few
     /// rows to thousands within autovacuum's one-minute nap was planned as if it still held
     /// a few (50 ms per claim at 20,000 pending instead of 3 ms).
-    fn refresh_statistics(&self, last: &mut Option<Instant>) {
+    ///
+    /// A role that does not own the table (an application role, see
+    /// [`create_table`](crate::outbox::create_table)) may not analyze it: PostgreSQL skips it
+    /// with a `WARNING` notice, which sqlx logs at `warn`, once a minute through a backlog.
+    /// The statement lowers `client_min_messages` for its own (implicit) transaction, so
+    /// the skip is silent; the claim does not need the statistics (see
+    /// [`claim::frontier_settings`]).
+    fn refresh_statistics(&self, last: &mut Option<Instant>, task: &mut Option<JoinHandle<()>>) {
         if self.inner.backend != DbBackend::Postgres
             || last.is_some_and(|t| t.elapsed() < Duration::from_secs(60))
         {
@@ -690,11 +703,12 @@ impl Outbox {
         }
         *last = Some(Instant::now());
         let db = self.inner.options.db.clone();
-        tokio::spawn(async move {
-            if let Err(e) = db.execute_unprepared(&format!("ANALYZE {TABLE}")).await {
+        *task = Some(tokio::spawn(async move {
+            let sql = format!("SET LOCAL client_min_messages = error; ANALYZE {TABLE}");
+            if let Err(e) = db.execute_unprepared(&sql).await {
                 tracing::debug!("outbox: ANALYZE {TABLE} failed (autovacuum will do it): {e}");
             }
-        });
+        }));
     }
 }
 
