@@ -1370,6 +1370,33 @@ async fn postgres_schema_creation_is_safe_under_concurrent_starts() {
     );
 }
 
+/// Creating the table on PostgreSQL leaves nothing in the application's log: the `IF
+/// EXISTS` clauses' "does not exist, skipping" notices reached it at `info` through sqlx.
+/// One thread, so that the log capture sees every task.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
+async fn postgres_creating_the_table_logs_no_notice() {
+    use sea_orm::ConnectionTrait;
+    let (db, _url) = postgres().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let (_guard, logs) = common::capture_logs();
+    let observer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    assert!(observer.shutdown(Duration::from_secs(5)).await.drained);
+    let logs = logs();
+    assert!(!logs.contains("notice"), "{logs}");
+    let created: i64 = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM pg_indexes WHERE tablename = 'vendora_outbox'",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get("", "n")
+        .unwrap();
+    assert!(created > 1, "the table and its indexes were created");
+}
+
 /// An application role that may not change the schema (on PostgreSQL 15 and later, any
 /// role but the database's owner) starts an outbox observer on a table a migration made,
 /// and delivers through it. Before the migration, start-up fails and says what to run and

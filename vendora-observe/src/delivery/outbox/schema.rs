@@ -49,6 +49,11 @@ pub async fn create_table<C: ConnectionTrait + TransactionTrait>(db: &C) -> Resu
             vec![SCHEMA_LOCK.into()],
         ))
         .await?;
+        // `… IF NOT EXISTS` / `IF EXISTS` answer with a NOTICE when there is nothing to do
+        // ("index … does not exist, skipping"), which sqlx logs at `info` in the
+        // application's log: not news to anyone.
+        txn.execute_unprepared("SET LOCAL client_min_messages = warning")
+            .await?;
     }
     for statement in ddl(backend) {
         txn.execute_unprepared(&statement).await?;
