@@ -215,6 +215,76 @@ async fn postgres_dead_events_then_requeue_end_on_the_final_state() {
     dead_events_then_requeue_end_on_the_final_state(db).await;
 }
 
+/// Two relays share the table. One dead-letters an event of a row (the receiver refuses it)
+/// while the other is busy with a slow request; the busy one then delivers the row's next
+/// event, which makes the dead one stale: it is marked superseded, so a requeue does not
+/// resend old state after new. (A relay learned of the dead rows of other relays only when
+/// idle, and marked its deliveries without looking for stale dead rows while busy.) SQLite:
+/// the busy relay polls once an hour and nothing else wakes it, so the other relay is the
+/// one that meets the refusal; on PostgreSQL a NOTIFY wakes both.
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_a_busy_relay_supersedes_the_dead_event_another_relay_left() {
+    let (db, _) = common::sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.reply_when("slow", Reply::Delay(Duration::from_secs(30)));
+    receiver.reply_when("refused", Reply::Status(400, None));
+    let mut options = vendora_observe::OutboxOptions::new(db.clone());
+    options.poll_interval = Duration::from_secs(3600);
+    options.lease = Duration::from_secs(120);
+    let busy = Observer::builder(
+        vendora_observe::WebhookConfig::builder()
+            .url(receiver.url())
+            .secret(SECRET)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap(),
+    )
+    .outbox_options(options)
+    .build()
+    .await
+    .unwrap();
+    // It has looked: no dead rows.
+    assert!(busy.flush(WAIT).await);
+    busy.scope(product_am("slow", 0).insert(&db)).await.unwrap();
+    receiver.wait_until_arrived("slow", WAIT).await;
+
+    let other = common::outbox_observer(&db, &receiver.url(), common::fast_retries()).await;
+    // Written by other tasks than the slow one: other units of work, not held behind it.
+    let db2 = db.clone();
+    let refused = tokio::spawn(
+        other.scope(async move { product_am("refused", 1).insert(&db2).await.unwrap() }),
+    )
+    .await
+    .unwrap();
+    let counts = || async { vendora_observe::outbox::counts(&db).await.unwrap() };
+    common::eventually(WAIT, "the refused event dead", || async {
+        counts().await.dead == 1
+    })
+    .await;
+    assert_eq!(other.stats().dead, 1, "the other relay dead-lettered it");
+    // At once: its flush would wait for the slow row, which is the busy relay's.
+    other.shutdown(Duration::ZERO).await;
+
+    // The row's next event, through the busy relay (its own write wakes it).
+    let db2 = db.clone();
+    tokio::spawn(busy.scope(async move {
+        let mut am = refused.into_active_model();
+        am.name = Set("accepted".into());
+        am.update(&db2).await.unwrap();
+    }))
+    .await
+    .unwrap();
+    common::eventually(WAIT, "the newer event recorded delivered", || async {
+        counts().await.delivered == 1
+    })
+    .await;
+    let after = counts().await;
+    assert_eq!((after.dead, after.superseded), (0, 1), "{after:?}");
+    let requeued = busy.outbox().unwrap().requeue(None).await.unwrap();
+    assert_eq!(requeued.requeued, 0, "{requeued:?}");
+    busy.shutdown(Duration::from_millis(100)).await;
+}
+
 /// An audit of every real change of a product's stock, written by the database itself
 /// (a trigger), in the order the changes committed.
 async fn audit_stock_changes(db: &DatabaseConnection) {

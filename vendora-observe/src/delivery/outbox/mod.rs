@@ -139,8 +139,6 @@ struct Inner {
     wake: Notify,
     progress: Notify,
     stopping: AtomicBool,
-    /// Dead rows may exist: a delivery then looks for the ones it made stale.
-    dead_present: AtomicBool,
     relay: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -202,7 +200,6 @@ impl Outbox {
             wake: Notify::new(),
             progress: Notify::new(),
             stopping: AtomicBool::new(false),
-            dead_present: AtomicBool::new(true),
             relay: Mutex::new(None),
         });
         let outbox = Outbox { inner };
@@ -259,10 +256,6 @@ impl Outbox {
     }
 
     async fn refresh_pending(&self) -> u64 {
-        let db = &self.inner.options.db;
-        if let Ok(dead) = admin::dead_count(db).await {
-            self.inner.dead_present.store(dead > 0, Ordering::Release);
-        }
         match self.pending().await {
             Ok(n) => {
                 self.inner.ctx.counters.set_pending(n);

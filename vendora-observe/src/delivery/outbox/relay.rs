@@ -543,10 +543,6 @@ async fn record(
                     ],
                 )),
                 Report::Dead { attempts, error } => {
-                    outbox
-                        .inner
-                        .dead_present
-                        .store(true, std::sync::atomic::Ordering::Release);
                     finished.push(id);
                     writes.push((
                         format!(
@@ -574,7 +570,7 @@ async fn record(
             retry_later("failed attempts", &mut attempt, e).await;
         }
         if !delivered.is_empty() {
-            while let Err(e) = mark_delivered(&outbox, &delivered).await {
+            while let Err(e) = mark_delivered(&outbox.inner.options.db, &delivered).await {
                 retry_later("delivered rows", &mut attempt, e).await;
             }
             finished.extend(delivered);
@@ -622,36 +618,39 @@ async fn write_all(outbox: &Outbox, writes: &[(String, Vec<Value>)]) -> Result<(
 }
 
 /// Marks rows delivered, 500 per statement (per-row commits would cap the relay at the
-/// database's commit rate), and marks `superseded` the dead rows of the same rows that
+/// database's commit rate), after marking `superseded` the dead rows of the same rows that
 /// these deliveries made stale, so that a later requeue cannot resend old state.
-async fn mark_delivered(outbox: &Outbox, ids: &[i64]) -> Result<(), DbErr> {
-    let inner = &outbox.inner;
-    let db = &inner.options.db;
-    let check_dead = inner
-        .dead_present
-        .load(std::sync::atomic::Ordering::Acquire);
-    if !check_dead {
-        return mark_on(db, inner.backend, ids, false).await;
-    }
-    // One transaction: a row is never seen delivered while the dead rows it made stale
-    // still look current (a requeue in between would resend them).
-    let txn = db.begin().await?;
-    mark_on(&txn, inner.backend, ids, true).await?;
-    txn.commit().await
-}
-
-async fn mark_on<C: ConnectionTrait>(
-    db: &C,
-    backend: DbBackend,
-    ids: &[i64],
-    check_dead: bool,
-) -> Result<(), DbErr> {
+///
+/// Always, whoever left the dead rows: a relay that asked only while it knew of dead rows
+/// (its own, or counted when idle) missed those another relay left while it was busy. With
+/// no dead row the look is a probe of the dead rows' partial index. The stale rows are
+/// marked first, each step committing on its own: a requeue between the two finds them
+/// already superseded (the deliveries happened), and a crash between them leaves the
+/// deliveries pending, sent again with the same ids.
+async fn mark_delivered(db: &sea_orm::DatabaseConnection, ids: &[i64]) -> Result<(), DbErr> {
+    let backend = db.get_database_backend();
     let now = now_ms();
     for chunk in ids.chunks(500) {
         let marks = vec!["?"; chunk.len()].join(", ");
-        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() + 1);
-        values.push(now.into());
-        values.extend(chunk.iter().map(|id| Value::from(*id)));
+        let values = |first: Value| -> Vec<Value> {
+            std::iter::once(first)
+                .chain(chunk.iter().map(|id| Value::from(*id)))
+                .collect()
+        };
+        db.execute_raw(stmt(
+            backend,
+            &format!(
+                "UPDATE {TABLE}{} SET status = 'superseded', delivered_at = ?, \
+                 last_error = COALESCE(last_error, '') || ' (superseded by a newer delivered event of its row)' \
+                 WHERE status = 'dead' AND EXISTS (SELECT 1 FROM {TABLE} d \
+                   WHERE d.id IN ({marks}) AND d.ordering_key = {TABLE}.ordering_key \
+                   AND d.id > {TABLE}.id AND {})",
+                claim::by_index(backend, "dead"),
+                admin::supersedes(TABLE, "d")
+            ),
+            values(now.into()),
+        ))
+        .await?;
         db.execute_raw(stmt(
             backend,
             &format!(
@@ -659,26 +658,9 @@ async fn mark_on<C: ConnectionTrait>(
                  attempts = attempts + 1, last_error = NULL, claimed_by = NULL, \
                  claimed_until = NULL WHERE id IN ({marks})"
             ),
-            values,
+            values(now.into()),
         ))
         .await?;
-        if check_dead {
-            let mut values: Vec<Value> = vec![now.into()];
-            values.extend(chunk.iter().map(|id| Value::from(*id)));
-            db.execute_raw(stmt(
-                backend,
-                &format!(
-                    "UPDATE {TABLE} SET status = 'superseded', delivered_at = ?, \
-                     last_error = COALESCE(last_error, '') || ' (superseded by a newer delivered event of its row)' \
-                     WHERE status = 'dead' AND EXISTS (SELECT 1 FROM {TABLE} d \
-                       WHERE d.id IN ({marks}) AND d.ordering_key = {TABLE}.ordering_key \
-                       AND d.id > {TABLE}.id AND {})",
-                    admin::supersedes(TABLE, "d")
-                ),
-                values,
-            ))
-            .await?;
-        }
     }
     Ok(())
 }
@@ -742,7 +724,7 @@ pub async fn drain_without_sending(
             return Ok(total);
         }
         let ids: Vec<i64> = jobs.iter().map(|j| j.token).collect();
-        mark_on(db, db.get_database_backend(), &ids, false).await?;
+        mark_delivered(db, &ids).await?;
         total += ids.len() as u64;
     }
 }
