@@ -1370,6 +1370,41 @@ async fn postgres_schema_creation_is_safe_under_concurrent_starts() {
     );
 }
 
+/// An idle relay looks for work once a poll with one statement: it used to count the
+/// pending rows again after each look (two statements a poll, each a line in a log that
+/// shows SeaORM's statements, which SeaORM's default does at `info`). The count comes from
+/// the look. PostgreSQL, whose statements run (and are logged) on the task that awaits
+/// them, and one thread, so that the log capture sees every task; SQLite's run on a
+/// thread of their own.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
+async fn postgres_an_idle_relay_runs_one_statement_per_poll() {
+    let (_guard, logs) = common::capture_logs();
+    let (_db, url) = postgres().await;
+    // SeaORM's defaults: every statement logged at `info`.
+    let db = sea_orm::Database::connect(url.as_str()).await.unwrap();
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    let started = logs().len();
+    let looks = |text: &str| {
+        text.matches("SELECT id, ordering_key, unit_key, claimed_until")
+            .count()
+    };
+    common::eventually(WAIT, "twenty polls", || {
+        let text = logs();
+        async move { looks(&text[started..]) >= 20 }
+    })
+    .await;
+    let text = logs();
+    let idle = &text[started..];
+    // The `metrics` feature (on in this suite) samples the backlog gauge once a second
+    // with a count of its own: a few in all, where the relay's own were one per look.
+    let counts = idle.matches("SELECT COUNT(*)").count();
+    assert!(counts * 2 < looks(idle), "{counts} counts:\n{idle}");
+    assert_eq!(observer.stats().pending, 0);
+    assert!(observer.shutdown(Duration::from_secs(5)).await.drained);
+}
+
 /// Creating the table on PostgreSQL leaves nothing in the application's log: the `IF
 /// EXISTS` clauses' "does not exist, skipping" notices reached it at `info` through sqlx.
 /// One thread, so that the log capture sees every task.

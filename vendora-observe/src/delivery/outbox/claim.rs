@@ -146,6 +146,9 @@ pub(crate) struct Claimed {
     /// When the first lease of the frontier's rows leased to another relay ends, if there
     /// are such rows.
     pub(crate) leased_elsewhere: Option<i64>,
+    /// How many pending rows this relay does not hold, when the frontier read them all (it
+    /// came back short of its window).
+    pub(crate) pending_seen: Option<u64>,
 }
 
 /// The claim's memory between runs: where the scans over keys and units resume.
@@ -219,6 +222,7 @@ pub(crate) async fn claim(
     .and_then(|rows| Candidate::all(&rows))
     .map_err(read)?;
     cursor.backlog = frontier.len() == window;
+    let pending_seen = (frontier.len() < window).then_some(frontier.len() as u64);
     let leased_elsewhere = frontier
         .iter()
         .filter_map(|c| c.claimed_until.filter(|until| *until >= req.now))
@@ -325,6 +329,7 @@ pub(crate) async fn claim(
             jobs: Vec::new(),
             next_due,
             leased_elsewhere,
+            pending_seen,
         });
     }
     let rows = db
@@ -360,6 +365,7 @@ pub(crate) async fn claim(
         jobs,
         next_due,
         leased_elsewhere,
+        pending_seen,
     })
 }
 

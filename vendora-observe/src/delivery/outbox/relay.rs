@@ -111,6 +111,8 @@ pub(super) async fn run(
     // every REFILL rows, not after each one.
     let mut freed = 0usize;
     let mut next_due: Option<i64> = None;
+    // Pending rows, as the last claim (which took none, the relay holding none) read them.
+    let mut known_pending: Option<u64> = None;
     let mut claim_failing = false;
     let mut last_prune = Instant::now();
     let mut last_analyze: Option<Instant> = None;
@@ -154,6 +156,7 @@ pub(super) async fn run(
         let let_go_before = inner.scheduler.let_go_count();
         let stopping = inner.stopping.load(std::sync::atomic::Ordering::Acquire);
         let room = max_held(size).saturating_sub(held.len());
+        let mut claimed_now = false;
         if !stopping && !idle && room > 0 {
             let want = room.min(size);
             let req = Request {
@@ -168,7 +171,10 @@ pub(super) async fn run(
                     jobs,
                     next_due: due,
                     leased_elsewhere,
+                    pending_seen,
                 }) => {
+                    claimed_now = true;
+                    known_pending = if jobs.is_empty() { pending_seen } else { None };
                     let took_back = match notice.due(leased_elsewhere, now_ms(), options.lease) {
                         Some(tell) => notice.tell(&outbox, &relay_id, tell).await,
                         None => false,
@@ -224,7 +230,17 @@ pub(super) async fn run(
         }
         if idle && held.is_empty() {
             size = batch;
-            outbox.refresh_pending().await;
+            // An idle relay looks every poll: the count that look read saves a statement
+            // each time (and a line each in a log that shows statements); woken without
+            // looking (a heartbeat), it has nothing new to count.
+            if claimed_now {
+                match known_pending.take() {
+                    Some(n) => inner.ctx.counters.set_pending(n),
+                    None => {
+                        outbox.refresh_pending().await;
+                    }
+                }
+            }
             inner.progress.notify_waiters();
             if last_prune.elapsed() > Duration::from_secs(60) {
                 last_prune = Instant::now();
