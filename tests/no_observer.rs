@@ -1,5 +1,7 @@
-//! Without an installed observer, writes still work, and one warning says that events are
-//! dropped and how to install an observer. (Its own test binary: nothing installs one.)
+//! Without an installed observer, writes still work, and one error says that events are
+//! dropped and how to install an observer; an error, so that a subscriber showing only
+//! errors (`tracing_subscriber::fmt::init()` with `env-filter` and no `RUST_LOG`) shows it.
+//! (Its own test binary: nothing installs one.)
 
 mod common;
 
@@ -8,8 +10,8 @@ use vendora_pos::db;
 use vendora_pos::entities::category;
 
 #[tokio::test(flavor = "current_thread")]
-async fn writes_work_and_one_warning_explains_how_to_install_an_observer() {
-    let (_guard, logs) = common::capture_logs();
+async fn writes_work_and_one_error_explains_how_to_install_an_observer() {
+    let (_guard, logs) = common::capture_logs_at(tracing::Level::ERROR);
 
     let db = db::connect("sqlite::memory:").await.unwrap();
     db::create_pos_tables(&db).await.unwrap();
@@ -31,7 +33,7 @@ async fn writes_work_and_one_warning_explains_how_to_install_an_observer() {
         .filter(|l| l.contains("no observer is installed"))
         .collect();
     assert_eq!(warnings.len(), 1, "{text}");
-    assert!(warnings[0].contains("WARN"), "{text}");
+    assert!(warnings[0].contains("ERROR"), "{text}");
     assert!(
         warnings[0].contains("Observer::from_env().await?.install()"),
         "{text}"

@@ -221,6 +221,14 @@ pub fn product_am(name: &str, stock: i32) -> vendora_pos::entities::product::Act
 /// Log lines written while the returned guard lives (this thread: use a current-thread
 /// runtime), and a way to read them.
 pub fn capture_logs() -> (tracing::subscriber::DefaultGuard, impl Fn() -> String) {
+    capture_logs_at(tracing::Level::INFO)
+}
+
+/// [`capture_logs`] of events at `level` and above only: `Level::ERROR` is what
+/// `tracing_subscriber::fmt::init()` shows with the `env-filter` feature and no `RUST_LOG`.
+pub fn capture_logs_at(
+    level: tracing::Level,
+) -> (tracing::subscriber::DefaultGuard, impl Fn() -> String) {
     use std::io::Write;
     use std::sync::{Arc, Mutex};
 
@@ -250,6 +258,7 @@ pub fn capture_logs() -> (tracing::subscriber::DefaultGuard, impl Fn() -> String
     let subscriber = tracing_subscriber::fmt()
         .with_writer(move || sink.clone())
         .with_ansi(false)
+        .with_max_level(level)
         .finish();
     let guard = tracing::subscriber::set_default(subscriber);
     (guard, move || {

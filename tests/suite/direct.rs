@@ -239,9 +239,11 @@ async fn shutdown_reports_the_cut_request_as_unknown_and_dead_letters_the_rest()
 
 /// 2,000 events shed in one burst make one log line with their count (or a few, if the
 /// burst spans more than one half-second window), soon after the burst: none unreported.
+/// Shed events are lost, so the line is an error: it shows under a subscriber that shows
+/// only errors (`tracing_subscriber::fmt::init()` with `env-filter` and no `RUST_LOG`).
 #[tokio::test(flavor = "current_thread")]
 async fn a_shed_burst_is_logged_soon_with_its_count() {
-    let (_guard, logs) = common::capture_logs();
+    let (_guard, logs) = common::capture_logs_at(tracing::Level::ERROR);
     let db = memory_db().await;
     let hole = Blackhole::start().await.unwrap();
     let observer = Observer::builder(blackhole_config(&hole.url(), Duration::from_secs(30)))

@@ -370,11 +370,12 @@ async fn sample_backlog(inner: std::sync::Weak<ObserverInner>) {
     }
 }
 
-/// Warns once per process that events are being dropped for want of an observer.
+/// Says once per process, as an error (events are lost), that events are being dropped for
+/// want of an observer.
 pub(crate) fn warn_not_installed(event: &str) {
     static WARNED: OnceLock<()> = OnceLock::new();
     if WARNED.set(()).is_ok() {
-        crate::diagnostics::warn(
+        crate::diagnostics::error(
             crate::diagnostics::Kind::Setup,
             format_args!(
                 "no observer is installed, so `{event}` and later entity events are dropped; \

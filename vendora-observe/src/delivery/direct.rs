@@ -146,7 +146,7 @@ impl ShedLog {
             let first = log.first.lock().unwrap_or_else(|p| p.into_inner()).take();
             if n > 0 {
                 let (event, why) = first.unwrap_or_else(|| ("-".into(), ""));
-                crate::diagnostics::warn(
+                crate::diagnostics::error(
                     Kind::Shed,
                     format_args!(
                         "{n} webhook(s) shed in the last {} ms (first: {event}): {why}",
@@ -162,7 +162,7 @@ impl ShedLog {
             Err(_) => {
                 self.scheduled.store(false, Ordering::Release);
                 let n = self.count.swap(0, Ordering::AcqRel);
-                crate::diagnostics::warn(Kind::Shed, format_args!("{n} webhook(s) shed: {why}"));
+                crate::diagnostics::error(Kind::Shed, format_args!("{n} webhook(s) shed: {why}"));
             }
         }
     }
