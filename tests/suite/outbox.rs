@@ -1017,6 +1017,55 @@ async fn shutdown_delivers_a_backlog_larger_than_the_relay_holds() {
     );
 }
 
+/// An instance that shuts down while another relay holds rows (a rolling restart) left
+/// nothing of its own: the rows pending in the table are told of as information, not as a
+/// warning that this program should act on. One thread, so that the log capture sees every
+/// task.
+#[tokio::test(flavor = "current_thread")]
+async fn shutdown_beside_a_busy_relay_warns_of_nothing() {
+    let (db, _) = sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.reply_when("slow", Reply::Delay(Duration::from_secs(30)));
+    let mut options = vendora_observe::OutboxOptions::new(db.clone());
+    options.lease = Duration::from_secs(120);
+    let busy = Observer::builder(
+        vendora_observe::WebhookConfig::builder()
+            .url(receiver.url())
+            .secret(SECRET)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap(),
+    )
+    .outbox_options(options)
+    .build()
+    .await
+    .unwrap();
+    busy.scope(async {
+        let txn = db.begin().await.unwrap();
+        product_am("slow", 1).insert(&txn).await.unwrap();
+        txn.commit().await.unwrap();
+    })
+    .await;
+    receiver.wait_until_arrived("slow", WAIT).await;
+
+    let (_guard, logs) = common::capture_logs();
+    let other = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    let report = other.shutdown(Duration::from_millis(100)).await;
+    assert_eq!(
+        (
+            report.left,
+            report.outcome_unknown,
+            report.pending_in_outbox
+        ),
+        (0, 0, 1),
+        "{report:?}"
+    );
+    let text = logs();
+    assert!(text.contains("none of them held here"), "{text}");
+    assert!(!text.contains("WARN"), "{text}");
+    busy.shutdown(Duration::ZERO).await;
+}
+
 /// A request in flight when the shutdown deadline passes is reported as of unknown outcome,
 /// not dead; its row stays pending with its lease handed back, so the next start sends it
 /// again at once, with the same X-Webhook-Id.

@@ -351,7 +351,16 @@ impl Outbox {
             task.abort();
         }
         let pending = self.refresh_pending().await;
-        if pending > 0 {
+        if leftovers.unknown + leftovers.left == 0 {
+            // Rows this relay did not hold: other relays' (a rolling restart of several
+            // instances), or written since; nothing for this program to act on.
+            if pending > 0 {
+                tracing::info!(
+                    "outbox: {pending} event(s) pending in the outbox table at shutdown, none \
+                     of them held here: other relays, or the next start, send them"
+                );
+            }
+        } else {
             // Not lost, but not delivered either: say so, or a program that prints only what
             // was sent would look as if its events were gone.
             crate::diagnostics::warn(
