@@ -182,6 +182,26 @@ pub async fn outbox_observer_with_lease(
         .unwrap()
 }
 
+/// An outbox-mode observer on `db` for a relay that stays busy: its requests may take up to
+/// 60 s (lease 120 s), and it polls once an hour, so only its own writes and outcomes wake
+/// it (on SQLite; a NOTIFY wakes every relay on PostgreSQL).
+pub async fn relay_for_slow_requests(db: &DatabaseConnection, url: &str) -> Observer {
+    let mut options = vendora_observe::OutboxOptions::new(db.clone());
+    options.poll_interval = Duration::from_secs(3600);
+    options.lease = Duration::from_secs(120);
+    let config = WebhookConfig::builder()
+        .url(url)
+        .secret(SECRET)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    Observer::builder(config)
+        .outbox_options(options)
+        .build()
+        .await
+        .unwrap()
+}
+
 /// Every delivered X-Webhook-Id is unique, `expected_events` arrived, and the product
 /// events of each row arrived with strictly increasing stock (each write sets a higher one).
 pub fn assert_complete_and_ordered(

@@ -228,21 +228,7 @@ async fn sqlite_a_busy_relay_supersedes_the_dead_event_another_relay_left() {
     let receiver = Receiver::start(SECRET).await.unwrap();
     receiver.reply_when("slow", Reply::Delay(Duration::from_secs(30)));
     receiver.reply_when("refused", Reply::Status(400, None));
-    let mut options = vendora_observe::OutboxOptions::new(db.clone());
-    options.poll_interval = Duration::from_secs(3600);
-    options.lease = Duration::from_secs(120);
-    let busy = Observer::builder(
-        vendora_observe::WebhookConfig::builder()
-            .url(receiver.url())
-            .secret(SECRET)
-            .timeout(Duration::from_secs(60))
-            .build()
-            .unwrap(),
-    )
-    .outbox_options(options)
-    .build()
-    .await
-    .unwrap();
+    let busy = common::relay_for_slow_requests(&db, &receiver.url()).await;
     // It has looked: no dead rows.
     assert!(busy.flush(WAIT).await);
     busy.scope(product_am("slow", 0).insert(&db)).await.unwrap();

@@ -610,7 +610,7 @@ async fn rows_leased_to_a_running_relay_on_this_machine_are_left_to_it() {
     let relay =
         || common::outbox_observer_with_lease(&db, &url, fast_retries(), Duration::from_secs(600));
     let first = relay().await;
-    three_in_one_transaction(&first, &db, "held").await;
+    in_one_transaction(&first, &db, "held", 3).await;
     let leased = "SELECT COUNT(*) AS n FROM vendora_outbox \
                   WHERE status = 'pending' AND claimed_by IS NOT NULL";
     common::eventually(WAIT, "three rows leased to the first relay", || async {
@@ -759,7 +759,7 @@ async fn rows_held_behind_a_slow_receiver_keep_their_lease_and_are_sent_once() {
     let a = outbox_observer(&db, &receiver.url(), fast_retries()).await;
     let other = vendora_pos::db::connect(&url).await.unwrap();
     let b = outbox_observer(&other, &receiver.url(), fast_retries()).await;
-    three_in_one_transaction(&a, &db, "slow").await;
+    in_one_transaction(&a, &db, "slow", 3).await;
     receiver.wait_delivered(3, WAIT).await;
     assert!(a.flush(WAIT).await && b.flush(WAIT).await);
     // The receiver records a request when it answers: let every send in flight finish.
@@ -789,13 +789,13 @@ async fn scalar(db: &DatabaseConnection, sql: &str) -> i64 {
     .unwrap()
 }
 
-/// Three products written through `observer` in one transaction (one unit of work), named
-/// `{prefix} 0` to `{prefix} 2`.
-async fn three_in_one_transaction(observer: &Observer, db: &DatabaseConnection, prefix: &str) {
+/// `n` products written through `observer` in one transaction (one unit of work), named
+/// `{prefix} 0` to `{prefix} {n-1}`, with stock 0 to n-1.
+async fn in_one_transaction(observer: &Observer, db: &DatabaseConnection, prefix: &str, n: i32) {
     observer
         .scope(async {
             let txn = db.begin().await.unwrap();
-            for i in 0..3 {
+            for i in 0..n {
                 product_am(&format!("{prefix} {i}"), i)
                     .insert(&txn)
                     .await
@@ -1026,26 +1026,10 @@ async fn shutdown_beside_a_busy_relay_warns_of_nothing() {
     let (db, _) = sqlite_file().await;
     let receiver = Receiver::start(SECRET).await.unwrap();
     receiver.reply_when("slow", Reply::Delay(Duration::from_secs(30)));
-    let mut options = vendora_observe::OutboxOptions::new(db.clone());
-    options.lease = Duration::from_secs(120);
-    let busy = Observer::builder(
-        vendora_observe::WebhookConfig::builder()
-            .url(receiver.url())
-            .secret(SECRET)
-            .timeout(Duration::from_secs(60))
-            .build()
-            .unwrap(),
-    )
-    .outbox_options(options)
-    .build()
-    .await
-    .unwrap();
-    busy.scope(async {
-        let txn = db.begin().await.unwrap();
-        product_am("slow", 1).insert(&txn).await.unwrap();
-        txn.commit().await.unwrap();
-    })
-    .await;
+    let busy = common::relay_for_slow_requests(&db, &receiver.url()).await;
+    // Outside a transaction: committed before the write wakes the relay, which polls
+    // only once an hour.
+    busy.scope(product_am("slow", 1).insert(&db)).await.unwrap();
     receiver.wait_until_arrived("slow", WAIT).await;
 
     let (_guard, logs) = common::capture_logs();
@@ -1566,18 +1550,7 @@ async fn postgres_an_application_role_without_ddl_rights_starts_on_a_prepared_ta
     let got = receiver.wait_delivered(1, WAIT).await;
     assert_eq!(got[0].event(), "product:created");
     // A backlog: the relay's first full claim refreshes the statistics.
-    observer
-        .scope(async {
-            let txn = app.begin().await.unwrap();
-            for i in 0..300 {
-                product_am(&format!("backlog {i}"), i)
-                    .insert(&txn)
-                    .await
-                    .unwrap();
-            }
-            txn.commit().await.unwrap();
-        })
-        .await;
+    in_one_transaction(&observer, &app, "backlog", 300).await;
     receiver.wait_delivered(301, WAIT).await;
     // The relay's tasks end with it, the refresh included.
     assert!(observer.shutdown(Duration::from_secs(5)).await.drained);

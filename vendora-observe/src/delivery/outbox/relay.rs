@@ -111,8 +111,6 @@ pub(super) async fn run(
     // every REFILL rows, not after each one.
     let mut freed = 0usize;
     let mut next_due: Option<i64> = None;
-    // Pending rows, as the last claim (which took none, the relay holding none) read them.
-    let mut known_pending: Option<u64> = None;
     let mut claim_failing = false;
     let mut last_prune = Instant::now();
     let mut last_analyze: Option<Instant> = None;
@@ -156,7 +154,9 @@ pub(super) async fn run(
         let let_go_before = inner.scheduler.let_go_count();
         let stopping = inner.stopping.load(std::sync::atomic::Ordering::Acquire);
         let room = max_held(size).saturating_sub(held.len());
-        let mut claimed_now = false;
+        // Whether this round looked for work, and the pending rows the look read (when it
+        // read them all and took none).
+        let mut looked: Option<Option<u64>> = None;
         if !stopping && !idle && room > 0 {
             let want = room.min(size);
             let req = Request {
@@ -173,8 +173,7 @@ pub(super) async fn run(
                     leased_elsewhere,
                     pending_seen,
                 }) => {
-                    claimed_now = true;
-                    known_pending = if jobs.is_empty() { pending_seen } else { None };
+                    looked = Some(pending_seen.filter(|_| jobs.is_empty()));
                     let took_back = match notice.due(leased_elsewhere, now_ms(), options.lease) {
                         Some(tell) => notice.tell(&outbox, &relay_id, tell).await,
                         None => false,
@@ -233,13 +232,12 @@ pub(super) async fn run(
             // An idle relay looks every poll: the count that look read saves a statement
             // each time (and a line each in a log that shows statements); woken without
             // looking (a heartbeat), it has nothing new to count.
-            if claimed_now {
-                match known_pending.take() {
-                    Some(n) => inner.ctx.counters.set_pending(n),
-                    None => {
-                        outbox.refresh_pending().await;
-                    }
+            match looked {
+                Some(Some(n)) => inner.ctx.counters.set_pending(n),
+                Some(None) => {
+                    outbox.refresh_pending().await;
                 }
+                None => {}
             }
             inner.progress.notify_waiters();
             if last_prune.elapsed() > Duration::from_secs(60) {
@@ -648,11 +646,9 @@ async fn mark_delivered(db: &sea_orm::DatabaseConnection, ids: &[i64]) -> Result
     let now = now_ms();
     for chunk in ids.chunks(500) {
         let marks = vec!["?"; chunk.len()].join(", ");
-        let values = |first: Value| -> Vec<Value> {
-            std::iter::once(first)
-                .chain(chunk.iter().map(|id| Value::from(*id)))
-                .collect()
-        };
+        let values: Vec<Value> = std::iter::once(Value::from(now))
+            .chain(chunk.iter().map(|id| Value::from(*id)))
+            .collect();
         db.execute_raw(stmt(
             backend,
             &format!(
@@ -664,7 +660,7 @@ async fn mark_delivered(db: &sea_orm::DatabaseConnection, ids: &[i64]) -> Result
                 claim::by_index(backend, "dead"),
                 admin::supersedes(TABLE, "d")
             ),
-            values(now.into()),
+            values.clone(),
         ))
         .await?;
         db.execute_raw(stmt(
@@ -674,7 +670,7 @@ async fn mark_delivered(db: &sea_orm::DatabaseConnection, ids: &[i64]) -> Result
                  attempts = attempts + 1, last_error = NULL, claimed_by = NULL, \
                  claimed_until = NULL WHERE id IN ({marks})"
             ),
-            values(now.into()),
+            values,
         ))
         .await?;
     }
