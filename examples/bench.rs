@@ -839,13 +839,14 @@ struct DrainRow {
 
 /// Writes `writes` updates of a watched column (two events each) from `writers` tasks, in
 /// transactions of 100 writes in outbox mode, held back from the receiver; then releases
-/// them and times the drain until the last event arrived. With `alone` (outbox modes), no
-/// relay starts: the relay's database work runs alone (claims of `max_batch` rows, written
+/// them and times the drain until the last event arrived. With [`Relay::StatementsAlone`]
+/// (outbox modes), no relay starts: the relay's database work runs alone (claims of
+/// `max_batch` rows, written
 /// delivered, nothing sent), the ceiling the database sets.
 async fn drain(
     target: &Target,
     mode: &Mode,
-    (order, writers, shape, alone): (Order, usize, Shape, bool),
+    (order, writers, shape, relay): (Order, usize, Shape, Relay),
     writes: usize,
 ) -> (f64, CpuPerEvent, u64) {
     let db = match &mode.outbox {
@@ -971,12 +972,13 @@ async fn drain(
     }
     let cpu_before = Cpu::now();
     let started = Instant::now();
+    let mut reader = None;
     let relay = match &mode.outbox {
         None => {
             target.gate(true).await;
             None
         }
-        Some(url) if alone => {
+        Some(url) if relay == Relay::StatementsAlone => {
             let relay_db = db::connect(url).await.unwrap();
             let want = outbox_options(&relay_db).max_batch;
             let n = vendora_observe::__private::outbox_plan::drain_without_sending(&relay_db, want)
@@ -994,6 +996,22 @@ async fn drain(
             use sea_orm::ConnectionTrait;
             let _ = db.execute_unprepared("DELETE FROM vendora_outbox").await;
             return (rate, cpu, events);
+        }
+        Some(url) if relay == Relay::ReadOnce => {
+            target.gate(true).await;
+            let relay_db = db::connect(url).await.unwrap();
+            let direct = builder().build().await.unwrap();
+            let want = outbox_options(&relay_db).max_batch;
+            // On a worker thread, as a relay runs.
+            let sender = direct.clone();
+            reader = Some(tokio::spawn(async move {
+                vendora_observe::__private::outbox_plan::send_without_writing(
+                    &relay_db, &sender, want,
+                )
+                .await
+                .unwrap()
+            }));
+            Some(direct)
         }
         Some(url) => {
             target.gate(true).await;
@@ -1013,6 +1031,10 @@ async fn drain(
     let rate = events as f64 / started.elapsed().as_secs_f64();
     let cpu = Cpu::per_event(cpu_before, events);
     assert!(all, "{}: not everything arrived", mode.name);
+    if let Some(reader) = reader {
+        let read = reader.await.unwrap();
+        assert_eq!(read, events, "{}: every row read once", mode.name);
+    }
     writer.shutdown(Duration::from_secs(5)).await;
     if let Some(relay) = relay {
         relay.shutdown(Duration::from_secs(5)).await;
@@ -1075,6 +1097,21 @@ async fn latency(sink: &Sink, mode: &Mode) -> Summary {
 /// The bench case that runs the relay's database work without sending.
 const STATEMENTS_ALONE: &str = "the relay's statements alone, no HTTP";
 
+/// The bench case that reads each row once and sends it, writing nothing.
+const READ_ONCE: &str = "rows read once, sent, nothing written";
+
+/// What delivers an outbox drain.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Relay {
+    /// The product's relay.
+    Real,
+    /// The relay's statements, nothing sent ([`STATEMENTS_ALONE`]).
+    StatementsAlone,
+    /// The ceiling of any relay: each row read once, sent by a direct-mode observer,
+    /// nothing written.
+    ReadOnce,
+}
+
 /// The delivery section: for each receiver, wrk's rate, then each mode's drains.
 async fn deliveries(
     modes: &[Mode],
@@ -1114,36 +1151,51 @@ async fn deliveries(
             let cases = [
                 (
                     "causal, 8 writer tasks",
-                    (Order::Causal, 8, Shape::Distinct, false),
+                    (Order::Causal, 8, Shape::Distinct, Relay::Real),
                 ),
                 (
                     "causal, 1 writer task",
-                    (Order::Causal, 1, Shape::Distinct, false),
+                    (Order::Causal, 1, Shape::Distinct, Relay::Real),
                 ),
                 (
                     "per-row, 8 writer tasks",
-                    (Order::PerRow, 8, Shape::Distinct, false),
+                    (Order::PerRow, 8, Shape::Distinct, Relay::Real),
                 ),
                 (
                     "per-row, 1 writer task",
-                    (Order::PerRow, 1, Shape::Distinct, false),
+                    (Order::PerRow, 1, Shape::Distinct, Relay::Real),
                 ),
                 (
                     "causal, 8 writer tasks, 10 hot rows",
-                    (Order::Causal, 8, Shape::Hot, false),
+                    (Order::Causal, 8, Shape::Hot, Relay::Real),
                 ),
                 (
                     "per-row, 8 writer tasks, 10 hot rows",
-                    (Order::PerRow, 8, Shape::Hot, false),
+                    (Order::PerRow, 8, Shape::Hot, Relay::Real),
                 ),
-                (STATEMENTS_ALONE, (Order::Causal, 8, Shape::Distinct, true)),
+                (
+                    STATEMENTS_ALONE,
+                    (Order::Causal, 8, Shape::Distinct, Relay::StatementsAlone),
+                ),
+                (
+                    READ_ONCE,
+                    (Order::Causal, 8, Shape::Distinct, Relay::ReadOnce),
+                ),
             ];
-            for (case, how @ (_, _, _, alone)) in cases {
+            for (case, how @ (_, _, _, relay)) in cases {
                 if only.as_deref().is_some_and(|o| o != case) {
                     continue;
                 }
-                // The database's ceiling: outbox modes, once (no receiver takes part).
-                if alone && (mode.outbox.is_none() || !matches!(target, Target::Rust(_))) {
+                // The database's ceilings: outbox modes only; the statements alone once (no
+                // receiver takes part).
+                let skip = match relay {
+                    Relay::Real => false,
+                    Relay::StatementsAlone => {
+                        mode.outbox.is_none() || !matches!(target, Target::Rust(_))
+                    }
+                    Relay::ReadOnce => mode.outbox.is_none(),
+                };
+                if skip {
                     continue;
                 }
                 let (rate, cpu, _) = drain(&target, mode, how, writes).await;
@@ -1646,7 +1698,7 @@ async fn main() {
     let _ = writeln!(md, "\n![write latency](benchmarks-latency.svg)\n");
     let _ = writeln!(
         md,
-        "## 2. Delivery\n\n{writes} updates of a watched column (two events each) written by 1 or 8 tasks (in outbox mode in transactions of 100 writes), held back, then released: events per second until the last arrived. Beside it, `wrk` posting a signed body of the same kind, with the sender's headers, to the same receiver with 8 connections. *Causal* is the default order (each row's history and each task's writes in order); *per-row* keeps only each row's. *10 hot rows*: every write updates one of ten rows. *The relay's statements alone*: the same backlog (causal, 8 tasks) claimed and written delivered by the relay's own statements, 2,048 rows at a time, one after the other, with nothing sent: the rate the database allows before any HTTP.\n"
+        "## 2. Delivery\n\n{writes} updates of a watched column (two events each) written by 1 or 8 tasks (in outbox mode in transactions of 100 writes), held back, then released: events per second until the last arrived. Beside it, `wrk` posting a signed body of the same kind, with the sender's headers, to the same receiver with 8 connections. *Causal* is the default order (each row's history and each task's writes in order); *per-row* keeps only each row's. *10 hot rows*: every write updates one of ten rows. *The relay's statements alone*: the same backlog (causal, 8 tasks) claimed and written delivered by the relay's own statements, 2,048 rows at a time, one after the other, with nothing sent: the rate the database allows before any HTTP. *Rows read once, sent, nothing written*: the same backlog read 2,048 rows at a time by an id cursor, with the columns a claim returns, and sent by a direct-mode observer, with no lease and no mark: the ceiling of any relay that reads each row from the table, not a mode of the product (no crash safety, one reader).\n"
     );
     for (name, w, cpu) in &wrks {
         let _ = writeln!(

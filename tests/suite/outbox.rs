@@ -1567,3 +1567,44 @@ async fn postgres_an_application_role_without_ddl_rights_starts_on_a_prepared_ta
         owner.execute_unprepared(&sql).await.unwrap();
     }
 }
+
+/// The bench's two ceilings do what BENCHMARKS.md says: the relay's statements alone mark
+/// every row delivered and send nothing; the reader sends every pending row once, in id
+/// order across its batches, and writes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bench_ceilings_send_or_write_what_they_say() {
+    use vendora_observe::__private::outbox_plan::{drain_without_sending, send_without_writing};
+    let (db, _file) = sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let writer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    // Writes only, as in the bench: the relay is stopped before anything is written.
+    writer.shutdown(Duration::ZERO).await;
+    // 5 rows x (created + updated + stock:updated) = 15 events.
+    write_rows(&writer, &db, 5, 1).await;
+    let pending = vendora_observe::outbox::counts(&db).await.unwrap().pending;
+    assert_eq!(pending, 15);
+
+    let not_direct = send_without_writing(&db, &writer, 4).await;
+    assert!(not_direct.is_err(), "an outbox observer is refused");
+    let direct = common::observer_for(&receiver.url(), fast_retries()).await;
+    assert_eq!(send_without_writing(&db, &direct, 4).await.unwrap(), 15);
+    let got = receiver.wait_delivered(15, WAIT).await;
+    assert_complete_and_ordered(&got, 15);
+    let counts = vendora_observe::outbox::counts(&db).await.unwrap();
+    assert_eq!(
+        (counts.pending, counts.delivered),
+        (15, 0),
+        "nothing written"
+    );
+
+    assert_eq!(drain_without_sending(&db, 4).await.unwrap(), 15);
+    let counts = vendora_observe::outbox::counts(&db).await.unwrap();
+    assert_eq!((counts.pending, counts.delivered), (0, 15));
+    assert!(direct.flush(WAIT).await);
+    assert_eq!(
+        receiver.delivered().len(),
+        15,
+        "the statements alone send nothing"
+    );
+    direct.shutdown(Duration::from_secs(5)).await;
+}

@@ -370,13 +370,13 @@ pub mod __private {
     pub use async_trait::async_trait;
     pub use sea_orm;
 
-    /// The outbox claim's statements, for the query-plan tests, and the relay's database
-    /// work alone, for the bench.
+    /// The outbox claim's statements, for the query-plan tests; the relay's database work
+    /// alone and the ceiling of any relay, for the bench.
     pub mod outbox_plan {
         pub use crate::delivery::outbox::claim::{
             IN_INDEX_ORDER, frontier_settings, frontier_statement, skip_scan_statement,
         };
-        pub use crate::delivery::outbox::relay::drain_without_sending;
+        pub use crate::delivery::outbox::relay::{drain_without_sending, send_without_writing};
     }
     pub use serde;
     pub use serde_json;

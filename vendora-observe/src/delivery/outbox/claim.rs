@@ -462,7 +462,7 @@ impl<'a> Choice<'a> {
     }
 }
 
-fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
+pub(crate) fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
     let event: String = r.try_get("", "event")?;
     let body: String = r.try_get("", "body")?;
     let key: String = r.try_get("", "ordering_key")?;
@@ -705,6 +705,24 @@ fn lease_statement(
             placeholders(ids.len())
         ),
         values,
+    )
+}
+
+/// The bench's ceiling of any relay: the next `want` pending rows after id `after`, with the
+/// columns a lease returns, read without a lease.
+pub(crate) fn read_pending_statement(
+    backend: DbBackend,
+    after: i64,
+    want: usize,
+) -> sea_orm::Statement {
+    stmt(
+        backend,
+        &format!(
+            "SELECT id, event_id, ordering_key, unit_key, event, kind, latest_wins, body, attempts, \
+               created_at, traceparent \
+             FROM {TABLE} WHERE status = 'pending' AND id > ? ORDER BY id LIMIT {want}"
+        ),
+        vec![after.into()],
     )
 }
 
