@@ -151,6 +151,54 @@ async fn a_receiver_slower_than_the_timeout_is_retried() {
     assert!(stats.failed >= 1 && stats.retried >= 1, "{stats:?}");
 }
 
+/// A relay writes an attempt's outcome only on a row still pending. A relay cut off from the
+/// database past its lease (another relay took the row over and delivered it, then newer
+/// events of the row) must not turn that delivered row dead when it finally writes its
+/// failed attempt: `requeue` would then send the row's old state after the newer events.
+#[tokio::test]
+async fn a_late_failed_attempt_leaves_a_row_another_relay_delivered_alone() {
+    use sea_orm::ConnectionTrait;
+    let (_logs, logs) = common::capture_logs();
+    let (db, _) = sqlite_file().await;
+    let hole = vendora_pos::receiver::Blackhole::start().await.unwrap();
+    let retry = RetryPolicy {
+        max_attempts: 1,
+        ..fast_retries()
+    };
+    let observer = outbox_observer(&db, &hole.url(), retry).await;
+    observer
+        .scope(product_am("taken over", 1).insert(&db))
+        .await
+        .unwrap();
+    // The relay holds the row; its request goes unanswered until the timeout (2 s).
+    let leased = "SELECT COUNT(*) AS n FROM vendora_outbox WHERE claimed_by IS NOT NULL";
+    eventually(WAIT, "the row is claimed", || async {
+        scalar(&db, leased).await == 1
+    })
+    .await;
+    // Meanwhile another relay delivered it: what its mark of delivered rows writes.
+    db.execute_unprepared(
+        "UPDATE vendora_outbox SET status = 'delivered', delivered_at = 1, \
+         claimed_by = NULL, claimed_until = NULL",
+    )
+    .await
+    .unwrap();
+    eventually(WAIT, "the attempt timed out and was the last", || async {
+        observer.stats().dead == 1
+    })
+    .await;
+    // Every outcome is written once the relay has stopped.
+    observer.shutdown(Duration::from_secs(5)).await;
+    let counts = vendora_observe::outbox::counts(&db).await.unwrap();
+    assert_eq!((counts.delivered, counts.dead), (1, 0), "{counts:?}");
+    let logs = logs();
+    assert!(
+        logs.contains("(row 1) is not recorded: another relay took the row over")
+            && logs.contains("the row is now delivered"),
+        "the dead letter's line is followed by why the row stays as it is:\n{logs}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_401_is_dead_lettered_at_once_kept_and_can_be_requeued() {
     let (db, _) = sqlite_file().await;

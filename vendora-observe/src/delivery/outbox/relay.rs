@@ -523,7 +523,9 @@ async fn renew(outbox: &Outbox, relay_id: &str, held: &Held) {
 
 /// Writes outcomes as they come, all that arrived meanwhile in one round, then tells the
 /// relay which rows are done. A write that fails is retried until it succeeds: until then
-/// the rows stay the relay's.
+/// the rows stay the relay's. A failed attempt is written only on a row still pending: a
+/// relay that lost the database past its lease may find its row taken over and delivered
+/// by another, and a dead mark then would make `requeue` resend stale state.
 async fn record(
     outbox: Outbox,
     mut reports: mpsc::UnboundedReceiver<(i64, Report)>,
@@ -535,6 +537,8 @@ async fn record(
         let mut released = Vec::new();
         let mut finished = Vec::new();
         let mut writes: Vec<(String, Vec<Value>)> = Vec::new();
+        // Where each dead mark is in `writes`, and its row.
+        let mut dead_writes: Vec<(usize, i64)> = Vec::new();
         let now = now_ms();
         for (id, report) in round.drain(..) {
             match report {
@@ -547,7 +551,7 @@ async fn record(
                 } => writes.push((
                     format!(
                         "UPDATE {TABLE} SET attempts = ?, next_attempt_at = ?, last_error = ? \
-                         WHERE id = ?"
+                         WHERE id = ? AND status = 'pending'"
                     ),
                     vec![
                         (attempts as i32).into(),
@@ -558,10 +562,12 @@ async fn record(
                 )),
                 Report::Dead { attempts, error } => {
                     finished.push(id);
+                    dead_writes.push((writes.len(), id));
                     writes.push((
                         format!(
                             "UPDATE {TABLE} SET status = 'dead', attempts = ?, last_error = ?, \
-                             claimed_by = NULL, claimed_until = NULL WHERE id = ?"
+                             claimed_by = NULL, claimed_until = NULL \
+                             WHERE id = ? AND status = 'pending'"
                         ),
                         vec![(attempts as i32).into(), error.into(), id.into()],
                     ));
@@ -571,7 +577,8 @@ async fn record(
                     writes.push((
                         format!(
                             "UPDATE {TABLE} SET status = 'superseded', delivered_at = ?, \
-                             claimed_by = NULL, claimed_until = NULL WHERE id = ?"
+                             claimed_by = NULL, claimed_until = NULL \
+                             WHERE id = ? AND status = 'pending'"
                         ),
                         vec![now.into(), id.into()],
                     ));
@@ -580,8 +587,16 @@ async fn record(
         }
         // Dead first: a delivery in the same round may make them stale.
         let mut attempt = 0;
-        while let Err(e) = write_all(&outbox, &writes).await {
-            retry_later("failed attempts", &mut attempt, e).await;
+        let changed = loop {
+            match write_all(&outbox, &writes).await {
+                Ok(changed) => break changed,
+                Err(e) => retry_later("failed attempts", &mut attempt, e).await,
+            }
+        };
+        for (at, id) in dead_writes {
+            if changed[at] == 0 {
+                tell_taken_over(&outbox, id).await;
+            }
         }
         if !delivered.is_empty() {
             while let Err(e) = mark_delivered(&outbox.inner.options.db, &delivered).await {
@@ -602,6 +617,32 @@ async fn record(
     }
 }
 
+/// A dead letter this relay logged for a row another relay had taken over (its lease had
+/// lapsed) is not recorded: says so, with the event's id and the row's status now.
+async fn tell_taken_over(outbox: &Outbox, id: i64) {
+    let inner = &outbox.inner;
+    let now = inner
+        .options
+        .db
+        .query_one_raw(stmt(
+            inner.backend,
+            &format!("SELECT event_id, status FROM {TABLE} WHERE id = ?"),
+            vec![id.into()],
+        ))
+        .await;
+    let (event_id, status) = match now {
+        Ok(Some(r)) => (
+            r.try_get::<String>("", "event_id").unwrap_or_default(),
+            r.try_get::<String>("", "status").unwrap_or_default(),
+        ),
+        _ => (String::new(), "gone".to_owned()),
+    };
+    tracing::warn!(
+        "outbox: the dead letter of X-Webhook-Id {event_id} (row {id}) is not recorded: another \
+         relay took the row over when this relay's lease lapsed, and the row is now {status}"
+    );
+}
+
 /// After a failed write of outcomes: logs (once loudly) and waits before the next try.
 /// Outcomes are retried until written: until then the rows stay the relay's.
 async fn retry_later(what: &str, attempt: &mut u32, e: DbErr) {
@@ -618,17 +659,22 @@ async fn retry_later(what: &str, attempt: &mut u32, e: DbErr) {
     tokio::time::sleep(Duration::from_millis(20u64 << (*attempt).min(8))).await;
 }
 
-async fn write_all(outbox: &Outbox, writes: &[(String, Vec<Value>)]) -> Result<(), DbErr> {
+/// Writes `writes` in one transaction; returns the rows each changed.
+async fn write_all(outbox: &Outbox, writes: &[(String, Vec<Value>)]) -> Result<Vec<u64>, DbErr> {
     if writes.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let inner = &outbox.inner;
     let txn = inner.options.db.begin().await?;
+    let mut changed = Vec::with_capacity(writes.len());
     for (text, values) in writes {
-        txn.execute_raw(stmt(inner.backend, text, values.clone()))
+        let done = txn
+            .execute_raw(stmt(inner.backend, text, values.clone()))
             .await?;
+        changed.push(done.rows_affected());
     }
-    txn.commit().await
+    txn.commit().await?;
+    Ok(changed)
 }
 
 /// Marks rows delivered, 500 per statement (per-row commits would cap the relay at the
