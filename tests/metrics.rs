@@ -341,7 +341,14 @@ async fn outbox_mode_metrics_equal_stats_and_show_the_backlog() {
     let receiver = Receiver::start(SECRET).await.unwrap();
     receiver.set_reply(Reply::Status(503, None));
     receiver.reply_when("\"refused\"", Reply::Status(401, None));
-    let observer = common::outbox_observer(&db, &receiver.url(), common::fast_retries()).await;
+    // Retries that outlast the wait for the gauges (the relay counts pending rows each
+    // second while it holds rows, the sampler sets the gauge each second): only the 401
+    // is dead.
+    let retry = RetryPolicy {
+        max_attempts: 10_000,
+        ..common::fast_retries()
+    };
+    let observer = common::outbox_observer(&db, &receiver.url(), retry).await;
     observer
         .scope(vendora_pos::scenario::run(&db, false, async |_| {}))
         .await

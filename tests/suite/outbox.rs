@@ -854,6 +854,41 @@ async fn in_one_transaction(observer: &Observer, db: &DatabaseConnection, prefix
         .await;
 }
 
+/// `Stats::pending` follows a backlog while the relay works through it, whatever the
+/// features: it was counted only by a look for work that found nothing to take (or each
+/// second by the `metrics` feature's sampler), so while the relay held all it may hold a
+/// health check reading it saw the few rows of its last look, not the thousands waiting.
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_pending_counts_the_backlog_while_the_relay_works_through_it() {
+    let (db, _) = sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    // Every request hangs until the sender's timeout (2 s): nothing is delivered.
+    receiver.set_reply(Reply::Delay(Duration::from_secs(30)));
+    // Claims of 4 rows, 16 held at most.
+    let mut options = vendora_observe::OutboxOptions::new(db.clone());
+    options.poll_interval = Duration::from_millis(50);
+    options.batch = 4;
+    options.max_batch = 4;
+    let observer = Observer::builder(common::config(&receiver.url()))
+        .retry(fast_retries())
+        .outbox_options(options)
+        .build()
+        .await
+        .unwrap();
+    // 200 units of work, one row each.
+    for i in 0..200 {
+        in_one_transaction(&observer, &db, &format!("unit {i}"), 1).await;
+    }
+    eventually(WAIT, "pending counts the whole backlog", || async {
+        observer.stats().pending == 200
+    })
+    .await;
+    receiver.set_reply(Reply::Ok);
+    assert!(observer.flush(WAIT).await);
+    assert_eq!(observer.stats().pending, 0);
+    observer.shutdown(Duration::from_secs(5)).await;
+}
+
 /// Rows this relay has claimed and not yet written an outcome for.
 async fn claimed(db: &DatabaseConnection) -> i64 {
     scalar(

@@ -19,7 +19,8 @@
 //! | `vendora_observe_attempt_duration_seconds` | histogram | event, mode, outcome | one POST, `outcome` = `ok` or `error` |
 //!
 //! The counters are the ones [`Observer::stats`](crate::Observer::stats) reads, recorded at
-//! the same moments. The gauges are sampled once a second. `mode` is `direct` or `outbox`;
+//! the same moments. The gauges are sampled once a second (in outbox mode the pending count
+//! is the one [`Stats::pending`](crate::Stats::pending) holds). `mode` is `direct` or `outbox`;
 //! `event` is the event name (`product:updated`); no label carries a row key, so the number of
 //! series stays bounded by the number of event names.
 

@@ -318,7 +318,10 @@ pub struct Stats {
     /// Events not sent because a newer event of their row superseded them (latest-wins
     /// coalescing, or a requeued dead event that a delivered newer one made stale).
     pub superseded: u64,
-    /// Events accepted and not yet delivered, dead-lettered or superseded.
+    /// Events accepted and not yet delivered, dead-lettered or superseded. In outbox mode,
+    /// the table's pending rows, whichever process wrote them: counted by the relay at each
+    /// look for work while idle (every `poll_interval`, or when woken) and every second
+    /// while it holds rows, and by [`Observer::flush`](crate::Observer::flush).
     pub pending: u64,
     /// Events refused because the queue was full ([`Overflow::Shed`]) or closed.
     pub shed: u64,

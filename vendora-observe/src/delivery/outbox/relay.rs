@@ -74,6 +74,9 @@ async fn notified(listener: &mut Listener) {
 /// Rows recorded after which a relay that found nothing more to claim looks again.
 const REFILL: usize = 16;
 
+/// How often a relay holding rows counts the pending ones ([`crate::Stats::pending`]).
+const PENDING_RECOUNT: Duration = Duration::from_secs(1);
+
 /// Rows a relay holds at most (claimed, not yet recorded), in batches of `batch`.
 fn max_held(batch: usize) -> usize {
     4 * batch
@@ -121,6 +124,10 @@ pub(super) async fn run(
         inner.ctx.service.config().timeout(),
     ));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // While the relay holds rows (a backlog, or requests that hang), the pending rows are
+    // counted once a second: no look for work reads them all then.
+    let mut count = tokio::time::interval(PENDING_RECOUNT);
+    count.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Rows the scheduler let go because the lease could not be renewed in time are
         // still leased to this relay, so no claim would see them; they go back first, or
@@ -291,6 +298,9 @@ pub(super) async fn run(
                 None => break,
             },
             _ = heartbeat.tick() => renew(&outbox, &relay_id, &held).await,
+            _ = count.tick(), if !held.is_empty() => {
+                outbox.refresh_pending().await;
+            }
             _ = inner.scheduler.events_let_go() => {}
             _ = inner.wake.notified(), if idle => idle = false,
             _ = notified(&mut listener), if idle => idle = false,
