@@ -125,9 +125,11 @@ pub(super) async fn run(
     ));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // While the relay holds rows (a backlog, or requests that hang), the pending rows are
-    // counted once a second: no look for work reads them all then.
+    // counted once a second: no look for work reads them all then. Beside the loop, one
+    // count at a time: on a large backlog a count takes a while.
     let mut count = tokio::time::interval(PENDING_RECOUNT);
     count.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut counting: Option<JoinHandle<()>> = None;
     loop {
         // Rows the scheduler let go because the lease could not be renewed in time are
         // still leased to this relay, so no claim would see them; they go back first, or
@@ -299,7 +301,12 @@ pub(super) async fn run(
             },
             _ = heartbeat.tick() => renew(&outbox, &relay_id, &held).await,
             _ = count.tick(), if !held.is_empty() => {
-                outbox.refresh_pending().await;
+                if counting.as_ref().is_none_or(|t| t.is_finished()) {
+                    let outbox = outbox.clone();
+                    counting = Some(tokio::spawn(async move {
+                        outbox.refresh_pending().await;
+                    }));
+                }
             }
             _ = inner.scheduler.events_let_go() => {}
             _ = inner.wake.notified(), if idle => idle = false,
@@ -309,7 +316,7 @@ pub(super) async fn run(
     }
     let _ = recorder.await;
     // Nothing of the relay's outlives it.
-    if let Some(task) = analyzing {
+    for task in [analyzing, counting].into_iter().flatten() {
         let _ = task.await;
     }
     if !held.is_empty() {
