@@ -22,7 +22,7 @@ use super::transport::Transport;
 use crate::trace::TraceParent;
 
 use crate::body::BodyError;
-use crate::config::{ENV_SECRET, WebhookConfig, mask_url};
+use crate::config::{ENV_SECRET, ENV_URL, WebhookConfig, mask_url};
 use crate::error::{Cause, StartError};
 use crate::signature;
 
@@ -107,6 +107,11 @@ fn status_message(status: u16, retry_after: Option<Duration>) -> String {
         (401, _) => format!(
             "the receiver answered {name}: it rejected the signature, so {ENV_SECRET} \
              probably differs from the WebSocket server's secret"
+        ),
+        (404 | 405, _) => format!(
+            "the receiver answered {name}: nothing takes webhooks at this path, so the path \
+             in {ENV_URL} is probably wrong (it must be the server's webhook route, such as \
+             /webhook)"
         ),
         (_, Some(after)) => format!(
             "the receiver answered {name} (Retry-After {} s)",
@@ -481,6 +486,21 @@ mod tests {
             e.to_string().contains("WEBHOOK_SECRET probably differs"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_404_or_405_names_the_url_setting() {
+        for status in [404, 405] {
+            let e = DeliveryError::Status {
+                status,
+                retry_after: None,
+            };
+            assert!(
+                e.to_string()
+                    .contains("the path in WEBSOCKET_SERVER_URL is probably wrong"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
