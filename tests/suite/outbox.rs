@@ -1527,7 +1527,6 @@ async fn postgres_an_idle_relay_runs_one_statement_per_poll() {
 #[tokio::test(flavor = "current_thread")]
 #[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
 async fn postgres_creating_the_table_logs_no_notice() {
-    use sea_orm::ConnectionTrait;
     let (db, _url) = postgres().await;
     let receiver = Receiver::start(SECRET).await.unwrap();
     let (_guard, logs) = common::capture_logs();
@@ -1535,16 +1534,11 @@ async fn postgres_creating_the_table_logs_no_notice() {
     assert!(observer.shutdown(Duration::from_secs(5)).await.drained);
     let logs = logs();
     assert!(!logs.contains("notice"), "{logs}");
-    let created: i64 = db
-        .query_one_raw(sea_orm::Statement::from_string(
-            db.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM pg_indexes WHERE tablename = 'vendora_outbox'",
-        ))
-        .await
-        .unwrap()
-        .unwrap()
-        .try_get("", "n")
-        .unwrap();
+    let created = scalar(
+        &db,
+        "SELECT COUNT(*) AS n FROM pg_indexes WHERE tablename = 'vendora_outbox'",
+    )
+    .await;
     assert!(created > 1, "the table and its indexes were created");
 }
 

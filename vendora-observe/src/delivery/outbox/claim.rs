@@ -462,6 +462,10 @@ impl<'a> Choice<'a> {
     }
 }
 
+/// The columns [`job_from_row`] reads.
+const JOB_COLUMNS: &str = "id, event_id, ordering_key, unit_key, event, kind, latest_wins, body, \
+                           attempts, created_at, traceparent";
+
 pub(crate) fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
     let event: String = r.try_get("", "event")?;
     let body: String = r.try_get("", "body")?;
@@ -700,8 +704,7 @@ fn lease_statement(
             "UPDATE {TABLE} SET claimed_by = ?, claimed_until = ? \
              WHERE id IN ({}) AND status = 'pending' \
                AND (claimed_until IS NULL OR claimed_until < ?) \
-             RETURNING id, event_id, ordering_key, unit_key, event, kind, latest_wins, body, attempts, \
-               created_at, traceparent",
+             RETURNING {JOB_COLUMNS}",
             placeholders(ids.len())
         ),
         values,
@@ -718,9 +721,8 @@ pub(crate) fn read_pending_statement(
     stmt(
         backend,
         &format!(
-            "SELECT id, event_id, ordering_key, unit_key, event, kind, latest_wins, body, attempts, \
-               created_at, traceparent \
-             FROM {TABLE} WHERE status = 'pending' AND id > ? ORDER BY id LIMIT {want}"
+            "SELECT {JOB_COLUMNS} FROM {TABLE} \
+             WHERE status = 'pending' AND id > ? ORDER BY id LIMIT {want}"
         ),
         vec![after.into()],
     )
