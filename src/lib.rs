@@ -7,4 +7,3 @@ pub mod entities;
 pub mod receiver;
 pub mod scenario;
 pub mod traced;
-pub mod twin;

@@ -24,7 +24,7 @@ use vendora_observe::{Observer, WebhookConfig};
 
 use crate::db;
 use crate::entities::product;
-use crate::twin::{self, TwinConfig};
+use vendora_observe_server::twin::{self, TwinConfig};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 

@@ -522,7 +522,7 @@ pub fn redis() -> Redis {
 /// process, configured by `env` (WEBHOOK_SECRET, APP_TOKENS, …) on a free port. Returns it
 /// once it listens, with its base URL.
 pub fn twin(env: &[(&str, &str)]) -> (Peer, String) {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_receiver-twin"));
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_server-under-test"));
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("PORT", free_port().to_string());

@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{SECRET, raw_post};
 use serde_json::json;
-use vendora_observe::receiver::AppToken;
 use vendora_observe::signature::standard_signature;
 use vendora_observe::{WebhookConfig, WebhookService};
+use vendora_observe_server::AppToken;
 
 const TOKEN: &str = "app-token-of-the-test";
 
@@ -287,7 +287,7 @@ async fn apps_must_authenticate() {
     let (_app, first) = common::app(&open_base, None, "once", Some("https://anywhere.example"));
     assert_eq!(first, "connected");
     // Without a way to authenticate and without APP_AUTH=off, the twin does not start.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_receiver-twin"))
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_server-under-test"))
         .env_clear()
         .env("WEBHOOK_SECRET", SECRET)
         .env("PORT", common::free_port().to_string())

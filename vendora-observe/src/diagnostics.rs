@@ -8,8 +8,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// What a message is about; each kind has its own stderr budget (refusals are rate-limited
-/// where they arise instead).
+/// What a message is about; each kind has its own stderr budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     /// Deliveries that failed or were given up on.
@@ -18,15 +17,12 @@ pub(crate) enum Kind {
     Shed,
     /// Set-up mistakes: no observer, a write that bypasses the outbox's transaction, …
     Setup,
-    /// Requests a receiver refused before its handler saw them (too large, too slow, …).
-    #[cfg_attr(not(feature = "server"), allow(dead_code))]
-    Refused,
 }
 
 /// How many messages of one kind reach stderr when no subscriber is installed.
 const STDERR_BUDGET: u32 = 20;
 
-static BUDGETS: [AtomicU32; 4] = [const { AtomicU32::new(0) }; 4];
+static BUDGETS: [AtomicU32; 3] = [const { AtomicU32::new(0) }; 3];
 
 /// Whether a `tracing` subscriber would see a message from here (scoped or global).
 pub(crate) fn has_subscriber() -> bool {
@@ -36,13 +32,6 @@ pub(crate) fn has_subscriber() -> bool {
 /// Writes `message` to stderr if no subscriber is installed, within the kind's budget.
 pub(crate) fn fallback(kind: Kind, level: &str, message: fmt::Arguments<'_>) {
     if has_subscriber() {
-        return;
-    }
-    // Refusals are already limited where they arise (a line per kind and 10 s), and the
-    // receivers that print them (`vendora-observe listen`, the twin) run for days: a budget
-    // would silence them for good, with advice their operator cannot take.
-    if kind == Kind::Refused {
-        eprintln!("vendora-observe {level}: {message}");
         return;
     }
     let n = BUDGETS[kind as usize].fetch_add(1, Ordering::Relaxed);

@@ -78,7 +78,6 @@ mod diagnostics;
 mod error;
 mod hooks;
 mod observer;
-pub mod receiver;
 pub mod signature;
 pub mod telemetry;
 pub mod testing;

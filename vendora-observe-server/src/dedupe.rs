@@ -3,7 +3,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
-use super::MAX_ID;
+use crate::MAX_ID;
 
 /// Remembers the ids of events already handled (a retry carries the same id), bounded in
 /// entries and in bytes: the oldest are forgotten first. An id is recorded only once its

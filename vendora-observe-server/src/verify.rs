@@ -13,7 +13,7 @@
 //!   connection cap and the body limit enforced while reading.
 //!
 //! ```
-//! use vendora_observe::receiver::{Claim, Dedupe, Rejection, Verifier};
+//! use vendora_observe_server::{Claim, Dedupe, Rejection, Verifier};
 //!
 //! let verifier = Verifier::new(["s3cr3t"]);
 //! let body = br#"{"event":"stock:updated","data":{"productId":1,"newStock":7}}"#;
@@ -41,23 +41,13 @@
 //! # Ok::<(), Rejection>(())
 //! ```
 
-mod dedupe;
-#[cfg(feature = "server")]
-pub mod live;
-#[cfg(feature = "server")]
-pub mod server;
-mod token;
-
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-pub use dedupe::{Claim, Dedupe, Ticket};
-pub use token::{AppToken, TokenError};
-
-use crate::config::Secret;
-use crate::signature::{self, StandardRejection};
+use vendora_observe::Secret;
+use vendora_observe::signature::{self, StandardRejection};
 
 /// The largest body a receiver accepts: 1 MiB. Every receiver this crate ships uses it.
 pub const MAX_BODY: usize = 1 << 20;
@@ -315,8 +305,8 @@ pub fn verify_request(
 /// fixed key first, so neither their length nor their content shows in the timing. For app
 /// and page tokens.
 pub fn token_matches(expected: &str, presented: &str) -> bool {
-    let mac = crate::signature::sign(b"vendora-token-compare", expected.as_bytes());
-    crate::signature::verify(b"vendora-token-compare", presented.as_bytes(), &mac)
+    let mac = signature::sign(b"vendora-token-compare", expected.as_bytes());
+    signature::verify(b"vendora-token-compare", presented.as_bytes(), &mac)
 }
 
 #[cfg(test)]
@@ -337,7 +327,7 @@ mod tests {
 
     #[test]
     fn each_rejection_has_its_status() {
-        let s = crate::sign(b"k", BODY);
+        let s = vendora_observe::sign(b"k", BODY);
         let v = Verifier::new(["k"]);
         assert_eq!(
             v.clone()
@@ -365,7 +355,7 @@ mod tests {
             Rejection::BadId
         );
         let bad = b"{\"data\":1}";
-        let bad_sig = crate::sign(b"k", bad);
+        let bad_sig = vendora_observe::sign(b"k", bad);
         assert_eq!(
             v.verify(legacy(&bad_sig, "a"), bad).unwrap_err().status(),
             400
@@ -380,8 +370,8 @@ mod tests {
 
     #[test]
     fn any_current_secret_verifies_during_a_rotation() {
-        let old = crate::sign(b"old", BODY);
-        let new = crate::sign(b"new", BODY);
+        let old = vendora_observe::sign(b"old", BODY);
+        let new = vendora_observe::sign(b"new", BODY);
         let v = Verifier::new(["new", "old"]);
         assert!(v.verify(legacy(&old, "a"), BODY).is_ok());
         assert!(v.verify(legacy(&new, "a"), BODY).is_ok());
@@ -396,7 +386,8 @@ mod tests {
     fn standard_headers_are_checked_with_their_window_and_can_be_required() {
         let sent = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let ts = "1800000000";
-        let sig = crate::signature::standard_signature(b"k", "msg_1", 1_800_000_000, BODY);
+        let sig =
+            vendora_observe::signature::standard_signature(b"k", "msg_1", 1_800_000_000, BODY);
         let standard = |name: &str| match name {
             "content-type" => Some("application/json"),
             "webhook-id" => Some("msg_1"),
@@ -414,7 +405,7 @@ mod tests {
                 .unwrap_err(),
             Rejection::Stale
         );
-        let legacy_sig = crate::sign(b"k", BODY);
+        let legacy_sig = vendora_observe::sign(b"k", BODY);
         let required = v.clone().require_standard_headers(true);
         assert_eq!(
             required.verify(legacy(&legacy_sig, "a"), BODY).unwrap_err(),

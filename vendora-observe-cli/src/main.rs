@@ -13,11 +13,11 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use clap::{Parser, Subcommand};
-use vendora_observe::receiver::live::{self, Feed, Seen, Transport};
-use vendora_observe::receiver::server::{self, Limits};
-use vendora_observe::receiver::{Claim, Dedupe, Verifier};
 use vendora_observe::trace::TraceParent;
 use vendora_observe::{DeliveryError, WebhookConfig, WebhookService, outbox};
+use vendora_observe_server::http::{self as server, Limits};
+use vendora_observe_server::live::{self, Feed, Seen, Transport};
+use vendora_observe_server::{Claim, Dedupe, Verifier};
 
 #[derive(Parser)]
 #[command(
@@ -152,7 +152,7 @@ async fn send(event: &str, json: &str) -> Result<ExitCode, Error> {
             println!(
                 "{} {} in {:.1} ms",
                 service.endpoint_for_logs(),
-                reqwest::StatusCode::from_u16(delivered.status)
+                StatusCode::from_u16(delivered.status)
                     .map(|s| s.to_string())
                     .unwrap_or_else(|_| delivered.status.to_string()),
                 started.elapsed().as_secs_f64() * 1000.0

@@ -7,14 +7,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 
-use crate::config::Secret;
+use vendora_observe::Secret;
 
 /// A token for one app: `vo1.<subject>.<expiry>.<signature>`, where the subject (a device
 /// or user id, base64url) and the expiry (Unix seconds) are signed with HMAC-SHA256.
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};
-/// use vendora_observe::receiver::{AppToken, TokenError};
+/// use vendora_observe_server::{AppToken, TokenError};
 ///
 /// let secret = b"app-token-secret";
 /// let token = AppToken::mint(secret, "till-7", Duration::from_secs(3600));
@@ -55,7 +55,7 @@ impl AppToken {
             .unwrap_or_default()
             .as_secs();
         let payload = format!("vo1.{}.{expiry}", B64.encode(subject));
-        let signature = crate::sign(secret, payload.as_bytes());
+        let signature = vendora_observe::sign(secret, payload.as_bytes());
         format!("{payload}.{signature}")
     }
 
@@ -81,7 +81,7 @@ impl AppToken {
             .ok_or(TokenError::Malformed)?;
         if !secrets
             .iter()
-            .any(|s| crate::verify(s.as_ref(), payload.as_bytes(), signature))
+            .any(|s| vendora_observe::verify(s.as_ref(), payload.as_bytes(), signature))
         {
             return Err(TokenError::BadSignature);
         }

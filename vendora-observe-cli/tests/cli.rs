@@ -1,6 +1,5 @@
 //! The `vendora-observe` command line, run as a process: `listen` as a real receiver on
 //! 127.0.0.1, `send` to it, `verify`, and `outbox` against a real SQLite file.
-#![cfg(feature = "cli")]
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};

@@ -279,7 +279,7 @@ fn sse_event(name: &'static str, data: &impl Serialize) -> Event {
 
 async fn events(State(feed): State<Arc<Feed>>, RawQuery(query): RawQuery) -> Response {
     let token = token_param(query.as_deref().unwrap_or(""));
-    if !crate::receiver::token_matches(&feed.token, &token) {
+    if !crate::token_matches(&feed.token, &token) {
         return (StatusCode::UNAUTHORIZED, "a valid token is required").into_response();
     }
     let (history, rx) = {

@@ -42,7 +42,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tower::ServiceExt;
 
-use super::MAX_BODY;
+use crate::MAX_BODY;
 
 /// The limits a receiver applies; [`Limits::default`] is what every receiver this crate
 /// ships uses.
@@ -371,14 +371,11 @@ impl Refusals {
     /// Counts one refusal; logs it if none of its kind was logged within the window.
     fn note(&self, refusal: Refusal, peer: SocketAddr, now: Instant) {
         if self.count(refusal, now) {
-            crate::diagnostics::warn(
-                crate::diagnostics::Kind::Refused,
-                format_args!(
-                    "receiver: {}, from {peer}; more like it are summed up every {} s",
-                    refusal.describe(),
-                    self.window.as_secs()
-                ),
-            );
+            crate::log::warn(format_args!(
+                "receiver: {}, from {peer}; more like it are summed up every {} s",
+                refusal.describe(),
+                self.window.as_secs()
+            ));
         }
     }
 
@@ -432,13 +429,10 @@ async fn report_refusals(shared: Weak<Shared>) {
         };
         let window = shared.refusals.window.as_secs();
         for (refusal, n) in shared.refusals.due(Instant::now()) {
-            crate::diagnostics::warn(
-                crate::diagnostics::Kind::Refused,
-                format_args!(
-                    "receiver: {}: {n} more time(s) in the last {window} s",
-                    refusal.describe()
-                ),
-            );
+            crate::log::warn(format_args!(
+                "receiver: {}: {n} more time(s) in the last {window} s",
+                refusal.describe()
+            ));
         }
     }
 }

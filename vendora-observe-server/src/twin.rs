@@ -23,6 +23,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crate::http::{self as server, Limits};
+use crate::{AppToken, Claim, Dedupe, IncomingEvent, Verifier};
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -37,11 +39,9 @@ use socketioxide_redis::drivers::redis::redis_client as redis;
 use socketioxide_redis::{RedisAdapter, RedisAdapterCtr};
 use tokio::net::TcpListener;
 use tracing::Instrument;
-use vendora_observe::receiver::server::{self, Limits};
-use vendora_observe::receiver::{AppToken, Claim, Dedupe, IncomingEvent, Verifier};
 use vendora_observe::trace::TraceParent;
 
-use vendora_observe::receiver::live::{self, History, MONITORS, Seen, Transport};
+use crate::live::{self, History, MONITORS, Seen, Transport};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -374,7 +374,7 @@ async fn authenticate<A: Adapter>(
         && (config
             .app_tokens
             .iter()
-            .any(|t| vendora_observe::receiver::token_matches(t, &token))
+            .any(|t| crate::token_matches(t, &token))
             || AppToken::verify(&config.app_token_secrets, &token, SystemTime::now()).is_ok());
     if ok {
         Ok(())
