@@ -1,5 +1,7 @@
-//! The POS scenario of the demo and of the end-to-end tests: a product's life in ten steps
-//! (eleven webhooks), plus, in outbox mode, a rolled-back step that must send nothing.
+//! The POS scenario of the demo and of the end-to-end tests: a product's life in eleven
+//! steps (twelve webhooks) across two stores, plus, in outbox mode, a rolled-back step that
+//! must send nothing. The catalogue (categories, products) is every store's; an order is
+//! its store's alone (`room = "store:{store_id}"`).
 
 use sea_orm::{
     ActiveModelTrait, ActiveValue::NotSet, DatabaseConnection, DbErr, IntoActiveModel, ModelTrait,
@@ -9,7 +11,7 @@ use sea_orm::{
 use crate::entities::{category, order, product};
 
 /// The webhooks the scenario sends, in order.
-pub const EXPECTED: [&str; 11] = [
+pub const EXPECTED: [&str; 12] = [
     "category:created",
     "product:created",
     "product:updated",
@@ -18,10 +20,38 @@ pub const EXPECTED: [&str; 11] = [
     "product:updated",
     "order:created",
     "order:updated",
+    "order:created",
     "category:updated",
     "product:deleted",
     "category:deleted",
 ];
+
+/// The rooms of each of [`EXPECTED`]: `None` for the catalogue's events (every app).
+pub const ROOMS: [Option<&str>; 12] = [
+    None,
+    None,
+    None,
+    None,
+    None,
+    None,
+    Some("store:1"),
+    Some("store:1"),
+    Some("store:2"),
+    None,
+    None,
+    None,
+];
+
+/// The events an app of `store` receives, in order: the catalogue's and its store's.
+pub fn expected_for_store(store: i32) -> Vec<&'static str> {
+    let room = format!("store:{store}");
+    EXPECTED
+        .iter()
+        .zip(ROOMS)
+        .filter(|(_, r)| r.is_none_or(|r| r == room))
+        .map(|(e, _)| *e)
+        .collect()
+}
 
 /// One step: its label and how many webhooks it sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +130,7 @@ pub async fn run(
 
     let sale = order::ActiveModel {
         id: NotSet,
+        store_id: Set(1),
         product_id: Set(beans.id),
         quantity: Set(3),
         status: Set("pending".into()),
@@ -107,12 +138,24 @@ pub async fn run(
     }
     .insert(db)
     .await?;
-    after(step("create an order for it", 1)).await;
+    after(step("store 1 orders three (its apps only)", 1)).await;
 
     let mut am = sale.into_active_model();
     am.status = Set("paid".into());
     am.update(db).await?;
-    after(step("mark the order paid", 1)).await;
+    after(step("store 1's order is paid", 1)).await;
+
+    order::ActiveModel {
+        id: NotSet,
+        store_id: Set(2),
+        product_id: Set(beans.id),
+        quantity: Set(1),
+        status: Set("pending".into()),
+        total: Set(12.5),
+    }
+    .insert(db)
+    .await?;
+    after(step("store 2 orders one (its apps only)", 1)).await;
 
     let mut am = beverages.into_active_model();
     am.name = Set("Hot beverages".into());

@@ -14,20 +14,20 @@ async fn run_demo(outbox: Option<std::path::PathBuf>) -> String {
     let text = String::from_utf8(out).unwrap();
     assert!(result.is_ok(), "{result:?}\n{text}");
     assert!(
-        text.contains("exactly the 11 expected events, in order, every signature valid"),
+        text.contains("exactly the 12 expected events, in order, every signature valid"),
         "{text}"
     );
     assert!(
         text.contains(r#"app <- stock:updated     {"productId":1,"newStock":7}"#),
         "{text}"
     );
-    assert_eq!(text.matches("(signature ok)").count(), 11, "{text}");
+    assert_eq!(text.matches("(signature ok)").count(), 12, "{text}");
     text
 }
 
 /// Both modes in one test: the demo installs its observer for the process.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_pos_demo_delivers_its_eleven_events_in_both_modes() {
+async fn the_pos_demo_delivers_its_twelve_events_in_both_modes() {
     let out = run_demo(None).await;
     assert!(out.contains("mode: direct"), "{out}");
 

@@ -18,5 +18,6 @@ mod outbox;
 mod processes;
 mod quick_start;
 mod receiver;
+mod rooms;
 mod service;
 mod socketio;

@@ -97,6 +97,7 @@ async fn on_narrows_the_events_and_delete_needs_only_the_primary_key() {
             .unwrap();
             let o = order::ActiveModel {
                 id: NotSet,
+                store_id: Set(1),
                 product_id: Set(1),
                 quantity: Set(2),
                 status: Set("pending".into()),
@@ -136,7 +137,10 @@ async fn on_narrows_the_events_and_delete_needs_only_the_primary_key() {
     assert_eq!(cat, ["category:created", "category:deleted"]);
     let order_created = ev.iter().find(|(n, _)| n == "order:created").unwrap();
     // 25.0 is sent as JavaScript prints it.
-    assert!(got.iter().any(|r| r.body_str().contains(r#""total":25}"#)));
+    assert!(
+        got.iter()
+            .any(|r| r.body_str().contains(r#""total":25},"rooms":["store:1"]}"#))
+    );
     assert_eq!(order_created.1["status"], "pending");
     let deleted = ev.iter().find(|(n, _)| n == "category:deleted").unwrap();
     assert_eq!(

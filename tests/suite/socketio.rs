@@ -53,7 +53,7 @@ async fn the_scenario_reaches_a_socket_io_app_through_the_rust_twin() {
     let observer = run_scenario_to(&format!("{base}/webhook")).await;
     assert_scenario(&app);
     assert!(observer.flush(common::WAIT).await);
-    assert_eq!(observer.stats().sent, 11);
+    assert_eq!(observer.stats().sent, 12);
 
     // A redelivery (same X-Webhook-Id) is acknowledged but not broadcast again.
     let service = observer.service().clone();
@@ -114,5 +114,5 @@ async fn the_scenario_reaches_a_socket_io_app_through_a_node_socket_io_server() 
     let observer = run_scenario_to(&format!("{base}/webhook")).await;
     assert_scenario(&app);
     assert!(observer.flush(common::WAIT).await);
-    assert_eq!(observer.stats().sent, 11);
+    assert_eq!(observer.stats().sent, 12);
 }

@@ -8,7 +8,16 @@ use syn::{Attribute, Expr, ExprLit, Ident, Lit, LitStr, Token};
 
 use crate::case::closest;
 
-pub(crate) const KEYS: [&str; 6] = ["event", "on", "watch", "hooks", "latest_wins", "crate"];
+pub(crate) const KEYS: [&str; 8] = [
+    "event",
+    "on",
+    "watch",
+    "room",
+    "rooms_with",
+    "hooks",
+    "latest_wins",
+    "crate",
+];
 pub(crate) const HOOKS: [&str; 3] = ["created", "updated", "deleted"];
 
 #[derive(Default)]
@@ -20,6 +29,10 @@ pub(crate) struct Attrs {
     pub(crate) event: Option<LitStr>,
     pub(crate) on: Option<Vec<Ident>>,
     pub(crate) watch: Vec<Watch>,
+    /// `room = "store:{store_id}"`, each given.
+    pub(crate) rooms: Vec<LitStr>,
+    /// `rooms_with = "path::to::fn"`.
+    pub(crate) rooms_with: Option<(syn::Path, Span)>,
     pub(crate) hooks: Option<Span>,
     pub(crate) latest_wins: Option<Span>,
     pub(crate) krate: Option<syn::Path>,
@@ -97,6 +110,26 @@ fn parse_key(
                 duplicate(errors);
             } else {
                 out.event = lit;
+            }
+        }
+        "room" => {
+            if let Some(lit) = string_value(&meta, "room = \"store:{store_id}\"", errors)? {
+                out.rooms.push(lit);
+            }
+        }
+        "rooms_with" => {
+            let lit = string_value(&meta, "rooms_with = \"crate::rooms_of_order\"", errors)?;
+            if out.rooms_with.is_some() {
+                duplicate(errors);
+            } else if let Some(lit) = lit {
+                match lit.parse::<syn::Path>() {
+                    Ok(p) => out.rooms_with = Some((p, lit.span())),
+                    Err(_) => errors.push(syn::Error::new(
+                        lit.span(),
+                        "`rooms_with` names a function `fn(&Model) -> Vec<String>`, like \
+                         rooms_with = \"crate::rooms_of_order\"",
+                    )),
+                }
             }
         }
         "crate" => {
@@ -193,14 +226,17 @@ fn parse_key(
         }
         _ => {
             skip_value(&meta)?;
-            let hint = closest(&name, KEYS)
+            let suggestion = closest(&name, KEYS);
+            // A misspelt `event` is that key given wrongly, not missing: one message.
+            out.event_given |= suggestion == Some("event");
+            let hint = suggestion
                 .map(|c| format!("; did you mean `{c}`?"))
                 .unwrap_or_default();
             errors.push(syn::Error::new(
                 path.span(),
                 format!(
                     "unknown `observe` attribute `{name}`: expected one of `event`, `on`, \
-                     `watch`, `hooks`, `latest_wins`, `crate`{hint}"
+                     `watch`, `room`, `rooms_with`, `hooks`, `latest_wins`, `crate`{hint}"
                 ),
             ));
         }

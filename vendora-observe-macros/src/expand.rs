@@ -6,7 +6,7 @@ use syn::{Data, DeriveInput, Fields};
 
 use crate::ast::Model;
 use crate::attr;
-use crate::valid::{self, Spec};
+use crate::valid::{self, Piece, Spec};
 
 /// The derive's output: the expansion, or every error plus a stub impl.
 pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
@@ -119,35 +119,76 @@ fn generate(spec: &Spec) -> TokenStream {
         let am = <Self as __vo::ActiveModelHooks>::after_delete(am, db).await?;
     });
 
-    // Watched columns: read the stored row in before_save when one of them is Set. Inside
-    // a transaction the read locks the row (PostgreSQL, MySQL: `FOR UPDATE`; SQLite has
-    // one writer), so concurrent writers of one row each see the value they change.
-    let stash_type = quote!((::core::option::Option<#model>, u64));
-    let watch_read = if spec.watch.is_empty() {
+    // Rooms: from the model, by the `room` templates and the `rooms_with` function.
+    let targeted = spec.targeted();
+    let room_fields = spec.room_fields();
+    let rooms_of = if targeted {
+        let templates = spec.rooms.iter().map(|pieces| {
+            let parts = pieces.iter().map(|p| match p {
+                Piece::Text(t) => quote!(__vo::RoomPiece::Text(#t)),
+                Piece::Field(f) => {
+                    let f = f.ident;
+                    quote!(__vo::RoomPiece::Value(__vo::to_value(&model.#f)))
+                }
+            });
+            quote!(__vo::push_room(&mut __r, &[#(#parts),*]);)
+        });
+        let with = spec.rooms_with.as_ref().map(|path| {
+            quote_spanned! {syn::spanned::Spanned::span(path)=>
+                __r.extend(
+                    ::core::iter::IntoIterator::into_iter(#path(model))
+                        .map(::core::convert::Into::<::std::string::String>::into),
+                );
+            }
+        });
+        quote! {
+            fn __rooms_of(model: &#model) -> ::std::vec::Vec<::std::string::String> {
+                let mut __r: ::std::vec::Vec<::std::string::String> = ::std::vec::Vec::new();
+                #(#templates)*
+                #with
+                __r
+            }
+        }
+    } else {
+        TokenStream::new()
+    };
+
+    // The stored row, read in before_save when a watched column or a field of a room
+    // template is Set. Inside a transaction the read locks the row (PostgreSQL, MySQL:
+    // `FOR UPDATE`; SQLite has one writer), so concurrent writers of one row each see the
+    // value they change; the rooms the row leaves are told of its move.
+    let reads_old = !spec.watch.is_empty() || !room_fields.is_empty();
+    let stash_type = quote!((::core::option::Option<#model>, u64, bool));
+    let lock_in_transaction = quote! {
+        let __query = <Entity as __vo::sea_orm::EntityTrait>::find_by_id(__pk);
+        let __query = if __vo::is_autocommit::<C>() {
+            __query
+        } else {
+            __vo::sea_orm::QuerySelect::lock_exclusive(__query)
+        };
+    };
+    let watch_read = if !reads_old {
         TokenStream::new()
     } else {
         let bits = spec.watch.iter().enumerate().map(|(i, w)| {
             let f = w.field.ident;
             quote!(if am.#f.is_set() { __mask |= 1u64 << #i; })
         });
+        let room_idents = room_fields.iter().map(|f| f.ident);
         quote! {
             if !insert && __vo::listening(&__ENTITY) {
                 if let ::core::option::Option::Some(__pk) = __active_pk(&am) {
                     let __key = __vo::key_string(&__pk);
                     let mut __mask: u64 = 0;
                     #(#bits)*
-                    if __mask == 0 {
+                    let __moved = false #(|| am.#room_idents.is_set())*;
+                    if __mask == 0 && !__moved {
                         __vo::discard_stash::<Entity>(&__key);
                     } else {
-                        let __query = <Entity as __vo::sea_orm::EntityTrait>::find_by_id(__pk);
-                        let __query = if __vo::is_autocommit::<C>() {
-                            __query
-                        } else {
-                            __vo::sea_orm::QuerySelect::lock_exclusive(__query)
-                        };
+                        #lock_in_transaction
                         match __query.one(db).await {
                             ::core::result::Result::Ok(::core::option::Option::Some(__old)) => {
-                                __vo::stash::<Entity, #stash_type>(__key, (::core::option::Option::Some(__old), __mask));
+                                __vo::stash::<Entity, #stash_type>(__key, (::core::option::Option::Some(__old), __mask, __moved));
                             }
                             // No such row: the update itself will fail.
                             ::core::result::Result::Ok(::core::option::Option::None) => {
@@ -155,7 +196,7 @@ fn generate(spec: &Spec) -> TokenStream {
                             }
                             ::core::result::Result::Err(__e) => {
                                 __vo::warn_old_value_unread(#entity_event, &__key, &__e);
-                                __vo::stash::<Entity, #stash_type>(__key, (::core::option::Option::None, __mask));
+                                __vo::stash::<Entity, #stash_type>(__key, (::core::option::Option::None, __mask, __moved));
                             }
                         }
                     }
@@ -165,7 +206,7 @@ fn generate(spec: &Spec) -> TokenStream {
     };
     // Not listening: drop what before_save may have kept (an observer went away between
     // the hooks).
-    let discard_stash = if spec.watch.is_empty() {
+    let discard_stash = if !reads_old {
         TokenStream::new()
     } else {
         quote! {
@@ -174,7 +215,7 @@ fn generate(spec: &Spec) -> TokenStream {
             }
         }
     };
-    let watch_events = if spec.watch.is_empty() {
+    let old_value_events = if !reads_old {
         TokenStream::new()
     } else {
         let id_key = &spec.id_key;
@@ -193,13 +234,29 @@ fn generate(spec: &Spec) -> TokenStream {
                 }
             }
         });
+        let moved_from = (!room_fields.is_empty()).then(|| {
+            quote! {
+                if __moved && let ::core::option::Option::Some(__old) = &__old {
+                    __rooms.extend(__rooms_of(__old));
+                }
+            }
+        });
         quote! {
-            if let ::core::option::Option::Some((__old, __mask)) =
+            if let ::core::option::Option::Some((__old, __mask, __moved)) =
                 __vo::take_stash::<Entity, #stash_type>(&__key)
             {
                 #(#checks)*
+                #moved_from
             }
         }
+    };
+    let (rooms_new, rooms_arg) = if targeted {
+        (
+            quote!(let mut __rooms = __rooms_of(&model);),
+            quote!(::core::option::Option::Some(__rooms)),
+        )
+    } else {
+        (TokenStream::new(), quote!(::core::option::Option::None))
     };
 
     let created_event = format!("{entity_event}:created");
@@ -214,20 +271,70 @@ fn generate(spec: &Spec) -> TokenStream {
     let on_updated = spec
         .updated
         .then(|| quote!(__events.push((#updated_event, __vo::EventKind::Updated, #model_value));));
-    let on_deleted = if spec.deleted {
+    // A targeted delete needs the row's rooms: from the ActiveModel when it holds the whole
+    // row (`Model::delete`), else read in before_delete, in the delete's transaction.
+    let rooms_before_delete = if targeted && spec.deleted {
+        quote! {
+            if __vo::listening(&__ENTITY) {
+                if let ::core::option::Option::Some(__pk) = __active_pk(&am) {
+                    let __key = __vo::key_string(&__pk);
+                    let __rooms = match __vo::sea_orm::TryIntoModel::<#model>::try_into_model(am.clone()) {
+                        ::core::result::Result::Ok(__row) => ::core::option::Option::Some(__rooms_of(&__row)),
+                        ::core::result::Result::Err(_) => {
+                            #lock_in_transaction
+                            // Without its rooms the event could reach no app it should: a
+                            // failed read fails the delete, which has not happened yet.
+                            __query.one(db).await?.map(|__row| __rooms_of(&__row))
+                        }
+                    };
+                    __vo::stash::<Entity, __vo::DeleteRooms>(__key, __vo::DeleteRooms(__rooms));
+                }
+            }
+        }
+    } else {
+        TokenStream::new()
+    };
+    let on_deleted = if !spec.deleted {
+        TokenStream::new()
+    } else if targeted {
+        quote! {
+            match __active_pk(&am) {
+                ::core::option::Option::Some(__pk) if __vo::listening(&__ENTITY) => {
+                    let __key = __vo::key_string(&__pk);
+                    let __rooms = match __vo::take_stash::<Entity, __vo::DeleteRooms>(&__key) {
+                        ::core::option::Option::Some(__vo::DeleteRooms(__rooms)) => __rooms,
+                        // The observer came between the hooks.
+                        ::core::option::Option::None => {
+                            __vo::sea_orm::TryIntoModel::<#model>::try_into_model(am.clone())
+                                .ok()
+                                .map(|__row| __rooms_of(&__row))
+                        }
+                    };
+                    match __rooms {
+                        ::core::option::Option::Some(__rooms) => {
+                            let __events: ::std::vec::Vec<__vo::Emission> =
+                                ::std::vec![(#deleted_event, __vo::EventKind::Deleted, __vo::object([("id", #id_value)]))];
+                            __vo::emit(db, &__ENTITY, &__key, __events, ::core::option::Option::Some(__rooms)).await?;
+                        }
+                        ::core::option::Option::None => __vo::note_delete_without_row(#entity_event, &__key),
+                    }
+                }
+                ::core::option::Option::Some(_) => {}
+                ::core::option::Option::None => __vo::warn_delete_without_key(#entity_event),
+            }
+        }
+    } else {
         quote! {
             match __active_pk(&am) {
                 ::core::option::Option::Some(__pk) => {
                     let __key = __vo::key_string(&__pk);
                     let __events: ::std::vec::Vec<__vo::Emission> =
                         ::std::vec![(#deleted_event, __vo::EventKind::Deleted, __vo::object([("id", #id_value)]))];
-                    __vo::emit(db, &__ENTITY, &__key, __events).await?;
+                    __vo::emit(db, &__ENTITY, &__key, __events, ::core::option::Option::None).await?;
                 }
                 ::core::option::Option::None => __vo::warn_delete_without_key(#entity_event),
             }
         }
-    } else {
-        TokenStream::new()
     };
 
     quote! {
@@ -244,6 +351,8 @@ fn generate(spec: &Spec) -> TokenStream {
             fn __active_pk(am: &ActiveModel) -> ::core::option::Option<#pk_type> {
                 #active_pk
             }
+
+            #rooms_of
 
             #[automatically_derived]
             #[__vo::async_trait]
@@ -271,13 +380,14 @@ fn generate(spec: &Spec) -> TokenStream {
                     if __vo::listening(&__ENTITY) {
                         let __key = #model_key;
                         let mut __events: ::std::vec::Vec<__vo::Emission> = ::std::vec::Vec::new();
+                        #rooms_new
                         if insert {
                             #on_created
                         } else {
                             #on_updated
-                            #watch_events
+                            #old_value_events
                         }
-                        __vo::emit(db, &__ENTITY, &__key, __events).await?;
+                        __vo::emit(db, &__ENTITY, &__key, __events, #rooms_arg).await?;
                     } #discard_stash
                     ::core::result::Result::Ok(model)
                 }
@@ -290,6 +400,7 @@ fn generate(spec: &Spec) -> TokenStream {
                     __vo::expect_write::<Entity>();
                     let am = self;
                     #user_before_delete
+                    #rooms_before_delete
                     ::core::result::Result::Ok(am)
                 }
 

@@ -86,11 +86,57 @@ fn errors_are_all_collected() {
     };
     let err = crate::expand::expand(&input).unwrap_err();
     let messages: Vec<String> = err.into_iter().map(|e| e.to_string()).collect();
-    assert_eq!(messages.len(), 4, "{messages:#?}");
+    // A misspelt `event` is one error (did you mean `event`?), not also "missing `event`".
+    assert_eq!(messages.len(), 3, "{messages:#?}");
     assert!(messages[0].starts_with("unknown `observe` attribute `evnt`"));
+    assert!(messages[0].ends_with("did you mean `event`?"));
     assert!(messages[1].starts_with("unknown event `made` in on(...)"));
-    assert!(messages[2].starts_with("missing `event`"));
-    assert!(messages[3].starts_with("`watch` names no field of `Model`: there is no `nope`"));
+    assert!(messages[2].starts_with("`watch` names no field of `Model`: there is no `nope`"));
+    // Without anything like it, `event` is missing.
+    let input: DeriveInput = parse_quote! {
+        #[observe(on(created))]
+        pub struct Model { #[sea_orm(primary_key)] pub id: i32 }
+    };
+    let err = crate::expand::expand(&input).unwrap_err();
+    assert!(err.to_string().starts_with("missing `event`"), "{err}");
+}
+
+#[test]
+fn room_templates_name_fields_and_balance_their_braces() {
+    let messages = |attr: proc_macro2::TokenStream| -> Vec<String> {
+        let input: DeriveInput = parse_quote! {
+            #[observe(event = "order", #attr)]
+            pub struct Model { #[sea_orm(primary_key)] pub id: i32, pub store_id: i32 }
+        };
+        match crate::expand::expand(&input) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.into_iter().map(|e| e.to_string()).collect(),
+        }
+    };
+    assert_eq!(
+        messages(quote::quote!(room = "store:{stor_id}")),
+        ["`room` names no field of `Model`: there is no `stor_id`; did you mean `store_id`?"]
+    );
+    let first = |attr| messages(attr).first().cloned().unwrap_or_default();
+    assert!(
+        first(quote::quote!(room = "store:{store_id")).starts_with("`room`: a `{` without its `}`")
+    );
+    assert!(first(quote::quote!(room = "store:}")).starts_with("`room`: a `}` without its `{`"));
+    assert!(first(quote::quote!(room = "store:{}")).starts_with("`room`: `{}` names no field"));
+    assert!(first(quote::quote!(room = "")).starts_with("`room` cannot be empty"));
+    assert!(
+        first(quote::quote!(rooms_with = "not a path"))
+            .starts_with("`rooms_with` names a function")
+    );
+    // Braces doubled are text; several rooms; a function beside them.
+    assert!(
+        messages(quote::quote!(
+            room = "{{hq}}",
+            room = "store:{store_id}",
+            rooms_with = "f"
+        ))
+        .is_empty()
+    );
 }
 
 #[test]
@@ -110,4 +156,20 @@ fn the_error_stub_names_the_renamed_crate() {
         "{out}"
     );
     assert!(!out.contains(":: vendora_observe ::"), "{out}");
+}
+
+#[test]
+fn order_for_its_store_and_its_cashier() {
+    insta::assert_snapshot!(pretty(parse_quote! {
+        #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize, Observed)]
+        #[sea_orm(table_name = "orders")]
+        #[observe(event = "order", watch = "status", room = "store:{store_id}", rooms_with = "crate::cashier_rooms")]
+        pub struct Model {
+            #[sea_orm(primary_key)]
+            pub id: i32,
+            pub store_id: i32,
+            pub cashier: Option<String>,
+            pub status: String,
+        }
+    }));
 }

@@ -22,6 +22,36 @@ pub(crate) struct Spec<'a> {
     /// `productId`: the key of the primary key in watch payloads.
     pub(crate) id_key: String,
     pub(crate) watch: Vec<WatchSpec<'a>>,
+    /// `room = "…"` templates, in order.
+    pub(crate) rooms: Vec<Vec<Piece<'a>>>,
+    /// `rooms_with = "…"`.
+    pub(crate) rooms_with: Option<syn::Path>,
+}
+
+impl Spec<'_> {
+    /// Whether the entity's events carry rooms (it has `room` or `rooms_with`).
+    pub(crate) fn targeted(&self) -> bool {
+        !self.rooms.is_empty() || self.rooms_with.is_some()
+    }
+
+    /// The fields the room templates read, each once, in order.
+    pub(crate) fn room_fields(&self) -> Vec<&Field<'_>> {
+        let mut out: Vec<&Field<'_>> = Vec::new();
+        for piece in self.rooms.iter().flatten() {
+            if let Piece::Field(f) = piece
+                && !out.iter().any(|o| o.ident == f.ident)
+            {
+                out.push(f);
+            }
+        }
+        out
+    }
+}
+
+/// A part of a room template: text as written, or a field's value.
+pub(crate) enum Piece<'a> {
+    Text(String),
+    Field(&'a Field<'a>),
 }
 
 pub(crate) struct WatchSpec<'a> {
@@ -124,6 +154,11 @@ pub(crate) fn check<'a>(
             value_key: format!("new{}", upper_camel(&w.field)),
         });
     }
+    let rooms = attrs
+        .rooms
+        .iter()
+        .filter_map(|lit| room_template(model, lit, errors))
+        .collect();
     if watch.len() > 64 {
         errors.push(syn::Error::new(
             Span::call_site(),
@@ -147,5 +182,106 @@ pub(crate) fn check<'a>(
         latest_wins: attrs.latest_wins.is_some(),
         primary_key,
         watch,
+        rooms,
+        rooms_with: attrs.rooms_with.map(|(path, _)| path),
     })
+}
+
+/// `"store:{store_id}"`: text, and fields between braces (`{{` and `}}` for braces).
+/// Errors point at the template.
+fn room_template<'a>(
+    model: &'a Model<'a>,
+    lit: &syn::LitStr,
+    errors: &mut Vec<syn::Error>,
+) -> Option<Vec<Piece<'a>>> {
+    let template = lit.value();
+    let example = "room = \"store:{store_id}\"";
+    let mut pieces = Vec::new();
+    let mut text = String::new();
+    let mut chars = template.chars().peekable();
+    let mut ok = true;
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                text.push('{');
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                text.push('}');
+            }
+            '{' => {
+                let mut name = String::new();
+                let mut closed = false;
+                for c in chars.by_ref() {
+                    if c == '}' {
+                        closed = true;
+                        break;
+                    }
+                    name.push(c);
+                }
+                let name = name.trim();
+                if !closed {
+                    errors.push(syn::Error::new(
+                        lit.span(),
+                        format!("`room`: a `{{` without its `}}` in {template:?}: write {example}, and `{{{{` for a brace"),
+                    ));
+                    ok = false;
+                    break;
+                }
+                if name.is_empty() {
+                    errors.push(syn::Error::new(
+                        lit.span(),
+                        format!("`room`: `{{}}` names no field: write {example}"),
+                    ));
+                    ok = false;
+                    continue;
+                }
+                match model.field(name) {
+                    Some(field) => {
+                        if !text.is_empty() {
+                            pieces.push(Piece::Text(std::mem::take(&mut text)));
+                        }
+                        pieces.push(Piece::Field(field));
+                    }
+                    None => {
+                        let names: Vec<String> =
+                            model.fields.iter().map(|f| f.ident.to_string()).collect();
+                        let hint = closest(name, names.iter().map(String::as_str))
+                            .map(|c| format!("; did you mean `{c}`?"))
+                            .unwrap_or_default();
+                        errors.push(syn::Error::new(
+                            lit.span(),
+                            format!(
+                                "`room` names no field of `{}`: there is no `{name}`{hint}",
+                                model.ident
+                            ),
+                        ));
+                        ok = false;
+                    }
+                }
+            }
+            '}' => {
+                errors.push(syn::Error::new(
+                    lit.span(),
+                    format!(
+                        "`room`: a `}}` without its `{{` in {template:?}: write `}}}}` for a brace"
+                    ),
+                ));
+                ok = false;
+            }
+            c => text.push(c),
+        }
+    }
+    if !text.is_empty() {
+        pieces.push(Piece::Text(text));
+    }
+    if ok && pieces.is_empty() {
+        errors.push(syn::Error::new(
+            lit.span(),
+            format!("`room` cannot be empty: write {example}"),
+        ));
+        ok = false;
+    }
+    ok.then_some(pieces)
 }

@@ -45,7 +45,9 @@ pub enum BodyError {
 }
 
 /// The exact bytes of one webhook: compact `{"event":"<name>","data":<data>}`, keys in that
-/// order, no trailing newline.
+/// order, no trailing newline. An event for some apps only (an entity with
+/// `#[observe(room = …)]`) also names its rooms, last:
+/// `{"event":"<name>","data":<data>,"rooms":["store:1"]}` ([`WebhookBody::targeted`]).
 ///
 /// The bytes are immutable and shared ([`Bytes`]): what [`sign`](crate::signature::sign)
 /// reads is what the request sends, and no API serialises again in between.
@@ -88,12 +90,39 @@ impl WebhookBody {
 
     /// Serialises an already built JSON value.
     pub fn from_value(event: &str, data: &Value) -> Self {
+        Self::write(event, data, None)
+    }
+
+    /// An event for the apps whose scope holds one of `rooms` (and for no other app, also
+    /// when `rooms` is empty): `{"event":…,"data":…,"rooms":[…]}`.
+    ///
+    /// ```
+    /// use vendora_observe::WebhookBody;
+    ///
+    /// let body = WebhookBody::targeted("order:created", &serde_json::json!({"id": 7}), &["store:1"]);
+    /// assert_eq!(body.as_str(), r#"{"event":"order:created","data":{"id":7},"rooms":["store:1"]}"#);
+    /// ```
+    pub fn targeted<R: AsRef<str>>(event: &str, data: &Value, rooms: &[R]) -> Self {
+        Self::write(event, data, Some(&mut rooms.iter().map(AsRef::as_ref)))
+    }
+
+    fn write(event: &str, data: &Value, rooms: Option<&mut dyn Iterator<Item = &str>>) -> Self {
         let mut out = Vec::with_capacity(64 + event.len());
         let mut unsafe_integer = false;
         out.extend_from_slice(b"{\"event\":");
         write_str(&mut out, event);
         out.extend_from_slice(b",\"data\":");
         write_value(&mut out, data, &mut unsafe_integer);
+        if let Some(rooms) = rooms {
+            out.extend_from_slice(b",\"rooms\":[");
+            for (i, room) in rooms.enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(&mut out, room);
+            }
+            out.push(b']');
+        }
         out.push(b'}');
         if unsafe_integer {
             warn_unsafe_integer_once(event);
@@ -354,6 +383,25 @@ mod tests {
         let b = WebhookBody::new("product:deleted", &json!({"id": 3})).unwrap();
         assert_eq!(b.as_str(), r#"{"event":"product:deleted","data":{"id":3}}"#);
         assert_eq!(b.event(), "product:deleted");
+    }
+
+    #[test]
+    fn rooms_come_last_and_only_for_targeted_events() {
+        let data = json!({"id": 3, "storeId": 1});
+        let b = WebhookBody::targeted("order:updated", &data, &["store:1", "hq \"north\""]);
+        assert_eq!(
+            b.as_str(),
+            r#"{"event":"order:updated","data":{"id":3,"storeId":1},"rooms":["store:1","hq \"north\""]}"#
+        );
+        let none: [&str; 0] = [];
+        assert_eq!(
+            WebhookBody::targeted("order:updated", &data, &none).as_str(),
+            r#"{"event":"order:updated","data":{"id":3,"storeId":1},"rooms":[]}"#
+        );
+        assert_eq!(
+            WebhookBody::from_value("order:updated", &data).as_str(),
+            r#"{"event":"order:updated","data":{"id":3,"storeId":1}}"#
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub const ENV_URL: &str = "WEBSOCKET_SERVER_URL";
 pub const ENV_SECRET: &str = "WEBHOOK_SECRET";
 /// `WEBHOOK_TIMEOUT_MS`: the whole-request timeout in milliseconds.
 pub const ENV_TIMEOUT_MS: &str = "WEBHOOK_TIMEOUT_MS";
-/// `WEBHOOK_STANDARD_HEADERS`: `true` adds the Standard Webhooks headers.
+/// `WEBHOOK_STANDARD_HEADERS`: the Standard Webhooks headers are sent unless it is `false`.
 pub const ENV_STANDARD_HEADERS: &str = "WEBHOOK_STANDARD_HEADERS";
 /// `WEBHOOK_PREVIOUS_SECRETS`: secrets being rotated out, separated by commas or spaces.
 /// The sender adds their signatures to the Standard Webhooks header; receivers accept them.
@@ -362,7 +362,8 @@ pub struct WebhookConfigBuilder {
     previous_secrets: Vec<String>,
     timeout: Option<Duration>,
     connect_timeout: Option<Duration>,
-    standard_headers: bool,
+    /// `None`: the default, on.
+    standard_headers: Option<bool>,
 }
 
 impl fmt::Debug for WebhookConfigBuilder {
@@ -414,10 +415,14 @@ impl WebhookConfigBuilder {
         self
     }
 
-    /// Also send the Standard Webhooks headers `webhook-id`, `webhook-timestamp` and
-    /// `webhook-signature` (default off).
+    /// Send the Standard Webhooks headers `webhook-id`, `webhook-timestamp` and
+    /// `webhook-signature` beside the legacy `X-Webhook-Signature` (default on). They sign
+    /// the id and the time with the body, so a receiver that requires them (ours do by
+    /// default) refuses a captured request replayed later or under another id; receivers
+    /// that do not know them ignore them. Turn them off only for a receiver that refuses
+    /// unknown headers.
     pub fn standard_headers(mut self, on: bool) -> Self {
-        self.standard_headers = on;
+        self.standard_headers = Some(on);
         self
     }
 
@@ -450,7 +455,7 @@ impl WebhookConfigBuilder {
             previous_secrets: self.previous_secrets.into_iter().map(Secret).collect(),
             timeout,
             connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-            standard_headers: self.standard_headers,
+            standard_headers: self.standard_headers.unwrap_or(true),
         })
     }
 }
@@ -473,7 +478,7 @@ mod tests {
         let c = from(&[(ENV_SECRET, "abc")]).unwrap();
         assert_eq!(c.url(), "http://localhost:3001/");
         assert_eq!(c.timeout(), Duration::from_millis(5000));
-        assert!(!c.standard_headers());
+        assert!(c.standard_headers(), "sent by default");
     }
 
     #[test]
@@ -569,6 +574,11 @@ mod tests {
         );
         assert!(
             from(&[(ENV_SECRET, "k"), (ENV_STANDARD_HEADERS, "true")])
+                .unwrap()
+                .standard_headers()
+        );
+        assert!(
+            !from(&[(ENV_SECRET, "k"), (ENV_STANDARD_HEADERS, "false")])
                 .unwrap()
                 .standard_headers()
         );

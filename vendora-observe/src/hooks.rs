@@ -158,12 +158,14 @@ pub type Emission = (&'static str, EventKind, Result<Value, serde_json::Error>);
 /// Hands the events of one write, in order, to the current observer (or the test
 /// recorder). Never waits on the network; in direct mode never fails. In outbox mode the
 /// rows are written through `db`, and a failure to write them is the write's failure (the
-/// event would otherwise be lost).
+/// event would otherwise be lost). `rooms`: those of a targeted entity's row (its bodies
+/// then name them), `None` for an entity whose events go to every app.
 pub async fn emit<C: ConnectionTrait>(
     db: &C,
     entity: &'static EntityInfo,
     key: &str,
     events: Vec<Emission>,
+    rooms: Option<Vec<String>>,
 ) -> Result<(), DbErr> {
     if events.is_empty() || is_quiet() {
         return Ok(());
@@ -210,7 +212,10 @@ pub async fn emit<C: ConnectionTrait>(
                 continue;
             }
         };
-        let body = WebhookBody::from_value(event, &data);
+        let body = match &rooms {
+            Some(rooms) => WebhookBody::targeted(event, &data, &unique_rooms(rooms)),
+            None => WebhookBody::from_value(event, &data),
+        };
         if let Some(recorder) = &recorder {
             recorder.push(entity.event, key, body);
             continue;
@@ -235,6 +240,60 @@ pub async fn emit<C: ConnectionTrait>(
         }
         _ => Ok(()),
     }
+}
+
+/// A part of a `room = "…"` template: its text, or a field's value.
+pub enum RoomPiece<'a> {
+    /// Text as written in the template.
+    Text(&'a str),
+    /// A field's value: a string as it is, a number or a boolean as JSON prints it.
+    Value(Result<Value, serde_json::Error>),
+}
+
+/// Fills a room template and adds the room to `rooms`. A field that is `null` (an `Option`
+/// that is `None`) names no room: the row is in none of that template's rooms.
+pub fn push_room(rooms: &mut Vec<String>, pieces: &[RoomPiece<'_>]) {
+    let mut room = String::new();
+    for piece in pieces {
+        match piece {
+            RoomPiece::Text(text) => room.push_str(text),
+            RoomPiece::Value(Ok(Value::String(s))) => room.push_str(s),
+            RoomPiece::Value(Ok(Value::Null)) => return,
+            RoomPiece::Value(Ok(other)) => room.push_str(&other.to_string()),
+            RoomPiece::Value(Err(e)) => {
+                tracing::warn!(
+                    "a room of the event could not be made: its field does not serialise: {e}"
+                );
+                return;
+            }
+        }
+    }
+    rooms.push(room);
+}
+
+/// The rooms in the order first given, each once.
+fn unique_rooms(rooms: &[String]) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::with_capacity(rooms.len());
+    for room in rooms {
+        if !out.contains(&room.as_str()) {
+            out.push(room);
+        }
+    }
+    out
+}
+
+/// What `before_delete` found of a targeted row's rooms, for its `after_delete`: `None`
+/// when the row was not there (nothing is deleted, and no app is told).
+#[derive(Debug)]
+pub struct DeleteRooms(pub Option<Vec<String>>);
+
+/// A targeted delete of a row that was not there: nothing was deleted, so no event.
+pub fn note_delete_without_row(entity: &'static str, key: &str) {
+    tracing::debug!(
+        entity,
+        key,
+        "deleted event not sent: the row was not there, so nothing was deleted"
+    );
 }
 
 /// Reports, once per name, a watch event name that two entities emit (`watch = "status"`

@@ -251,6 +251,68 @@ pub use signature::{sign, verify};
 /// # Ok(()) }
 /// ```
 ///
+/// # `room = "store:{store_id}"`, `rooms_with = "path"`
+///
+/// An entity whose rows belong to some apps only declares its rooms, and each of its
+/// events names them in the signed body: `{"event":…,"data":…,"rooms":["store:1"]}`. The
+/// WebSocket server sends such an event only to the apps whose token holds one of its
+/// rooms (an app token `APP_TOKENS=till-7=store:1`, or minted with rooms); an event
+/// without rooms reaches every app. `room` is a template over the model's fields (checked
+/// at compile time; `{{` and `}}` for braces; a field that is `None` names no room), and may
+/// be given several times. `rooms_with` names a function `fn(&Model) -> Vec<String>` for
+/// rooms a template cannot express.
+///
+/// Every event of a targeted entity carries its rooms: `created`, `updated`, watch events
+/// and `deleted`, also when the `ActiveModel` given to `delete` holds only the primary key
+/// (the row is read first, inside the delete's transaction; a delete of a row that is not
+/// there sends nothing). An update that changes a field of a template also tells the rooms
+/// the row leaves (the stored row is read, as for `watch`); with `rooms_with`, the rooms
+/// are those of the row after the write.
+///
+/// ```
+/// # use sea_orm::{entity::prelude::*, ActiveValue::NotSet, Database, Schema, Set};
+/// # use vendora_observe::testing::Recorder;
+/// mod order {
+///     use sea_orm::entity::prelude::*;
+///
+///     #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Serialize, vendora_observe::Observed)]
+///     #[sea_orm(table_name = "orders")]
+///     #[observe(event = "order", room = "store:{store_id}", rooms_with = "super::head_office")]
+///     pub struct Model {
+///         #[sea_orm(primary_key)]
+///         pub id: i32,
+///         pub store_id: i32,
+///         pub total: i32,
+///     }
+///
+///     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+///     pub enum Relation {}
+/// }
+///
+/// /// Large orders are head office's business too.
+/// fn head_office(order: &order::Model) -> Vec<String> {
+///     if order.total > 1000 { vec!["hq".into()] } else { vec![] }
+/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), DbErr> {
+/// # let db = Database::connect("sqlite::memory:").await?;
+/// # db.execute(&Schema::new(db.get_database_backend()).create_table_from_entity(order::Entity)).await?;
+/// let recorder = Recorder::new();
+/// recorder
+///     .scope(async {
+///         order::ActiveModel { id: NotSet, store_id: Set(1), total: Set(5000) }.insert(&db).await?;
+///         order::ActiveModel { id: Set(1), ..Default::default() }.delete(&db).await
+///     })
+///     .await?;
+/// let events = recorder.events();
+/// assert_eq!(events[0].rooms().unwrap(), ["store:1", "hq"]);
+/// assert_eq!(
+///     events[1].body.as_str(),
+///     r#"{"event":"order:deleted","data":{"id":1},"rooms":["store:1","hq"]}"#
+/// );
+/// # Ok(()) }
+/// ```
+///
 /// # `latest_wins`
 ///
 /// Latest-wins coalescing: when a row has a backlog (the receiver is slow or down), an
@@ -362,9 +424,9 @@ pub mod __private {
     pub use crate::bypass::expect_write;
     pub use crate::delivery::EventKind;
     pub use crate::hooks::{
-        ActiveModelHooks, Emission, EntityInfo, discard_stash, emit, is_autocommit, key_string,
-        listening, object, stash, take_stash, to_value, warn_delete_without_key,
-        warn_old_value_unread,
+        ActiveModelHooks, DeleteRooms, Emission, EntityInfo, RoomPiece, discard_stash, emit,
+        is_autocommit, key_string, listening, note_delete_without_row, object, push_room, stash,
+        take_stash, to_value, warn_delete_without_key, warn_old_value_unread,
     };
     pub use async_trait::async_trait;
     pub use sea_orm;

@@ -45,10 +45,19 @@ impl RecordedEvent {
 
     /// The event's data, parsed back from the body.
     pub fn data(&self) -> Value {
+        self.part("data").unwrap_or(Value::Null)
+    }
+
+    /// The rooms of a targeted entity's event (`#[observe(room = …)]`), parsed back from
+    /// the body; `None` for an event every app receives.
+    pub fn rooms(&self) -> Option<Vec<String>> {
+        serde_json::from_value(self.part("rooms")?).ok()
+    }
+
+    fn part(&self, key: &str) -> Option<Value> {
         serde_json::from_slice::<Value>(self.body.as_bytes())
             .ok()
-            .and_then(|mut v| v.get_mut("data").map(Value::take))
-            .unwrap_or(Value::Null)
+            .and_then(|mut v| v.get_mut(key).map(Value::take))
     }
 }
 
