@@ -24,7 +24,7 @@ use vendora_observe::{Observer, WebhookConfig};
 
 use crate::db;
 use crate::entities::product;
-use vendora_observe_server::twin::{self, TwinConfig};
+use vendora_observe_server::{Scope, ServerConfig};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -71,9 +71,13 @@ pub fn subscriber() -> (
 pub async fn sale(outbox: Option<PathBuf>) -> Result<TraceId, Error> {
     let secret = "traced-demo-secret";
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let running = twin::start(listener, TwinConfig::new(secret, &["app"])).await?;
+    let running = vendora_observe_server::start(
+        listener,
+        ServerConfig::new(secret).app_token("app", Scope::All),
+    )
+    .await?;
     let config = WebhookConfig::builder()
-        .url(format!("http://{}/webhook", running.addr))
+        .url(format!("http://{}/webhook", running.addr()))
         .secret(secret)
         .build()?;
     let database = match &outbox {

@@ -75,7 +75,7 @@ pub async fn sqlite_file() -> (DatabaseConnection, String) {
     (db, url)
 }
 
-fn uuid_like() -> String {
+pub fn uuid_like() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     let t = std::time::SystemTime::now()
@@ -441,6 +441,51 @@ pub fn app(base: &str, token: Option<&str>, mode: &str, origin: Option<&str>) ->
     (peer, first)
 }
 
+/// [`app`] asking for the live page's records (`monitor: true`) with `token`.
+pub fn app_monitor(base: &str, token: &str) -> (Peer, String) {
+    let dir = node_peers();
+    let mut cmd = std::process::Command::new("node");
+    cmd.arg(dir.join("client.js"))
+        .arg(base)
+        .arg(token)
+        .arg("once")
+        .env("MONITOR", "1");
+    let peer = Peer::spawn(cmd);
+    let first = peer.wait_for("the page to connect or be refused", |l| {
+        (l == "connected" || l.starts_with("connect_error")).then(|| l.to_owned())
+    });
+    (peer, first)
+}
+
+/// A fresh directory of the test's own under the temp directory.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vendora-{name}-{}", uuid_like()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A GET of `path` to 127.0.0.1:`port` from the local address `from` (127.0.0.2: another
+/// client on the same machine), with `headers`: what came back (up to 4 KiB, or 5 s).
+pub async fn get_from(from: &str, port: u16, path: &str, headers: &[(&str, &str)]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
 /// The next event an app printed: `(event, data)`.
 pub fn next_event(app: &Peer) -> (String, serde_json::Value) {
     app.wait_for("an event", |l| {
@@ -518,22 +563,219 @@ pub fn redis() -> Redis {
     }
 }
 
-/// The receiver twin (examples/receiver.rs, built as the receiver-twin binary) as a
-/// process, configured by `env` (WEBHOOK_SECRET, APP_TOKENS, …) on a free port. Returns it
-/// once it listens, with its base URL.
-pub fn twin(env: &[(&str, &str)]) -> (Peer, String) {
+/// The WebSocket server (vendora-observe-server's program, built here as
+/// `server-under-test`) as a process, configured by `env` (WEBHOOK_SECRET, APP_TOKENS, …) on
+/// a free port, in an empty working directory (no stray `.env`). Returns it once it
+/// listens, with its base URL.
+pub fn server(env: &[(&str, &str)]) -> (Peer, String) {
+    server_on(free_port(), env)
+}
+
+/// [`server`] on a given port (a restart on the same address).
+pub fn server_on(port: u16, env: &[(&str, &str)]) -> (Peer, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_server-under-test"));
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("PORT", free_port().to_string());
+        .env("PORT", port.to_string())
+        .current_dir(std::env::temp_dir());
     for (k, v) in env {
         cmd.env(k, v);
     }
     let peer = Peer::spawn(cmd);
-    let base = peer.wait_for("the twin to listen", |l| {
-        l.strip_prefix("listening on ").map(str::to_owned)
+    let base = peer.wait_for("the server to listen", |l| {
+        l.split_once("listening on ")
+            .map(|(_, url)| url.trim().to_owned())
     });
     (peer, base)
+}
+
+/// The headers the sender signs a body with (Standard Webhooks and legacy), under `id`.
+pub fn signed_headers(secret: &str, id: &str, body: &[u8]) -> Vec<(String, String)> {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    vec![
+        ("Content-Type".into(), "application/json".into()),
+        (
+            "X-Webhook-Signature".into(),
+            vendora_observe::sign(secret.as_bytes(), body),
+        ),
+        ("X-Webhook-Id".into(), id.into()),
+        ("webhook-id".into(), id.into()),
+        ("webhook-timestamp".into(), ts.to_string()),
+        (
+            "webhook-signature".into(),
+            vendora_observe::signature::standard_signature(secret.as_bytes(), id, ts, body),
+        ),
+    ]
+}
+
+/// A POST of `body` signed as the sender signs it: the status.
+pub async fn signed_post(url: &str, secret: &str, id: &str, body: &[u8]) -> u16 {
+    let headers = signed_headers(secret, id, body);
+    let refs: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    raw_post(url, &refs, body).await
+}
+
+/// An app as the product ships it: socket.io-client through the apps' module
+/// (tests/node/app.mjs), printing what happens as JSON lines. Lines of another kind than the
+/// one waited for are kept, in order, for the next wait: none is lost.
+pub struct App {
+    pub peer: Peer,
+    pending: std::cell::RefCell<std::collections::VecDeque<serde_json::Value>>,
+}
+
+/// One event an [`App`] received: name, data, and the meta (`id`, `offset`, `epoch`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Got {
+    pub event: String,
+    pub data: serde_json::Value,
+    pub meta: serde_json::Value,
+}
+
+impl App {
+    /// Connects to `base` with `env` (TOKEN, TOKEN_FILE, TRANSPORT, ORIGIN).
+    pub fn start(base: &str, env: &[(&str, &str)]) -> App {
+        let dir = node_peers();
+        let mut cmd = std::process::Command::new("node");
+        cmd.arg(dir.join("app.mjs"))
+            .env("URL", base)
+            .stdin(std::process::Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        App {
+            peer: Peer::spawn(cmd),
+            pending: Default::default(),
+        }
+    }
+
+    /// The next line of `kind`; lines of other kinds before it are kept for later.
+    pub fn next_of(&self, kind: &str) -> serde_json::Value {
+        self.next_where(&format!("the app's next {kind}"), |v| v["kind"] == kind)
+    }
+
+    /// The next line for which `want` holds; others before it are kept for later.
+    pub fn next_where(
+        &self,
+        what: &str,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut pending = self.pending.borrow_mut();
+        if let Some(i) = pending.iter().position(&want) {
+            return pending.remove(i).expect("found");
+        }
+        loop {
+            let v = self
+                .peer
+                .wait_for(what, |l| serde_json::from_str::<serde_json::Value>(l).ok());
+            if want(&v) {
+                return v;
+            }
+            pending.push_back(v);
+        }
+    }
+
+    /// The next `status` line with this state.
+    pub fn status(&self, state: &str) -> serde_json::Value {
+        self.next_where(&format!("the app's status {state}"), |v| {
+            v["kind"] == "status" && v["state"] == state
+        })
+    }
+
+    /// Waits for `vendora:ready`: `(recovered, offset, epoch)`.
+    pub fn ready(&self) -> serde_json::Value {
+        self.next_of("ready")
+    }
+
+    /// The next event received.
+    pub fn event(&self) -> Got {
+        let v = self.next_of("event");
+        Got {
+            event: v["event"].as_str().unwrap_or_default().to_owned(),
+            data: v["data"].clone(),
+            meta: v["meta"].clone(),
+        }
+    }
+
+    /// The next `n` events.
+    pub fn events(&self, n: usize) -> Vec<Got> {
+        (0..n).map(|_| self.event()).collect()
+    }
+
+    /// Whether a line arrives within `within` (for "nothing more came"): the line, if one.
+    pub fn line_within(&self, within: Duration) -> Option<String> {
+        self.peer.lines.recv_timeout(within).ok()
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 to `target`, which a test can cut: every connection through it
+/// closed and new ones refused (a phone losing its Wi-Fi), then restored.
+pub struct Proxy {
+    pub port: u16,
+    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    pub async fn start(target: &str) -> Proxy {
+        let target = target
+            .strip_prefix("http://")
+            .unwrap_or(target)
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let cut = std::sync::Arc::new(cut);
+        let watch = cut.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if *watch.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                let mut stop = watch.subscribe();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = stop.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, cut, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every connection and refuses new ones until [`restore`](Self::restore).
+    pub fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
+
+    pub fn restore(&self) {
+        let _ = self.cut.send(false);
+    }
 }
 
 /// A raw HTTP/1.1 POST returning the status, through a plain TCP exchange so that nothing

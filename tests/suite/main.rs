@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod apps;
 mod convergence;
 mod demo;
 mod direct;
@@ -17,7 +18,7 @@ mod order;
 mod outbox;
 mod processes;
 mod quick_start;
-mod receiver;
 mod rooms;
+mod server;
 mod service;
 mod socketio;

@@ -63,8 +63,17 @@ async fn dispatch_posts_the_signed_body_with_the_protocol_headers() {
     // Ids are unique per event (a UUID), not per body.
     assert_eq!(r.id().len(), 36);
     assert_ne!(got[0].id(), got[1].id());
-    // No Standard Webhooks headers unless switched on.
-    assert!(r.header("webhook-signature").is_none());
+    // The Standard Webhooks headers beside the legacy one, by default: the same id, a
+    // signature over id, time and body.
+    assert_eq!(r.header("webhook-id"), Some(r.id()));
+    let ts: u64 = r.header("webhook-timestamp").unwrap().parse().unwrap();
+    assert_eq!(
+        r.header("webhook-signature"),
+        Some(
+            vendora_observe::signature::standard_signature(SECRET.as_bytes(), r.id(), ts, &r.body)
+                .as_str()
+        )
+    );
     assert!(r.header("authorization").is_none());
     assert_eq!(r.header("host"), receiver.url().split('/').nth(2));
 }

@@ -16,8 +16,9 @@ use clap::{Parser, Subcommand};
 use vendora_observe::trace::TraceParent;
 use vendora_observe::{DeliveryError, WebhookConfig, WebhookService, outbox};
 use vendora_observe_server::http::{self as server, Limits};
+use vendora_observe_server::live::Outcome;
 use vendora_observe_server::live::{self, Feed, Seen, Transport};
-use vendora_observe_server::{Claim, Dedupe, Verifier};
+use vendora_observe_server::{Claim, Dedupe, Verifier, escaped};
 
 #[derive(Parser)]
 #[command(
@@ -45,12 +46,14 @@ enum Command {
         /// The port to listen on
         #[arg(long, default_value_t = 3001)]
         port: u16,
-        /// The secret to verify with [default: WEBHOOK_SECRET, and WEBHOOK_PREVIOUS_SECRETS]
+        /// Read the secret from the first line of standard input [default: WEBHOOK_SECRET,
+        /// and WEBHOOK_PREVIOUS_SECRETS]
         #[arg(long)]
-        secret: Option<String>,
-        /// Refuse webhooks without Standard Webhooks headers (replay protection)
+        secret_stdin: bool,
+        /// Accept webhooks without the Standard Webhooks headers (an old sender): a captured
+        /// one can then be replayed under a new id
         #[arg(long)]
-        require_standard_headers: bool,
+        accept_legacy_signatures: bool,
     },
     /// Check an X-Webhook-Signature against a body (FILE, or standard input), with the
     /// secret from WEBHOOK_SECRET (environment or .env), or the first line of standard
@@ -123,9 +126,9 @@ async fn main() -> ExitCode {
         Command::Send { event, json } => send(&event, &json).await,
         Command::Listen {
             port,
-            secret,
-            require_standard_headers,
-        } => listen(port, secret, require_standard_headers).await,
+            secret_stdin,
+            accept_legacy_signatures,
+        } => listen(port, secret_stdin, accept_legacy_signatures).await,
         Command::Verify {
             signature,
             secret_stdin,
@@ -186,10 +189,20 @@ struct Listening {
     feed: Arc<Feed>,
 }
 
-/// The secrets to verify with: `--secret`, or `WEBHOOK_SECRET` and
-/// `WEBHOOK_PREVIOUS_SECRETS` from the environment or `.env` (read, not loaded).
-fn secrets_from_env(given: Option<String>) -> Result<Vec<String>, Error> {
-    if let Some(secret) = given.filter(|s| !s.is_empty()) {
+/// The secrets to verify with: the first line of standard input (`--secret-stdin`), or
+/// `WEBHOOK_SECRET` and `WEBHOOK_PREVIOUS_SECRETS` from the environment or `.env` (read,
+/// not loaded). Never from the arguments, which `ps` shows to every user.
+fn secrets_from_env(from_stdin: bool) -> Result<Vec<String>, Error> {
+    if from_stdin {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        let secret = line.trim_end_matches(['\r', '\n']).to_owned();
+        if secret.is_empty() {
+            return Err(
+                "--secret-stdin: the first line of standard input is empty; pipe the secret in"
+                    .into(),
+            );
+        }
         return Ok(vec![secret]);
     }
     let dotenv: std::collections::HashMap<String, String> = dotenvy::from_path_iter(".env")
@@ -206,7 +219,9 @@ fn secrets_from_env(given: Option<String>) -> Result<Vec<String>, Error> {
         .collect();
     if secrets.is_empty() {
         return Err(
-            "no secret: set WEBHOOK_SECRET (in the environment or .env), or pass --secret".into(),
+            "no secret: set WEBHOOK_SECRET (in the environment or .env), or pipe it in with \
+             --secret-stdin"
+                .into(),
         );
     }
     if let Some(previous) = var("WEBHOOK_PREVIOUS_SECRETS") {
@@ -220,17 +235,13 @@ fn secrets_from_env(given: Option<String>) -> Result<Vec<String>, Error> {
     Ok(secrets)
 }
 
-async fn listen(
-    port: u16,
-    secret: Option<String>,
-    require_standard: bool,
-) -> Result<ExitCode, Error> {
-    let secrets = secrets_from_env(secret)?;
+async fn listen(port: u16, secret_stdin: bool, accept_legacy: bool) -> Result<ExitCode, Error> {
+    let secrets = secrets_from_env(secret_stdin)?;
     // The live page's token: random, printed once, never sent anywhere else.
     let token = uuid::Uuid::new_v4().simple().to_string();
     let feed = Feed::new(token.clone());
     let state = Arc::new(Listening {
-        verifier: Verifier::new(secrets).require_standard_headers(require_standard),
+        verifier: Verifier::new(secrets).require_standard_headers(!accept_legacy),
         seen: Dedupe::default(),
         feed: feed.clone(),
     });
@@ -249,27 +260,19 @@ async fn listen(
         })?;
     let addr = listener.local_addr()?;
     println!("listening on http://{addr} (Ctrl-C to stop)");
+    // In the fragment: browsers never send it, so no proxy logs it.
     println!("live page: http://{addr}/#token={token}");
+    if accept_legacy {
+        eprintln!(
+            "warning: --accept-legacy-signatures: webhooks signed only with X-Webhook-Signature \
+             are accepted, and a captured one can be replayed under a new id"
+        );
+    }
     server::serve(listener, app, Limits::default(), async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Text from the network, made safe to print: control characters (escape sequences,
-/// carriage returns, bidi overrides) are shown as `\u{…}`, so a request cannot forge lines
-/// or rewrite the terminal.
-fn escaped(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
-                format!("\\u{{{:x}}}", c as u32)
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 async fn any_path(
@@ -309,9 +312,9 @@ async fn on_webhook(
                 None => "",
             };
             let outcome = if again.is_empty() {
-                "received"
+                Outcome::Received
             } else {
-                "duplicate"
+                Outcome::Duplicate
             };
             state.feed.push(Seen::verified(
                 &event.event,
@@ -364,7 +367,7 @@ fn verify(signature: &str, secret_stdin: bool, file: Option<&str>) -> Result<Exi
         }
         line
     } else {
-        secrets_from_env(None)?.remove(0)
+        secrets_from_env(false)?.remove(0)
     };
     let body = match file {
         None | Some("-") => {

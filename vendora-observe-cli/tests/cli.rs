@@ -85,6 +85,12 @@ fn verify_takes_the_secret_from_the_environment_or_stdin_and_never_prints_a_sign
     );
     let (ok, _, err) = run(&["verify", "--signature", &sig, file], &[], None);
     assert!(!ok && err.contains("set WEBHOOK_SECRET"), "{err}");
+    // Nor for `listen`.
+    let (ok, _, err) = run(&["listen", "--secret", "k"], &[], None);
+    assert!(
+        !ok && err.contains("unexpected argument '--secret'"),
+        "{err}"
+    );
     std::fs::remove_file(path).unwrap();
 }
 
@@ -120,7 +126,8 @@ fn send_to_listen_verifies_and_prints_and_a_wrong_secret_gets_the_hint() {
     let port = free_port();
     let mut listener = KillOnDrop(
         Command::new(BIN)
-            .args(["listen", "--port", &port, "--secret", "shared"])
+            .args(["listen", "--port", &port])
+            .env("WEBHOOK_SECRET", "shared")
             .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -188,7 +195,12 @@ fn send_to_listen_verifies_and_prints_and_a_wrong_secret_gets_the_hint() {
     );
     assert_eq!(status, 401);
     let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
-    assert!(line.starts_with("✗ invalid or missing signature"), "{line}");
+    assert!(
+        line.starts_with(
+            "✗ webhook-id, webhook-timestamp and webhook-signature are required (answered 401)"
+        ),
+        "{line}"
+    );
     assert!(
         !line.chars().any(|c| c.is_control() || c == '\u{202e}'),
         "{line:?}"
@@ -227,7 +239,8 @@ fn listen_says_what_its_limits_refused() {
     let port = free_port();
     let mut listener = KillOnDrop(
         Command::new(BIN)
-            .args(["listen", "--port", &port, "--secret", "shared"])
+            .args(["listen", "--port", &port])
+            .env("WEBHOOK_SECRET", "shared")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -281,6 +294,36 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The headers of a body signed with `secret` as the sender signs it (Standard Webhooks
+/// and legacy), under the id `id`.
+fn signed(secret: &[u8], id: &str, body: &[u8]) -> Vec<(String, String)> {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    vec![
+        ("Content-Type".into(), "application/json".into()),
+        (
+            "X-Webhook-Signature".into(),
+            vendora_observe::sign(secret, body),
+        ),
+        ("X-Webhook-Id".into(), id.into()),
+        ("webhook-id".into(), id.into()),
+        ("webhook-timestamp".into(), ts.to_string()),
+        (
+            "webhook-signature".into(),
+            vendora_observe::signature::standard_signature(secret, id, ts, body),
+        ),
+    ]
+}
+
+fn refs(headers: &[(String, String)]) -> Vec<(&str, &str)> {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
 }
 
 /// A raw HTTP/1.1 POST to 127.0.0.1:`port`, returning the status.
@@ -528,12 +571,17 @@ async fn outbox_tail_prints_rows_as_they_finish() {
 /// A GET to 127.0.0.1:`port`: the status and what came within `wait` (all of it, for a
 /// response that ends sooner).
 fn get(port: &str, path: &str, until: &str) -> (u16, String) {
+    get_with(port, path, "", until)
+}
+
+/// [`get`] with more header lines (`"Name: value\r\n"` each).
+fn get_with(port: &str, path: &str, headers: &str, until: &str) -> (u16, String) {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut got = Vec::new();
@@ -555,11 +603,14 @@ fn get(port: &str, path: &str, until: &str) -> (u16, String) {
     (status, text)
 }
 
-/// `listen --secret shared` on a free port, once it listens: the process, its port and the
-/// line that gives the live page's address.
+/// `listen` with the secret `shared` on a free port, once it listens: the process, its port
+/// and the line that gives the live page's address.
 fn listen_with_page() -> (Child, String, String) {
     let port = free_port();
-    let listen = Child::spawn(&["listen", "--port", &port, "--secret", "shared"], &[]);
+    let listen = Child::spawn(
+        &["listen", "--port", &port],
+        &[("WEBHOOK_SECRET", "shared")],
+    );
     assert!(listen.line().starts_with("listening on "));
     let page = listen.line();
     (listen, port, page)
@@ -590,26 +641,36 @@ fn listen_serves_a_live_page_behind_its_token() {
         404,
         "a GET is not a webhook"
     );
-    assert_eq!(get(&port, "/live/events?token=stolen", "").0, 401);
+    assert_eq!(
+        get(&port, &format!("/live/events?token={token}"), "").0,
+        401,
+        "never in a URL"
+    );
+    assert_eq!(
+        get_with(
+            &port,
+            "/live/events",
+            "Authorization: Bearer stolen\r\n",
+            ""
+        )
+        .0,
+        401
+    );
 
     let body = br#"{"event":"stock:updated","data":{"productId":4,"newStock":2}}"#;
-    let signature = vendora_observe::sign(b"shared", body);
-    let headers = [
-        ("Content-Type", "application/json"),
-        ("X-Webhook-Signature", signature.as_str()),
-        ("X-Webhook-Id", "01a2285a-7180-7081-bf66-8f10090361cc"),
-    ];
-    assert_eq!(raw_post(&port, &headers, body), 200);
-    assert_eq!(raw_post(&port, &headers, body), 200); // a redelivery
+    let headers = signed(b"shared", "01a2285a-7180-7081-bf66-8f10090361cc", body);
+    assert_eq!(raw_post(&port, &refs(&headers), body), 200);
+    assert_eq!(raw_post(&port, &refs(&headers), body), 200); // a redelivery
     let forged = [
         ("Content-Type", "application/json"),
         ("X-Webhook-Signature", "00"),
     ];
     assert_eq!(raw_post(&port, &forged, body), 401);
 
-    let (status, events) = get(
+    let (status, events) = get_with(
         &port,
-        &format!("/live/events?token={token}"),
+        "/live/events",
+        &format!("Authorization: Bearer {token}\r\n"),
         r#""outcome":"refused""#,
     );
     assert_eq!(status, 200, "{events}");
@@ -640,12 +701,12 @@ fn listen_serves_a_live_page_behind_its_token() {
     // An open page gets each new webhook as it comes.
     let (tx, rx) = channel();
     let stream_port = port.clone();
-    let path = format!("/live/events?token={token}");
+    let auth = format!("Authorization: Bearer {token}");
     std::thread::spawn(move || {
         use std::io::Read;
         let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{stream_port}")).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        write!(s, "GET /live/events HTTP/1.1\r\nHost: x\r\n{auth}\r\n\r\n").unwrap();
         let mut got = String::new();
         let mut buf = [0; 4096];
         let mut told = false;
@@ -669,12 +730,8 @@ fn listen_serves_a_live_page_behind_its_token() {
     });
     assert_eq!(rx.recv_timeout(Duration::from_secs(20)).unwrap(), None);
     let body = br#"{"event":"order:created","data":{"id":9}}"#;
-    let signature = vendora_observe::sign(b"shared", body);
-    let headers = [
-        ("Content-Type", "application/json"),
-        ("X-Webhook-Signature", signature.as_str()),
-    ];
-    assert_eq!(raw_post(&port, &headers, body), 200);
+    let headers = signed(b"shared", "order-9", body);
+    assert_eq!(raw_post(&port, &refs(&headers), body), 200);
     let live = rx
         .recv_timeout(Duration::from_secs(20))
         .unwrap()
@@ -705,12 +762,8 @@ fn listen_live_page_in_a_browser() {
         ("stock:updated", 1),
     ] {
         let body = format!(r#"{{"event":"{event}","data":{{"id":{id}}}}}"#);
-        let signature = vendora_observe::sign(b"shared", body.as_bytes());
-        let headers = [
-            ("Content-Type", "application/json"),
-            ("X-Webhook-Signature", signature.as_str()),
-        ];
-        assert_eq!(raw_post(&port, &headers, body.as_bytes()), 200);
+        let headers = signed(b"shared", &format!("{event}-{id}"), body.as_bytes());
+        assert_eq!(raw_post(&port, &refs(&headers), body.as_bytes()), 200);
     }
     let forged = [
         ("Content-Type", "application/json"),

@@ -1,20 +1,22 @@
-//! The live page (feature `server`): every webhook a receiver handles, as the apps receive
-//! it — time, event, row, signature, duplicates and retries, latency from the write, data —
-//! with filters by event and row and a live chart of events per second and latency.
+//! The live page: every webhook a receiver handles, as the apps receive it — time, event,
+//! row, signature, duplicates and retries, latency from the write, data — with filters by
+//! event and row and a live chart of events per second and latency.
 //!
-//! The page is static and embedded in the binary (`receiver/live/`): HTML, CSS, a small
-//! script and the socket.io v4 client. It needs a token, the way apps do, and gets what the
-//! receiver handled recently, then a record ([`Seen`]) per webhook, over one of two
-//! [`Transport`]s:
+//! The page is static and embedded in the binary (`src/live/`): HTML, CSS, a small script,
+//! the apps' own module (`clients/js/vendora-observe.js`) and the socket.io v4 client. It
+//! needs the receiver's own credential, never an app token, and gets what the receiver
+//! handled recently, then a record ([`Seen`]) per webhook, over one of two [`Transport`]s:
 //!
-//! - [`Transport::SocketIo`]: the receiver twin's apps' own connection; the page connects
-//!   with `auth: { token, monitor: true }`, and monitors get `vendora:history` then
-//!   `vendora:seen` events;
-//! - [`Transport::EventSource`]: Server-Sent Events from [`Feed`], for receivers without
-//!   socket.io (`vendora-observe listen`).
+//! - [`Transport::SocketIo`]: the server's app connection; the page connects through the
+//!   apps' module with `auth: { token: <ADMIN_TOKEN>, monitor: true }`, and gets
+//!   `vendora:history` then `vendora:seen` events;
+//! - [`Transport::EventSource`]: Server-Sent Events from [`Feed`], read with `fetch` and the
+//!   token in an `Authorization` header, for receivers without socket.io
+//!   (`vendora-observe listen`).
 //!
 //! The page is served with a strict Content-Security-Policy (scripts from the receiver
-//! only) and shows what it receives as text, never as HTML.
+//! only) and shows what it receives as text, never as HTML. The records kept for pages
+//! that connect later are bounded in number and in bytes ([`Records`]).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -22,14 +24,33 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::{RawQuery, State};
-use axum::http::{StatusCode, header};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::broadcast;
+
+/// What a receiver did with a webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Accepted for the apps (the server).
+    Broadcast,
+    /// Verified and shown (`listen`, which has no apps).
+    Received,
+    /// A redelivery of an id already handled: acknowledged, not sent again.
+    Duplicate,
+    /// The same id is being handled right now: answered 503, the sender retries.
+    Retry,
+    /// The server could not take it (Redis down): answered 503, the sender retries.
+    Failed,
+    /// Refused (signature, size, shape…).
+    Refused,
+}
 
 /// What a receiver did with one webhook, as the live page shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -43,9 +64,8 @@ pub struct Seen {
     pub row: Option<String>,
     /// The `X-Webhook-Id`.
     pub id: Option<String>,
-    /// `broadcast` (the twin) or `received` (`listen`), `duplicate` (dropped), `retry` (the
-    /// same id is being handled: 503), `failed` (the broadcast failed: 503), `refused`.
-    pub outcome: &'static str,
+    /// What became of it.
+    pub outcome: Outcome,
     /// `ok`, or `invalid` when refused.
     pub signature: &'static str,
     /// Why it was refused.
@@ -64,7 +84,7 @@ impl Seen {
         event: &str,
         data: &Value,
         id: Option<&str>,
-        outcome: &'static str,
+        outcome: Outcome,
         trace_id: Option<String>,
     ) -> Seen {
         let at = now_ms();
@@ -76,7 +96,7 @@ impl Seen {
             outcome,
             signature: "ok",
             reason: None,
-            data: matches!(outcome, "broadcast" | "received").then(|| data.clone()),
+            data: matches!(outcome, Outcome::Broadcast | Outcome::Received).then(|| data.clone()),
             latency_ms: id.and_then(uuid_v7_ms).map(|born| at.saturating_sub(born)),
             trace_id,
         }
@@ -89,7 +109,7 @@ impl Seen {
             event: None,
             row: None,
             id: None,
-            outcome: "refused",
+            outcome: Outcome::Refused,
             signature: "invalid",
             reason: Some(reason),
             data: None,
@@ -99,35 +119,59 @@ impl Seen {
     }
 }
 
-/// The last webhooks handled, sent to each page as it connects.
+/// The last webhooks handled, sent to each page as it connects: at most [`RECORDS`]
+/// records and [`RECORD_BYTES`] bytes of them, the oldest dropped first.
 #[derive(Debug, Default)]
-pub struct History {
-    entries: Mutex<VecDeque<Seen>>,
+pub struct Records {
+    entries: Mutex<Kept>,
+}
+
+#[derive(Debug, Default)]
+struct Kept {
+    records: VecDeque<(Seen, usize)>,
+    bytes: usize,
 }
 
 /// How many records a receiver keeps for pages that connect later.
-pub const HISTORY: usize = 500;
+pub const RECORDS: usize = 500;
+/// How many bytes of records (their data included) a receiver keeps.
+pub const RECORD_BYTES: usize = 4 << 20;
 
-impl History {
-    /// Keeps `seen`, dropping the oldest record beyond [`HISTORY`].
+impl Records {
+    /// Keeps `seen`, dropping the oldest records beyond the bounds.
     pub fn push(&self, seen: Seen) {
-        History::keep(&mut self.lock(), seen);
+        Records::keep(&mut self.lock(), seen);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Seen>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn keep(entries: &mut VecDeque<Seen>, seen: Seen) {
-        if entries.len() == HISTORY {
-            entries.pop_front();
+    fn keep(kept: &mut Kept, seen: Seen) {
+        let size = 256
+            + seen
+                .data
+                .as_ref()
+                .map_or(0, |d| serde_json::to_vec(d).map_or(0, |v| v.len()))
+            + seen.reason.as_ref().map_or(0, String::len);
+        kept.bytes += size;
+        kept.records.push_back((seen, size));
+        while kept.records.len() > RECORDS || (kept.bytes > RECORD_BYTES && kept.records.len() > 1)
+        {
+            if let Some((_, size)) = kept.records.pop_front() {
+                kept.bytes -= size;
+            }
         }
-        entries.push_back(seen);
     }
 
     /// The records kept, oldest first.
     pub fn snapshot(&self) -> Vec<Seen> {
-        self.lock().iter().cloned().collect()
+        self.lock().records.iter().map(|(s, _)| s.clone()).collect()
+    }
+
+    /// The bytes the records kept weigh.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
     }
 }
 
@@ -135,14 +179,11 @@ impl History {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Transport {
-    /// socket.io, with the apps: the receiver emits to the room [`MONITORS`].
+    /// socket.io, with the apps: the page connects as a monitor.
     SocketIo,
     /// Server-Sent Events from a [`Feed`] at `/live/events`.
     EventSource,
 }
-
-/// The socket.io room of the live pages ([`Transport::SocketIo`]).
-pub const MONITORS: &str = "monitor";
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
                    connect-src 'self'; img-src 'self'; form-action 'none'; \
@@ -201,12 +242,16 @@ pub fn assets<S: Clone + Send + Sync + 'static>() -> Router<S> {
             "/live/socket.io.min.js",
             get(move || async move { asset(include_str!("live/socket.io.min.js"), js) }),
         )
+        .route(
+            "/live/vendora-observe.js",
+            get(move || async move { asset(include_str!("live/vendora-observe.js"), js) }),
+        )
 }
 
 /// The records of a receiver without socket.io, for pages that hold `token`: what it
 /// handled recently, then each new record, as Server-Sent Events at `/live/events`.
 pub struct Feed {
-    history: History,
+    history: Records,
     tx: broadcast::Sender<Seen>,
     token: String,
 }
@@ -221,7 +266,7 @@ impl Feed {
     /// A feed for pages that present `token`.
     pub fn new(token: impl Into<String>) -> Arc<Feed> {
         Arc::new(Feed {
-            history: History::default(),
+            history: Records::default(),
             tx: broadcast::channel(1024).0,
             token: token.into(),
         })
@@ -232,43 +277,17 @@ impl Feed {
         // Under the history's lock: a page that connects gets each record exactly once,
         // in its history or live.
         let mut entries = self.history.lock();
-        History::keep(&mut entries, seen.clone());
+        Records::keep(&mut entries, seen.clone());
         let _ = self.tx.send(seen);
     }
 
-    /// `GET /live/events?token=…`: 401 without the feed's token.
+    /// `GET /live/events` with `Authorization: Bearer <token>`: 401 without the feed's
+    /// token. (Not in the query string: proxies log URLs.)
     pub fn routes<S: Clone + Send + Sync + 'static>(self: &Arc<Self>) -> Router<S> {
         Router::new()
             .route("/live/events", get(events))
             .with_state(self.clone())
     }
-}
-
-/// The `token` parameter of a query string, percent-decoded.
-fn token_param(query: &str) -> String {
-    let raw = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("token="))
-        .unwrap_or("");
-    let mut out = Vec::with_capacity(raw.len());
-    let mut bytes = raw.bytes();
-    while let Some(b) = bytes.next() {
-        match b {
-            b'%' => {
-                let hex: Vec<u8> = bytes.by_ref().take(2).collect();
-                match std::str::from_utf8(&hex)
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                {
-                    Some(v) => out.push(v),
-                    None => return String::new(),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-    }
-    String::from_utf8(out).unwrap_or_default()
 }
 
 fn sse_event(name: &'static str, data: &impl Serialize) -> Event {
@@ -277,14 +296,18 @@ fn sse_event(name: &'static str, data: &impl Serialize) -> Event {
         .data(serde_json::to_string(data).unwrap_or_default())
 }
 
-async fn events(State(feed): State<Arc<Feed>>, RawQuery(query): RawQuery) -> Response {
-    let token = token_param(query.as_deref().unwrap_or(""));
-    if !crate::token_matches(&feed.token, &token) {
+async fn events(State(feed): State<Arc<Feed>>, headers: HeaderMap) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !crate::token_matches(feed.token.as_bytes(), token.as_bytes()) {
         return (StatusCode::UNAUTHORIZED, "a valid token is required").into_response();
     }
     let (history, rx) = {
         let entries = feed.history.lock();
-        let records: Vec<&Seen> = entries.iter().collect();
+        let records: Vec<&Seen> = entries.records.iter().map(|(s, _)| s).collect();
         (sse_event("vendora:history", &records), feed.tx.subscribe())
     };
     let first = futures_util::stream::once(async move { Ok::<_, Infallible>(history) });

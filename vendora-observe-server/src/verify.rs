@@ -1,43 +1,46 @@
-//! The receiving end, for anyone building a WebSocket server (or any webhook consumer) in
-//! Rust, and what the receiver twin and `vendora-observe listen` are made of:
-//!
-//! - [`Verifier`]: checks one request as it must be checked on the internet: size, content
-//!   type, the signature over the raw body in constant time, with any of several secrets
-//!   (rotation), Standard Webhooks headers with a replay window when present (or required),
-//!   bounded ids, then the shape;
-//! - [`Dedupe`]: drops redeliveries by id, bounded in entries and bytes, an id recorded only
-//!   once its event was handled;
-//! - [`AppToken`]: short-lived HMAC tokens the backend mints for its apps, which a socket.io
-//!   server checks on the handshake;
-//! - `server` (feature `server`): an HTTP server with header-read, body and idle timeouts, a
-//!   connection cap and the body limit enforced while reading.
+//! [`Verifier`]: checks one webhook request as a receiver facing the internet must: size,
+//! content type, the signature over the raw body in constant time, with any of several
+//! secrets (rotation), the Standard Webhooks headers with their replay window (required
+//! unless told otherwise), bounded ids, then the shape, rooms included.
 //!
 //! ```
+//! use vendora_observe::signature::standard_signature;
 //! use vendora_observe_server::{Claim, Dedupe, Rejection, Verifier};
 //!
 //! let verifier = Verifier::new(["s3cr3t"]);
-//! let body = br#"{"event":"stock:updated","data":{"productId":1,"newStock":7}}"#;
-//! let signature = vendora_observe::sign(b"s3cr3t", body);
+//! let body = br#"{"event":"order:created","data":{"id":7},"rooms":["store:1"]}"#;
+//! let now = std::time::SystemTime::now();
+//! let ts = now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+//! let signature = standard_signature(b"s3cr3t", "msg_1", ts, body);
+//! let ts = ts.to_string();
 //! let headers = |name: &str| match name {
 //!     "content-type" => Some("application/json"),
-//!     "x-webhook-signature" => Some(signature.as_str()),
-//!     "x-webhook-id" => Some("0193a0b5-6c1e-7d1a-9b7e-2f3a4b5c6d7e"),
+//!     "webhook-id" => Some("msg_1"),
+//!     "webhook-timestamp" => Some(ts.as_str()),
+//!     "webhook-signature" => Some(signature.as_str()),
 //!     _ => None,
 //! };
 //! let event = verifier.verify(headers, body)?;
-//! assert_eq!(event.event, "stock:updated");
-//! assert_eq!(event.data["newStock"], 7);
+//! assert_eq!((event.event.as_str(), event.id.as_deref()), ("order:created", Some("msg_1")));
+//! assert_eq!(event.rooms.as_deref(), Some(&["store:1".to_owned()][..]));
+//!
+//! // The legacy header alone signs neither the id nor the time: a capture could be
+//! // replayed under a fresh id. Refused unless legacy senders are accepted explicitly.
+//! let legacy_sig = vendora_observe::sign(b"s3cr3t", body);
+//! let legacy = |name: &str| match name {
+//!     "content-type" => Some("application/json"),
+//!     "x-webhook-signature" => Some(legacy_sig.as_str()),
+//!     _ => None,
+//! };
+//! assert_eq!(verifier.verify(legacy, body).unwrap_err(), Rejection::StandardHeadersRequired);
+//! assert!(verifier.clone().require_standard_headers(false).verify(legacy, body).is_ok());
 //!
 //! let seen = Dedupe::default();
-//! let id = event.id.as_deref().unwrap();
-//! if let Claim::First(ticket) = seen.claim(id) {
+//! if let Claim::First(ticket) = seen.claim("msg_1") {
 //!     // … broadcast the event; only once it succeeded:
 //!     ticket.done();
 //! }
-//! assert!(matches!(seen.claim(id), Claim::Seen)); // a retry of the same event
-//!
-//! let forged = |name: &str| if name == "x-webhook-signature" { Some("00") } else { headers(name) };
-//! assert_eq!(verifier.verify(forged, body).unwrap_err().status(), 401);
+//! assert!(matches!(seen.claim("msg_1"), Claim::Seen)); // a retry of the same event
 //! # Ok::<(), Rejection>(())
 //! ```
 
@@ -67,6 +70,9 @@ pub struct IncomingEvent {
     pub event: String,
     /// `data`.
     pub data: Value,
+    /// `rooms`: the apps it is for (those whose scope holds one of them); `None` for an
+    /// event every app receives.
+    pub rooms: Option<Vec<String>>,
     /// Its id (`webhook-id` or `X-Webhook-Id`), the same on every retry: dedupe on it.
     pub id: Option<String>,
 }
@@ -88,7 +94,8 @@ pub enum Rejection {
     /// The event id is longer than [`MAX_ID`], or `webhook-id` and `X-Webhook-Id` differ:
     /// 400.
     BadId,
-    /// The body is not `{"event": "<string>", "data": …}`: 400.
+    /// The body is not `{"event": "<string>", "data": …}` (with `"rooms": ["<string>", …]`
+    /// if any): 400.
     Malformed,
 }
 
@@ -104,9 +111,10 @@ impl Rejection {
     }
 }
 
-impl fmt::Display for Rejection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Rejection {
+    /// What was wrong, in a few words (the text of [`Display`](fmt::Display)).
+    pub fn describe(self) -> &'static str {
+        match self {
             Rejection::TooLarge => "body too large",
             Rejection::NotJson => "Content-Type must be application/json",
             Rejection::BadSignature => "invalid or missing signature",
@@ -115,8 +123,16 @@ impl fmt::Display for Rejection {
             }
             Rejection::Stale => "webhook-timestamp is outside the replay window",
             Rejection::BadId => "invalid event id",
-            Rejection::Malformed => r#"body must be {"event": "<name>", "data": ...}"#,
-        })
+            Rejection::Malformed => {
+                r#"body must be {"event": "<name>", "data": ..., "rooms": ["<room>", ...] (optional)}"#
+            }
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
     }
 }
 
@@ -145,9 +161,9 @@ impl fmt::Debug for Verifier {
 
 impl Verifier {
     /// Accepts a signature by any of `secrets` (the current one and those being rotated
-    /// out). Standard Webhooks headers are verified when present, with a five-minute replay
-    /// window; the legacy `X-Webhook-Signature` alone is accepted too (the Node servers in
-    /// the field use it).
+    /// out), in the Standard Webhooks headers, with a five-minute replay window. Requests
+    /// with only the legacy `X-Webhook-Signature` are refused: see
+    /// [`require_standard_headers`](Self::require_standard_headers).
     pub fn new<S: Into<String>>(secrets: impl IntoIterator<Item = S>) -> Self {
         Verifier {
             secrets: secrets
@@ -156,15 +172,16 @@ impl Verifier {
                 .filter(|s: &String| !s.is_empty())
                 .map(Secret::new)
                 .collect(),
-            require_standard: false,
+            require_standard: true,
             tolerance: REPLAY_TOLERANCE,
             max_body: MAX_BODY,
         }
     }
 
-    /// Refuses requests without Standard Webhooks headers: the legacy signature alone can
-    /// be replayed (it signs no time), so a receiver that wants replay protection requires
-    /// them. The sender sends them with `WEBHOOK_STANDARD_HEADERS=true`.
+    /// Whether requests without Standard Webhooks headers are refused (the default). The
+    /// legacy signature alone signs neither the time nor the id, so a captured request can
+    /// be replayed under a fresh id; `false` accepts it, for senders older than the
+    /// Standard headers (vendora-observe sends both unless `WEBHOOK_STANDARD_HEADERS=false`).
     #[must_use]
     pub fn require_standard_headers(mut self, require: bool) -> Self {
         self.require_standard = require;
@@ -272,41 +289,25 @@ impl Verifier {
             .get_mut("data")
             .map(Value::take)
             .unwrap_or(Value::Null);
+        let rooms = match value.get_mut("rooms").map(Value::take) {
+            None => None,
+            Some(rooms) => Some(serde_json::from_value(rooms).map_err(|_| Rejection::Malformed)?),
+        };
         Ok(IncomingEvent {
             event,
             data,
+            rooms,
             id: id.map(str::to_owned),
         })
     }
 }
 
-/// Checks one request with one secret, the legacy header and [`MAX_BODY`]-style limit:
-/// [`Verifier`] is the complete check (rotation, Standard Webhooks, ids).
-pub fn verify_request(
-    secret: &[u8],
-    content_type: Option<&str>,
-    signature_header: Option<&str>,
-    body: &[u8],
-    max_body: usize,
-) -> Result<IncomingEvent, Rejection> {
-    Verifier::new([String::from_utf8_lossy(secret).into_owned()])
-        .max_body(max_body)
-        .verify(
-            |name| match name {
-                "content-type" => content_type,
-                "x-webhook-signature" => signature_header,
-                _ => None,
-            },
-            body,
-        )
-}
-
 /// Whether `presented` equals `expected`, in constant time: both go through an HMAC under a
-/// fixed key first, so neither their length nor their content shows in the timing. For app
-/// and page tokens.
-pub fn token_matches(expected: &str, presented: &str) -> bool {
-    let mac = signature::sign(b"vendora-token-compare", expected.as_bytes());
-    signature::verify(b"vendora-token-compare", presented.as_bytes(), &mac)
+/// fixed key first, so neither their length nor their content shows in the timing. For app,
+/// admin and page tokens.
+pub fn token_matches(expected: &[u8], presented: &[u8]) -> bool {
+    let mac = signature::sign(b"vendora-token-compare", expected);
+    signature::verify(b"vendora-token-compare", presented, &mac)
 }
 
 #[cfg(test)]
@@ -328,7 +329,7 @@ mod tests {
     #[test]
     fn each_rejection_has_its_status() {
         let s = vendora_observe::sign(b"k", BODY);
-        let v = Verifier::new(["k"]);
+        let v = Verifier::new(["k"]).require_standard_headers(false);
         assert_eq!(
             v.clone()
                 .max_body(10)
@@ -360,6 +361,13 @@ mod tests {
             v.verify(legacy(&bad_sig, "a"), bad).unwrap_err().status(),
             400
         );
+        let targeted = br#"{"event":"x","data":1,"rooms":[1]}"#;
+        let sig = vendora_observe::sign(b"k", targeted);
+        assert_eq!(
+            v.verify(legacy(&sig, "a"), targeted).unwrap_err(),
+            Rejection::Malformed,
+            "rooms are strings"
+        );
         let e = v.verify(legacy(&s, "a"), BODY).unwrap();
         assert_eq!(
             (e.event.as_str(), e.id.as_deref()),
@@ -372,18 +380,19 @@ mod tests {
     fn any_current_secret_verifies_during_a_rotation() {
         let old = vendora_observe::sign(b"old", BODY);
         let new = vendora_observe::sign(b"new", BODY);
-        let v = Verifier::new(["new", "old"]);
+        let v = Verifier::new(["new", "old"]).require_standard_headers(false);
         assert!(v.verify(legacy(&old, "a"), BODY).is_ok());
         assert!(v.verify(legacy(&new, "a"), BODY).is_ok());
         assert!(
             Verifier::new(["new"])
+                .require_standard_headers(false)
                 .verify(legacy(&old, "a"), BODY)
                 .is_err()
         );
     }
 
     #[test]
-    fn standard_headers_are_checked_with_their_window_and_can_be_required() {
+    fn standard_headers_are_checked_with_their_window_and_required_by_default() {
         let sent = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let ts = "1800000000";
         let sig =
@@ -400,17 +409,27 @@ mod tests {
             v.verify_at(standard, BODY, sent + Duration::from_secs(299))
                 .is_ok()
         );
+        let stripped = |name: &str| match name {
+            "webhook-signature" => None,
+            other => standard(other),
+        };
+        assert_eq!(
+            v.verify_at(stripped, BODY, sent).unwrap_err(),
+            Rejection::StandardHeadersRequired,
+            "a request stripped of a Standard header does not fall back to the legacy check"
+        );
         assert_eq!(
             v.verify_at(standard, BODY, sent + Duration::from_secs(301))
                 .unwrap_err(),
             Rejection::Stale
         );
         let legacy_sig = vendora_observe::sign(b"k", BODY);
-        let required = v.clone().require_standard_headers(true);
         assert_eq!(
-            required.verify(legacy(&legacy_sig, "a"), BODY).unwrap_err(),
+            v.verify(legacy(&legacy_sig, "a"), BODY).unwrap_err(),
             Rejection::StandardHeadersRequired
         );
-        assert!(required.verify_at(standard, BODY, sent).is_ok());
+        let lenient = v.clone().require_standard_headers(false);
+        assert!(lenient.verify(legacy(&legacy_sig, "a"), BODY).is_ok());
+        assert!(lenient.verify_at(standard, BODY, sent).is_ok());
     }
 }

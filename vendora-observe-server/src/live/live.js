@@ -1,9 +1,12 @@
-// The live page of a receiver (the twin, `vendora-observe listen`): every webhook it
-// handled, as the apps receive it. With the twin it connects with the socket.io v4 client
-// like an app (same token), asking to monitor; with `listen`, through Server-Sent Events.
-// Everything from the network is shown through textContent, never parsed as HTML.
-(() => {
-  "use strict";
+// The live page of a receiver (vendora-observe-server, `vendora-observe listen`): every
+// webhook it handled, as the apps receive it. With the server it connects through the apps'
+// own module (clients/js/vendora-observe.js: reconnects, catch-up) with the ADMIN_TOKEN,
+// asking to monitor; with `listen`, through Server-Sent Events read with fetch, the token in
+// a header (never in a URL, where proxies log it). Everything from the network is shown
+// through textContent, never parsed as HTML.
+import { connect as connectApp } from "/live/vendora-observe.js";
+
+{
   const $ = (id) => document.getElementById(id);
   const KEEP = 2000; // events kept in the page
   let seen = [];
@@ -53,28 +56,60 @@
     summary();
   }
 
+  // Server-Sent Events over fetch: `event:` and `data:` lines, a blank line ends one.
+  async function stream(t) {
+    for (let wait = 500; ; wait = Math.min(wait * 2, 5000)) {
+      try {
+        const res = await fetch("/live/events", { headers: { Authorization: "Bearer " + t } });
+        if (res.status === 401) return loggedOut("a valid token is required");
+        if (!res.ok || !res.body) throw new Error("HTTP " + res.status);
+        status("live", "live");
+        wait = 500;
+        const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buf = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += value;
+          let end;
+          while ((end = buf.indexOf("\n\n")) >= 0) {
+            const block = buf.slice(0, end);
+            buf = buf.slice(end + 2);
+            let name = "message";
+            const data = [];
+            for (const line of block.split("\n")) {
+              if (line.startsWith("event:")) name = line.slice(6).trim();
+              else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+            }
+            if (name === "vendora:history") onHistory(JSON.parse(data.join("\n")));
+            else if (name === "vendora:seen") onSeen(JSON.parse(data.join("\n")));
+          }
+        }
+      } catch (e) {
+        // Dropped: retried below.
+      }
+      status("down", "disconnected, reconnecting…");
+      await new Promise((r) => setTimeout(r, wait));
+    }
+  }
+
   function connect(t) {
     if (transport === "eventsource") {
-      const source = new EventSource("/live/events?token=" + encodeURIComponent(t));
-      source.addEventListener("open", () => status("live", "live"));
-      source.addEventListener("vendora:history", (e) => onHistory(JSON.parse(e.data)));
-      source.addEventListener("vendora:seen", (e) => onSeen(JSON.parse(e.data)));
-      source.addEventListener("error", () => {
-        // A refused token closes the source; a dropped connection is retried.
-        if (source.readyState === EventSource.CLOSED) loggedOut("a valid token is required");
-        else status("down", "disconnected, reconnecting…");
-      });
+      stream(t);
       return;
     }
-    const socket = io({ auth: { token: t, monitor: true } });
-    socket.on("connect", () => status("live", "live"));
-    socket.on("disconnect", () => status("down", "disconnected, reconnecting…"));
-    socket.on("connect_error", (e) => {
-      if (!socket.active) loggedOut(e.message);
-      else status("down", "disconnected, reconnecting…");
+    const client = connectApp(window.io, location.origin, {
+      token: t,
+      monitor: true,
+      onEvent: () => {},
+      onStatus: (state, detail) => {
+        if (state === "live") status("live", "live");
+        else if (state === "refused") loggedOut(detail || "refused");
+        else if (state === "down") status("down", "disconnected, reconnecting…");
+      },
     });
-    socket.on("vendora:history", onHistory);
-    socket.on("vendora:seen", onSeen);
+    client.socket.on("vendora:history", onHistory);
+    client.socket.on("vendora:seen", onSeen);
   }
 
   function record(s) {
@@ -181,4 +216,4 @@
     status("refused", "a token is needed");
     $("login").hidden = false;
   }
-})();
+}
