@@ -505,13 +505,15 @@ pub fn free_port() -> u16 {
 /// unless asked for.
 pub struct Redis {
     pub url: String,
-    child: std::process::Child,
+    pub port: u16,
+    /// Its arguments beyond the port, to start it again the same way.
+    args: Vec<String>,
+    child: Option<std::process::Child>,
 }
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -519,28 +521,33 @@ impl Redis {
     /// Runs a command with `redis-cli`; its answer.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = std::process::Command::new("redis-cli")
-            .args(["-u", &self.url])
+            .args(["-p", &self.port.to_string()])
             .args(args)
             .output()
             .expect("redis-cli (from redis-tools, which redis-server brings) runs");
         assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
+
+    /// Kills it at once (SIGKILL): what a crash or an OOM kill does.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, with the same arguments (and data directory).
+    pub fn start(&mut self) {
+        self.kill();
+        self.child = Some(spawn_redis(self.port, &self.args));
+    }
 }
 
-pub fn redis() -> Redis {
-    let port = free_port();
+fn spawn_redis(port: u16, args: &[String]) -> std::process::Child {
     let child = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(args)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap_or_else(|e| {
@@ -557,9 +564,40 @@ pub fn redis() -> Redis {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    child
+}
+
+/// A Redis server of the test's own, in memory only.
+pub fn redis() -> Redis {
+    redis_with(&["--save", "", "--appendonly", "no"])
+}
+
+/// A Redis server of the test's own that keeps what it acknowledged across a kill: an
+/// append-only file synced at every write, in a directory of its own.
+pub fn durable_redis() -> Redis {
+    let dir = temp_dir("redis");
+    redis_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        dir.to_str().unwrap(),
+    ])
+}
+
+/// A Redis server of the test's own with these arguments beyond its port.
+pub fn redis_with(args: &[&str]) -> Redis {
+    let port = free_port();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let child = spawn_redis(port, &args);
     Redis {
         url: format!("redis://127.0.0.1:{port}"),
-        child,
+        port,
+        args,
+        child: Some(child),
     }
 }
 
@@ -781,6 +819,24 @@ impl Proxy {
 /// A raw HTTP/1.1 POST returning the status, through a plain TCP exchange so that nothing
 /// is signed for us.
 pub async fn raw_post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
+    let answer = raw_post_answer(url, headers, body).await;
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// [`raw_post`] with owned headers (as [`signed_headers`] makes them): the whole answer.
+pub async fn post_answer(url: &str, headers: &[(String, String)], body: &[u8]) -> String {
+    let refs: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    raw_post_answer(url, &refs, body).await
+}
+
+async fn raw_post_answer(url: &str, headers: &[(&str, &str)], body: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -797,9 +853,5 @@ pub async fn raw_post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
     let _ = s.write_all(body).await; // the server may answer before reading it all
     let mut answer = Vec::new();
     let _ = s.read_to_end(&mut answer).await;
-    String::from_utf8_lossy(&answer)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    String::from_utf8_lossy(&answer).into_owned()
 }

@@ -266,8 +266,6 @@ fn describe(e: &redis::RedisError) -> String {
 pub(crate) struct RedisHistory {
     link: Arc<RedisLink>,
     retention: Retention,
-    /// The epoch this server proposes if Redis has none.
-    candidate: String,
     /// The tail's own connection.
     tail: tokio::sync::Mutex<Option<MultiplexedConnection>>,
 }
@@ -277,7 +275,6 @@ impl RedisHistory {
         RedisHistory {
             link,
             retention,
-            candidate: super::new_epoch(),
             tail: tokio::sync::Mutex::new(None),
         }
     }
@@ -302,7 +299,8 @@ impl RedisHistory {
             .arg(TRIMMED)
             .arg(BYTES)
             .arg(seen_key(new.id.unwrap_or("")))
-            .arg(&self.candidate)
+            // The epoch, if Redis has none (it was emptied): a new one, never one seen before.
+            .arg(super::new_epoch())
             .arg(new.id.unwrap_or(""))
             .arg(new.event)
             .arg(new.data.get())
@@ -326,7 +324,7 @@ impl RedisHistory {
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
             .arg(EPOCH)
-            .arg(&self.candidate)
+            .arg(super::new_epoch())
             .arg("NX")
             .ignore()
             .cmd("GET")
@@ -353,7 +351,7 @@ impl RedisHistory {
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
             .arg(EPOCH)
-            .arg(&self.candidate)
+            .arg(super::new_epoch())
             .arg("NX")
             .ignore()
             .cmd("GET")
