@@ -12,7 +12,7 @@
 //! its webhook is never sent, and the delivered sequence is the same.
 //!
 //! Without `WEBSOCKET_SERVER_URL` it starts a receiver that verifies every signature and
-//! prints each event as an app would see it, then checks that exactly the scenario's 11
+//! prints each event as an app would see it, then checks that exactly the scenario's 12
 //! events arrived, in order, correctly signed. Exits 0 when they did. The code is
 //! `vendora_pos::demo`, which the tests run too.
 

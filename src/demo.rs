@@ -83,18 +83,22 @@ impl Demo {
         if let Some(e) = failed {
             return Err(e);
         }
-        let delivered = observer.flush(Duration::from_secs(15)).await;
-        let stats = observer.shutdown(Duration::from_secs(5)).await.stats;
+        let expected = EXPECTED.len() as u64;
+        wait_for_delivery(&observer, expected, out).await?;
+        let report = observer.shutdown(Duration::from_secs(5)).await;
+        let stats = report.stats;
+        let left = report.left + report.outcome_unknown + report.pending_in_outbox;
         writeln!(
             out,
-            "\nobserver: sent {}, retried {}, dead {}, shed {}, pending {}",
-            stats.sent, stats.retried, stats.dead, stats.shed, stats.pending
+            "\nobserver: delivered {} of {expected}, dead {}, left undelivered {left} \
+             (retried {}, shed {})",
+            stats.sent, stats.dead, stats.retried, stats.shed
         )?;
-        if !delivered || stats.sent != EXPECTED.len() as u64 {
+        if stats.sent != expected || stats.dead > 0 || left > 0 {
             return Err(format!(
-                "expected {} webhooks delivered, got {}",
-                EXPECTED.len(),
-                stats.sent
+                "{} of the {expected} webhooks were delivered ({} dead, {left} left \
+                 undelivered): the lines above say why",
+                stats.sent, stats.dead
             )
             .into());
         }
@@ -111,6 +115,48 @@ impl Demo {
             )?;
         }
         Ok(())
+    }
+}
+
+/// Waits while delivery makes progress, saying what it waits for every few seconds; gives
+/// up after 30 s without any (the receiver is down for good, or refuses everything).
+async fn wait_for_delivery(
+    observer: &Observer,
+    expected: u64,
+    out: &mut (dyn Write + Send),
+) -> Result<(), Error> {
+    const PATIENCE: Duration = Duration::from_secs(30);
+    let mut done = 0;
+    let mut progress_at = std::time::Instant::now();
+    loop {
+        if observer.flush(Duration::from_secs(3)).await {
+            return Ok(());
+        }
+        let stats = observer.stats();
+        let now_done = stats.sent + stats.dead + stats.superseded;
+        if now_done > done {
+            done = now_done;
+            progress_at = std::time::Instant::now();
+        }
+        let quiet = progress_at.elapsed();
+        writeln!(
+            out,
+            "waiting: {} of {expected} webhook(s) delivered, {} still to go{}",
+            stats.sent,
+            stats.pending,
+            if quiet >= Duration::from_secs(3) {
+                format!(
+                    " (none delivered for {} s: is the receiver up?)",
+                    quiet.as_secs()
+                )
+            } else {
+                String::new()
+            }
+        )?;
+        if quiet >= PATIENCE {
+            writeln!(out, "no progress for {} s: stopping", PATIENCE.as_secs())?;
+            return Ok(());
+        }
     }
 }
 

@@ -290,12 +290,12 @@ async fn direct_mode_metrics_equal_stats_and_show_the_backlog() {
     // is shed, the backlog ages.
     receiver.clear_rules();
     receiver.set_reply(Reply::Status(503, None));
-    let stalled = RetryPolicy {
-        max_attempts: 10_000,
-        base_delay: Duration::from_millis(20),
-        max_delay: Duration::from_millis(50),
-        max_retry_after: Duration::from_secs(1),
-    };
+    let stalled = RetryPolicy::default()
+        .max_attempts(10_000)
+        .base_delay(Duration::from_millis(20))
+        .max_delay(Duration::from_millis(50))
+        .max_retry_after(Duration::from_secs(1))
+        .probe_interval(Duration::from_millis(100));
     let observer2 = Observer::builder(common::config(&receiver.url()))
         .retry(stalled)
         .queue_capacity(3)
@@ -344,10 +344,7 @@ async fn outbox_mode_metrics_equal_stats_and_show_the_backlog() {
     // Retries that outlast the wait for the gauges (the relay counts pending rows each
     // second while it holds rows, the sampler sets the gauge each second): only the 401
     // is dead.
-    let retry = RetryPolicy {
-        max_attempts: 10_000,
-        ..common::fast_retries()
-    };
+    let retry = common::fast_retries().max_attempts(10_000);
     let observer = common::outbox_observer(&db, &receiver.url(), retry).await;
     observer
         .scope(vendora_pos::scenario::run(&db, false, async |_| {}))

@@ -45,6 +45,7 @@ const KEEP_IDS = 1000;
  * @param {{offset: string, epoch: string}} [options.position] where the app left, if it
  *   keeps it across restarts (see `onPosition`)
  * @param {Function} [options.onPosition] `(position)` after each event, to keep it
+ * @param {Function} [options.onDuplicate] `(event, meta)` for an event dropped as seen before
  * @param {boolean} [options.monitor] the live page's connection (an admin token)
  * @param {object} [options.socketOptions] more options for `io(url, …)`
  * @returns {{socket: object, position: Function, close: Function}}
@@ -57,6 +58,7 @@ export function connect(io, url, options) {
     onReady = () => {},
     onStatus = () => {},
     onPosition = () => {},
+    onDuplicate = () => {},
     monitor = false,
     socketOptions = {},
   } = options;
@@ -99,7 +101,10 @@ export function connect(io, url, options) {
       onEvent(event, args[0], null);
       return;
     }
-    if (meta.id && seen.has(meta.id)) return;
+    if (meta.id && seen.has(meta.id)) {
+      onDuplicate(event, meta);
+      return;
+    }
     if (meta.id) remember(meta.id);
     moveTo(meta.offset, meta.epoch);
     onEvent(event, args[0], meta);

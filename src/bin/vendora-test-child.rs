@@ -37,12 +37,12 @@ fn config(url: &str, secret: &str) -> WebhookConfig {
 }
 
 fn fast_retries() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 20,
-        base_delay: Duration::from_millis(10),
-        max_delay: Duration::from_millis(200),
-        max_retry_after: Duration::from_secs(2),
-    }
+    RetryPolicy::default()
+        .max_attempts(20)
+        .base_delay(Duration::from_millis(10))
+        .max_delay(Duration::from_millis(200))
+        .max_retry_after(Duration::from_secs(2))
+        .probe_interval(Duration::from_millis(100))
 }
 
 #[tokio::main]

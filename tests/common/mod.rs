@@ -49,12 +49,12 @@ pub async fn observer_for(url: &str, retry: RetryPolicy) -> Observer {
 }
 
 pub fn fast_retries() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 20,
-        base_delay: Duration::from_millis(10),
-        max_delay: Duration::from_millis(200),
-        max_retry_after: Duration::from_secs(2),
-    }
+    RetryPolicy::default()
+        .max_attempts(20)
+        .base_delay(Duration::from_millis(10))
+        .max_delay(Duration::from_millis(200))
+        .max_retry_after(Duration::from_secs(2))
+        .probe_interval(Duration::from_millis(100))
 }
 
 /// `(event, data)` of each delivered request, in arrival order.
@@ -707,7 +707,12 @@ impl App {
         if let Some(i) = pending.iter().position(&want) {
             return pending.remove(i).expect("found");
         }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; meanwhile: {pending:?}"
+            );
             let v = self
                 .peer
                 .wait_for(what, |l| serde_json::from_str::<serde_json::Value>(l).ok());
@@ -716,6 +721,11 @@ impl App {
             }
             pending.push_back(v);
         }
+    }
+
+    /// The lines kept for later waits.
+    pub fn pending_lines(&self) -> Vec<serde_json::Value> {
+        self.pending.borrow().iter().cloned().collect()
     }
 
     /// The next `status` line with this state.
@@ -745,17 +755,32 @@ impl App {
         (0..n).map(|_| self.event()).collect()
     }
 
-    /// Whether a line arrives within `within` (for "nothing more came"): the line, if one.
-    pub fn line_within(&self, within: Duration) -> Option<String> {
-        self.peer.lines.recv_timeout(within).ok()
+    /// The lines that arrive within `within`, kept for later waits too (for "nothing
+    /// more came", or "no duplicate came").
+    pub fn lines_within(&self, within: Duration) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + within;
+        let mut got = Vec::new();
+        while let Ok(line) = self
+            .peer
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                got.push(v.clone());
+                self.pending.borrow_mut().push_back(v);
+            }
+        }
+        got
     }
 }
 
 /// A TCP proxy on 127.0.0.1 to `target`, which a test can cut: every connection through it
-/// closed and new ones refused (a phone losing its Wi-Fi), then restored.
+/// closed and new ones refused (a phone losing its Wi-Fi), then restored, to the same
+/// target or another (the load balancer sending the app to another server).
 pub struct Proxy {
     pub port: u16,
     cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    target: std::sync::Arc<std::sync::Mutex<String>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -767,11 +792,8 @@ impl Drop for Proxy {
 
 impl Proxy {
     pub async fn start(target: &str) -> Proxy {
-        let target = target
-            .strip_prefix("http://")
-            .unwrap_or(target)
-            .trim_end_matches('/')
-            .to_owned();
+        let target = std::sync::Arc::new(std::sync::Mutex::new(Self::host(target)));
+        let to = target.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (cut, _) = tokio::sync::watch::channel(false);
@@ -787,7 +809,7 @@ impl Proxy {
                     continue;
                 }
                 let mut stop = watch.subscribe();
-                let target = target.clone();
+                let target = to.lock().unwrap().clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
                         return;
@@ -799,7 +821,24 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, cut, task }
+        Proxy {
+            port,
+            cut,
+            target,
+            task,
+        }
+    }
+
+    fn host(url: &str) -> String {
+        url.strip_prefix("http://")
+            .unwrap_or(url)
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    /// Where new connections go from now on.
+    pub fn point_to(&self, target: &str) {
+        *self.target.lock().unwrap() = Self::host(target);
     }
 
     pub fn url(&self) -> String {
@@ -808,11 +847,12 @@ impl Proxy {
 
     /// Closes every connection and refuses new ones until [`restore`](Self::restore).
     pub fn cut(&self) {
-        let _ = self.cut.send(true);
+        // `send` would leave the value unchanged without a receiver (no connection open).
+        self.cut.send_replace(true);
     }
 
     pub fn restore(&self) {
-        let _ = self.cut.send(false);
+        self.cut.send_replace(false);
     }
 }
 

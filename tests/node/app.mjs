@@ -4,6 +4,7 @@
 //   {"kind":"ready","recovered":…,"offset":…,"epoch":…}
 //   {"kind":"resync","reason":…}
 //   {"kind":"event","event":…,"data":…,"meta":{"id","offset","epoch"}}
+//   {"kind":"duplicate",…}: an event the server sent twice (the module dropped it)
 // Settings from the environment: URL, TOKEN (or TOKEN_FILE, read at every connection, so a
 // test can hand it a fresh token), TRANSPORT ("websocket", "polling" or both by default),
 // ORIGIN. Lines on stdin: "close" disconnects and exits.
@@ -28,6 +29,7 @@ const client = connect(io, url, {
   token: tokenFile ? () => readFileSync(tokenFile, "utf8").trim() : token,
   socketOptions,
   onEvent: (event, data, meta) => print({ kind: "event", event, data, meta }),
+  onDuplicate: (event, meta) => print({ kind: "duplicate", event, meta }),
   onResync: (reason) => print({ kind: "resync", reason }),
   onReady: (r) => print({ kind: "ready", ...r }),
   onStatus: (state, detail) => print({ kind: "status", state, detail: detail || null }),

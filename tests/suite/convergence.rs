@@ -125,21 +125,20 @@ fn last_seen(receiver: &Receiver) -> HashMap<i64, (Option<i64>, Option<i64>)> {
     last
 }
 
-/// The receiver is down long enough for every event to die (two attempts); then it comes
-/// back and three of the five rows are written again. Requeueing everything must leave
-/// every row's app on the row's final state: the dead events of the three rows written
-/// again are stale and are not resent; those of the other two are.
+/// The receiver refuses every event (422: not retried, so each dies at its first attempt);
+/// then it accepts again and three of the five rows are written again. Requeueing
+/// everything must leave every row's app on the row's final state: the dead events of the
+/// three rows written again are stale and are not resent; those of the other two are.
 async fn dead_events_then_requeue_end_on_the_final_state(db: DatabaseConnection) {
-    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = probe.local_addr().unwrap();
-    drop(probe);
-    let retry = RetryPolicy {
-        max_attempts: 2,
-        base_delay: Duration::from_millis(10),
-        max_delay: Duration::from_millis(20),
-        max_retry_after: Duration::from_secs(1),
-    };
-    let observer = common::outbox_observer(&db, &format!("http://{addr}/webhook"), retry).await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.set_reply(Reply::Status(422, None));
+    let retry = RetryPolicy::default()
+        .max_attempts(2)
+        .base_delay(Duration::from_millis(10))
+        .max_delay(Duration::from_millis(20))
+        .max_retry_after(Duration::from_secs(1))
+        .probe_interval(Duration::from_millis(100));
+    let observer = common::outbox_observer(&db, &receiver.url(), retry).await;
     let outbox = observer.outbox().unwrap().clone();
     let mut rows = Vec::new();
     observer
@@ -161,7 +160,7 @@ async fn dead_events_then_requeue_end_on_the_final_state(db: DatabaseConnection)
         async move { outbox.dead(100).await.unwrap().len() == 25 }
     })
     .await;
-    let receiver = Receiver::start_on(addr, SECRET).await.unwrap();
+    receiver.set_reply(Reply::Ok);
     observer
         .scope(async {
             for id in &rows[..3] {

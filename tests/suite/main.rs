@@ -8,6 +8,7 @@
 mod common;
 
 mod apps;
+mod catch_up;
 mod convergence;
 mod demo;
 mod direct;
@@ -19,6 +20,7 @@ mod order;
 mod outbox;
 mod processes;
 mod quick_start;
+mod recovery;
 mod redis;
 mod rooms;
 mod server;

@@ -31,12 +31,12 @@ fn names(requests: &[vendora_pos::receiver::Request]) -> Vec<String> {
 
 /// Retries that never give up within a test, and come quickly.
 fn patient() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 10_000,
-        base_delay: Duration::from_millis(5),
-        max_delay: Duration::from_millis(100),
-        max_retry_after: Duration::from_secs(1),
-    }
+    RetryPolicy::default()
+        .max_attempts(10_000)
+        .base_delay(Duration::from_millis(5))
+        .max_delay(Duration::from_millis(100))
+        .max_retry_after(Duration::from_secs(1))
+        .probe_interval(Duration::from_millis(100))
 }
 
 /// An address where nothing listens yet, to bring a receiver up on later.

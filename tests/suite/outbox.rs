@@ -78,12 +78,12 @@ async fn down_then_up_case(db: DatabaseConnection) {
     let addr = probe.local_addr().unwrap();
     drop(probe);
     let url = format!("http://{addr}/webhook");
-    let retry = RetryPolicy {
-        max_attempts: 10_000,
-        base_delay: Duration::from_millis(20),
-        max_delay: Duration::from_millis(300),
-        max_retry_after: Duration::from_secs(1),
-    };
+    let retry = RetryPolicy::default()
+        .max_attempts(10_000)
+        .base_delay(Duration::from_millis(20))
+        .max_delay(Duration::from_millis(300))
+        .max_retry_after(Duration::from_secs(1))
+        .probe_interval(Duration::from_millis(100));
     let observer = outbox_observer(&db, &url, retry).await;
     // 100 rows x (created + 5 x (updated + stock:updated)) = 1,100 events.
     write_rows(&observer, &db, 100, 5).await;
@@ -161,10 +161,9 @@ async fn a_late_failed_attempt_leaves_a_row_another_relay_delivered_alone() {
     let (_logs, logs) = common::capture_logs();
     let (db, _) = sqlite_file().await;
     let hole = vendora_pos::receiver::Blackhole::start().await.unwrap();
-    let retry = RetryPolicy {
-        max_attempts: 1,
-        ..fast_retries()
-    };
+    // The receiver never answers: the event is dead once past its age, one second, at the
+    // end of its attempt (a timeout of 2 s).
+    let retry = fast_retries().max_age(Duration::from_secs(1));
     let observer = outbox_observer(&db, &hole.url(), retry).await;
     observer
         .scope(product_am("taken over", 1).insert(&db))
@@ -183,9 +182,11 @@ async fn a_late_failed_attempt_leaves_a_row_another_relay_delivered_alone() {
     )
     .await
     .unwrap();
-    eventually(WAIT, "the attempt timed out and was the last", || async {
-        observer.stats().dead == 1
-    })
+    eventually(
+        WAIT,
+        "the attempt timed out, past the event's age",
+        || async { observer.stats().dead == 1 },
+    )
     .await;
     // Every outcome is written once the relay has stopped.
     observer.shutdown(Duration::from_secs(5)).await;

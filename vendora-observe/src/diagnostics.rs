@@ -51,6 +51,13 @@ pub(crate) fn warn(kind: Kind, message: fmt::Arguments<'_>) {
     fallback(kind, "warning", message);
 }
 
+/// A line of information the user waits for (a receiver back after an outage): through
+/// `tracing`, or to stderr when nothing listens.
+pub(crate) fn info(message: fmt::Arguments<'_>) {
+    tracing::info!(target: "vendora_observe", "{message}");
+    fallback(Kind::Delivery, "info", message);
+}
+
 /// An error: through `tracing`, or to stderr when nothing listens.
 pub(crate) fn error(kind: Kind, message: fmt::Arguments<'_>) {
     tracing::error!(target: "vendora_observe", "{message}");

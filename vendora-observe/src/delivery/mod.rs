@@ -191,14 +191,24 @@ impl ChainKey {
 
 /// How failed deliveries are retried, in both delivery modes.
 ///
-/// The delay before retry *n* (after the *n*-th failed attempt) is drawn uniformly from
-/// `0..=min(max_delay, base_delay * 2^(n-1))` ("full jitter"), so receivers coming back
-/// up are not hit by every sender at the same instant. A `Retry-After` on 429 or 503 is
-/// used instead, up to `max_retry_after`. Only retryable failures are retried
-/// ([`DeliveryError::is_retryable`]).
+/// Two kinds of failure are told apart:
 ///
-/// The default makes 10 attempts over at most ~2 minutes: delays of at most 0.25, 0.5, 1,
-/// 2, 4, 8, 16, 30, 30 s.
+/// - **The receiver is unreachable or failing** (a connection refused or cut, a timeout, a
+///   5xx, 408 or 429) and nothing it was sent has succeeded since the attempt began: that is
+///   a state of the endpoint, not of the event. Sending stops, but for one *probe* (the next
+///   event in order) every [`probe_interval`](Self::probe_interval) at most (doubling from
+///   `base_delay` up to it, or the receiver's `Retry-After`); the moment a probe succeeds,
+///   the whole backlog flows, in order. No event spends an attempt meanwhile, so an outage
+///   dead-letters nothing: an event is given up on only past [`max_age`](Self::max_age).
+/// - **The event itself fails** while others get through (a 5xx for this body only), or is
+///   refused (a 4xx other than 408 and 429: not retried): its attempts count, retried with
+///   exponential backoff and full jitter — the delay before retry *n* is drawn from
+///   `0..=min(max_delay, base_delay * 2^(n-1))`, or the receiver's `Retry-After` on 429 and
+///   503, up to `max_retry_after` — and dead-lettered after `max_attempts`.
+///
+/// The default: 10 attempts of the event's own over at most ~2 minutes (delays of at most
+/// 0.25, 0.5, 1, 2, 4, 8, 16, 30, 30 s), a probe every 0.5 s at most while the receiver is
+/// down, a maximum age of 24 hours.
 ///
 /// ```
 /// # use std::time::Duration;
@@ -207,10 +217,17 @@ impl ChainKey {
 /// assert!(policy.delay(1, None) <= Duration::from_millis(250));
 /// assert!(policy.delay(20, None) <= Duration::from_secs(30));
 /// assert_eq!(policy.delay(1, Some(Duration::from_secs(3))), Duration::from_secs(3));
+///
+/// let patient = RetryPolicy::default()
+///     .max_attempts(20)
+///     .max_age(Duration::from_secs(3600));
+/// assert_eq!((patient.max_attempts, patient.max_age), (20, Duration::from_secs(3600)));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RetryPolicy {
-    /// Attempts in all, the first included; after the last the event is dead-lettered.
+    /// Attempts in all, the first included, that fail for the event itself; after the last
+    /// the event is dead-lettered.
     pub max_attempts: u32,
     /// The ceiling of the first retry's delay.
     pub base_delay: Duration,
@@ -218,6 +235,11 @@ pub struct RetryPolicy {
     pub max_delay: Duration,
     /// The largest `Retry-After` that is honoured; a longer one is cut to this.
     pub max_retry_after: Duration,
+    /// While the receiver is down, the longest time between two probes.
+    pub probe_interval: Duration,
+    /// An event not delivered this long after its write is dead-lettered, however the
+    /// receiver fares.
+    pub max_age: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -227,17 +249,62 @@ impl Default for RetryPolicy {
             base_delay: Duration::from_millis(250),
             max_delay: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(300),
+            probe_interval: Duration::from_millis(500),
+            max_age: Duration::from_secs(24 * 3600),
         }
     }
 }
 
 impl RetryPolicy {
-    /// A policy that never retries: one attempt, then dead-letter.
+    /// A policy that never retries an event's own failure: one attempt, then dead-letter.
+    /// (A receiver that is down is still waited for, up to [`max_age`](Self::max_age).)
     pub fn no_retries() -> Self {
         RetryPolicy {
             max_attempts: 1,
             ..Self::default()
         }
+    }
+
+    /// Sets [`max_attempts`](Self::max_attempts) (at least 1).
+    #[must_use]
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
+    /// Sets [`base_delay`](Self::base_delay).
+    #[must_use]
+    pub fn base_delay(mut self, delay: Duration) -> Self {
+        self.base_delay = delay;
+        self
+    }
+
+    /// Sets [`max_delay`](Self::max_delay).
+    #[must_use]
+    pub fn max_delay(mut self, delay: Duration) -> Self {
+        self.max_delay = delay;
+        self
+    }
+
+    /// Sets [`max_retry_after`](Self::max_retry_after).
+    #[must_use]
+    pub fn max_retry_after(mut self, delay: Duration) -> Self {
+        self.max_retry_after = delay;
+        self
+    }
+
+    /// Sets [`probe_interval`](Self::probe_interval).
+    #[must_use]
+    pub fn probe_interval(mut self, interval: Duration) -> Self {
+        self.probe_interval = interval;
+        self
+    }
+
+    /// Sets [`max_age`](Self::max_age).
+    #[must_use]
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = age;
+        self
     }
 
     /// The delay before the next attempt, after `failed_attempts` failures.
@@ -505,10 +572,7 @@ mod tests {
 
     #[test]
     fn only_retryable_failures_before_the_last_attempt_are_retried() {
-        let policy = RetryPolicy {
-            max_attempts: 3,
-            ..RetryPolicy::default()
-        };
+        let policy = RetryPolicy::default().max_attempts(3);
         let unavailable = DeliveryError::Status {
             status: 503,
             retry_after: Some(Duration::from_secs(2)),

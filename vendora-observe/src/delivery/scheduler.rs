@@ -342,15 +342,15 @@ async fn sender(shared: Arc<Shared>) {
     let aborted = shared.aborted.notified();
     tokio::pin!(aborted);
     aborted.as_mut().enable();
-    let mut last: Option<(u64, Result<super::Delivered, DeliveryError>)> = None;
+    let mut last: Option<(u64, u64, Result<super::Delivered, DeliveryError>)> = None;
     let mut graveyard = Vec::new();
     loop {
         let (mut woken, mut retrying) = (0, false);
         let (taken, empty, closed, let_go) = {
             let mut state = shared.lock();
             std::mem::swap(&mut graveyard, &mut state.graveyard);
-            if let Some((seq, result)) = last.take() {
-                match state.finish(setup, seq, result) {
+            if let Some((seq, successes, result)) = last.take() {
+                match state.finish(setup, seq, successes, result) {
                     Finished::Woke(n) => woken = n,
                     Finished::Retrying => retrying = true,
                 }
@@ -387,6 +387,7 @@ async fn sender(shared: Arc<Shared>) {
             webhook,
             span,
             born,
+            successes,
         }) = taken
         else {
             if empty && closed {
@@ -402,7 +403,8 @@ async fn sender(shared: Arc<Shared>) {
             work.as_mut().enable();
             let idle = {
                 let state = shared.lock();
-                state.ready.is_empty() && !(state.closed && state.jobs.is_empty())
+                (state.ready.is_empty() || state.endpoint.holds_back(Instant::now()))
+                    && !(state.closed && state.jobs.is_empty())
             };
             if idle && !shared.aborting() {
                 tokio::select! {
@@ -431,7 +433,7 @@ async fn sender(shared: Arc<Shared>) {
             // Before the event completes: whoever sees it complete sees it counted.
             setup.ctx.counters.sent(webhook.event(), born);
         }
-        last = Some((seq, result));
+        last = Some((seq, successes, result));
     }
 }
 
@@ -446,7 +448,20 @@ async fn timers(shared: Arc<Shared>) {
         }
         let (woken, next, done) = {
             let mut state = shared.lock();
-            let (woken, next) = state.fire_timers(Instant::now());
+            let now = Instant::now();
+            let (mut woken, mut next) = state.fire_timers(now);
+            if state.endpoint.down.is_some() {
+                woken += state.expire(&shared.setup, SystemTime::now());
+                if !state.ready.is_empty() && state.endpoint.probing.is_none() {
+                    match state.endpoint.probe_at {
+                        Some(at) if at > now => {
+                            next = Some(next.map_or(at, |n: Instant| n.min(at)));
+                        }
+                        // One sender takes the probe.
+                        _ => woken += 1,
+                    }
+                }
+            }
             (woken, next, state.closed && state.jobs.is_empty())
         };
         if done {
@@ -506,6 +521,9 @@ struct Taken {
     webhook: Arc<super::Webhook>,
     span: tracing::Span,
     born: SystemTime,
+    /// How many events had succeeded when it was taken: if none has since when it fails,
+    /// the receiver is down, not this event at fault.
+    successes: u64,
 }
 
 /// What finishing an attempt led to.
@@ -541,6 +559,28 @@ impl std::hash::Hasher for KeyHasher {
 
 type Keyed<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<KeyHasher>>;
 
+/// The receiver, as the attempts found it. While it is down, sending holds back but for
+/// one probe at a time, every `probe_interval` at most: an outage costs one request per
+/// interval, not one per waiting event, and no event an attempt.
+#[derive(Default)]
+struct Endpoint {
+    /// Since when it is down.
+    down: Option<Instant>,
+    /// When the next probe may go.
+    probe_at: Option<Instant>,
+    /// The probe in flight.
+    probing: Option<u64>,
+    /// The wait before the next probe, doubling up to the policy's `probe_interval`.
+    backoff: Duration,
+}
+
+impl Endpoint {
+    /// Whether sending is held back now (down, and no probe due).
+    fn holds_back(&self, now: Instant) -> bool {
+        self.down.is_some() && (self.probing.is_some() || self.probe_at.is_some_and(|at| at > now))
+    }
+}
+
 #[derive(Default)]
 struct State {
     jobs: Keyed<u64, Entry>,
@@ -548,8 +588,11 @@ struct State {
     ready: VecDeque<u64>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     next_seq: u64,
-    /// Attempts are failing and none has succeeded since: log one line per streak.
-    failing: bool,
+    /// Whether the receiver is down (and when to probe it again).
+    endpoint: Endpoint,
+    /// Events delivered so far: an attempt that fails with none delivered since it began
+    /// found the receiver down.
+    successes: u64,
     closed: bool,
     /// Requests cut in flight at the shutdown deadline.
     cut: u64,
@@ -672,6 +715,9 @@ impl State {
     /// The next ready event to send, marked in flight; superseded events met on the way
     /// are completed.
     fn take(&mut self, setup: &Setup, attempt: Duration) -> Option<Taken> {
+        if self.endpoint.holds_back(Instant::now()) {
+            return None;
+        }
         while let Some(seq) = self.ready.pop_front() {
             match self.jobs.get(&seq) {
                 Some(e) if e.step == Step::Ready => {}
@@ -694,6 +740,10 @@ impl State {
                 self.release_all();
                 return None;
             }
+            if self.endpoint.down.is_some() {
+                // The receiver is down: this event is the probe, and the only request.
+                self.endpoint.probing = Some(seq);
+            }
             let entry = self.jobs.get_mut(&seq).expect("checked");
             entry.step = Step::InFlight;
             if entry.job.attempts == 0 && !entry.job.span.is_disabled() {
@@ -710,45 +760,65 @@ impl State {
                 webhook: entry.job.webhook.clone(),
                 span: entry.job.span.clone(),
                 born: entry.job.born,
+                successes: self.successes,
             });
         }
         None
     }
 
-    /// Records an attempt's outcome.
+    /// Records an attempt's outcome. `successes`: the count of delivered events when the
+    /// attempt began.
     fn finish(
         &mut self,
         setup: &Setup,
         seq: u64,
+        successes: u64,
         result: Result<super::Delivered, DeliveryError>,
     ) -> Finished {
         let ctx = &setup.ctx;
+        if self.endpoint.probing == Some(seq) {
+            self.endpoint.probing = None;
+        }
         let error = match result {
             // Counted as sent by the sender, before it took the lock.
             Ok(_) => {
-                if std::mem::take(&mut self.failing) {
-                    tracing::info!(
-                        url = ctx.service.endpoint_for_logs(),
-                        "webhook receiver reachable again"
-                    );
+                self.successes += 1;
+                let mut woken = self.complete(setup, seq, Report::Delivered);
+                if let Some(since) = self.endpoint.down.take() {
+                    // Everything held back goes now, in order.
+                    woken += self.ready.len();
+                    self.endpoint.probe_at = None;
+                    crate::diagnostics::info(format_args!(
+                        "webhook receiver {} reachable again after {:.1} s; the {} event(s) \
+                         waiting go out now",
+                        ctx.service.endpoint_for_logs(),
+                        since.elapsed().as_secs_f64(),
+                        self.jobs.len()
+                    ));
                 }
-                return Finished::Woke(self.complete(setup, seq, Report::Delivered));
+                return Finished::Woke(woken);
             }
             Err(e) => e,
         };
         let entry = self.jobs.get_mut(&seq).expect("in flight");
         ctx.counters.failed(entry.job.webhook.event());
+        if error.is_retryable() && self.successes == successes {
+            return self.endpoint_failed(setup, seq, &error);
+        }
         entry.job.attempts += 1;
         let attempts = entry.job.attempts;
         let span = entry.job.span.clone();
         let _span = span.enter();
         let webhook = &entry.job.webhook;
         let decision = decide(&ctx.policy, attempts, &error);
-        if !self.failing && matches!(decision, Decision::Retry(_)) {
-            // One line when attempts start failing, not one per attempt. A last attempt
-            // (a 401 is always one) gets the dead-letter line alone, which names the error.
-            ctx.service
-                .log_failure(webhook.event(), Some(webhook.id()), &error);
+        if matches!(decision, Decision::Retry(_)) {
+            // This event fails while others get through: its own failure, told once per
+            // event (a last attempt gets the dead-letter line alone, which names the
+            // error).
+            if attempts == 1 {
+                ctx.service
+                    .log_failure(webhook.event(), Some(webhook.id()), &error);
+            }
         } else {
             tracing::debug!(
                 event = webhook.event(),
@@ -757,7 +827,6 @@ impl State {
                 "webhook attempt failed: {error}"
             );
         }
-        self.failing |= error.is_retryable();
         let described = format!("{}: {error}", error.kind());
         match decision {
             Decision::Retry(delay) => {
@@ -786,6 +855,76 @@ impl State {
                 ))
             }
         }
+    }
+
+    /// An attempt found the receiver down (nothing got through since it began): the event
+    /// goes back to the head of the ready set, its attempts untouched, and sending holds
+    /// back until a probe gets through.
+    fn endpoint_failed(&mut self, setup: &Setup, seq: u64, error: &DeliveryError) -> Finished {
+        let ctx = &setup.ctx;
+        let policy = &ctx.policy;
+        let now = Instant::now();
+        let waiting = self.jobs.len();
+        let entry = self.jobs.get_mut(&seq).expect("in flight");
+        ctx.counters.retried(entry.job.webhook.event());
+        entry.step = Step::Ready;
+        // Behind the other ready events: the next probe is another one when there is one,
+        // so that a body the receiver fails on alone does not stand for the receiver.
+        self.ready.push_back(seq);
+        let first = self.endpoint.down.is_none();
+        self.endpoint.backoff = if first {
+            policy.base_delay.min(policy.probe_interval)
+        } else {
+            (self.endpoint.backoff * 2).min(policy.probe_interval)
+        };
+        let wait = match error.retry_after() {
+            Some(after) => after.min(policy.max_retry_after),
+            None => self.endpoint.backoff,
+        };
+        self.endpoint.probe_at = Some(now + wait);
+        if first {
+            self.endpoint.down = Some(now);
+            let _span = entry.job.span.enter();
+            ctx.service.log_down(error, waiting, policy.probe_interval);
+        } else {
+            tracing::debug!("webhook receiver still down: {error}");
+        }
+        Finished::Retrying
+    }
+
+    /// Dead-letters the events past the policy's maximum age that are not in flight (the
+    /// receiver has been down that long): how many events became ready behind them.
+    fn expire(&mut self, setup: &Setup, now: SystemTime) -> usize {
+        let max_age = setup.ctx.policy.max_age;
+        let mut woken = 0;
+        self.trim_by_age();
+        while let Some(&(seq, born)) = self.by_age.front() {
+            if now.duration_since(born).unwrap_or_default() < max_age {
+                break;
+            }
+            match self.jobs.get(&seq) {
+                Some(e) if e.step != Step::InFlight => {}
+                // In flight: its outcome decides; the next ones wait for it.
+                _ => break,
+            }
+            let attempts = self.jobs[&seq].job.attempts;
+            let why = format!(
+                "not delivered within its maximum age ({} s): the receiver was down",
+                max_age.as_secs()
+            );
+            self.dead_letter(setup, seq, why.clone(), None);
+            self.ready.retain(|s| *s != seq);
+            woken += self.complete(
+                setup,
+                seq,
+                Report::Dead {
+                    attempts,
+                    error: why,
+                },
+            );
+            self.trim_by_age();
+        }
+        woken
     }
 
     /// Moves events whose retry time came to the ready set: how many, and the next time.
@@ -837,8 +976,12 @@ impl State {
             Some(error) => error,
             None => &last_error,
         };
+        let after = match attempts {
+            0 => String::new(),
+            n => format!(" after {n} attempt(s)"),
+        };
         let message = format!(
-            "webhook {event} (X-Webhook-Id {id}) to {url} dead-lettered after {attempts} attempt(s){hint}: {why}"
+            "webhook {event} (X-Webhook-Id {id}) to {url} dead-lettered{after}{hint}: {why}"
         );
         tracing::error!(
             target: "vendora_observe",

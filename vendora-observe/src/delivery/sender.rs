@@ -348,6 +348,28 @@ impl WebhookService {
 
     /// Logs a failed attempt the way every part of the crate does (and on stderr when no
     /// `tracing` subscriber listens).
+    /// The receiver went down: one line for the whole outage (its end is told too).
+    pub(crate) fn log_down(&self, error: &DeliveryError, waiting: usize, probe: Duration) {
+        let url = self.endpoint_for_logs();
+        let message = format!(
+            "webhook receiver {url} is down ({error}); the {waiting} event(s) waiting are held \
+             and go out in order once it answers, probed every {} ms at most (no event spends \
+             an attempt meanwhile)",
+            probe.as_millis()
+        );
+        tracing::warn!(
+            url,
+            kind = error.kind(),
+            status = error.status(),
+            "{message}"
+        );
+        crate::diagnostics::fallback(
+            crate::diagnostics::Kind::Delivery,
+            "warning",
+            format_args!("{message}"),
+        );
+    }
+
     pub(crate) fn log_failure(&self, event: &str, id: Option<&str>, error: &DeliveryError) {
         use crate::diagnostics::{Kind, fallback};
         let url = self.endpoint_for_logs();
