@@ -87,11 +87,12 @@ async fn an_outage_costs_probes_not_attempts(mode: &str) {
         "{mode}: {stats:?}"
     );
     common::assert_complete_and_ordered(&receiver.delivered(), total);
-    // 3 s at one probe per 100 ms at most is about 30; the concurrent senders that found
-    // the receiver down first add 8. Spending attempts, the 50 events waiting would have
-    // made hundreds (and died after 3 each).
+    // 3 s at one probe per 100 ms at most is about 30 (a few more while the interval
+    // doubles up to it, and on a loaded machine where 3 s of sleep take longer); the
+    // concurrent senders that found the receiver down first add 8. Spending attempts, the
+    // 50 events waiting would have made 150 at the least (and died after 3 each).
     eprintln!("{mode}: {during} requests reached the receiver during the 3 s outage");
-    assert!(during <= 50, "{mode}: {during} requests during the outage");
+    assert!(during < 100, "{mode}: {during} requests during the outage");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -175,9 +175,15 @@ impl Scheduler {
             return Err(jobs);
         }
         let woken = state.add(jobs);
+        // The receiver is down: the new events wait for the next probe, which the timers
+        // task sends them (it may be asleep, with nothing left to probe with).
+        let down = state.endpoint.down.is_some();
         drop(state);
         for _ in 0..woken {
             self.shared.work.notify_one();
+        }
+        if down {
+            self.shared.timers_changed.notify_one();
         }
         Ok(())
     }
