@@ -2,7 +2,7 @@
 // webhooks.
 //
 // ```text
-// vendora-observe listen --port 3001          # in another terminal: a receiver that prints
+// WEBHOOK_SECRET=s3cr3t APP_TOKENS=dev-token vendora-observe-server   # in another terminal
 // WEBHOOK_SECRET=s3cr3t cargo run --example minimal
 // ```
 //
@@ -72,6 +72,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Delivers what is still queued, then stops. Without it, events queued when main
     // returns would be lost (and you would be told so). Failures are on stderr.
     let report = observer.shutdown(Duration::from_secs(5)).await;
-    println!("sent {} webhook(s)", report.stats.sent);
+    println!(
+        "sent {} webhook(s), {} undelivered",
+        report.stats.sent,
+        report.undelivered()
+    );
     Ok(())
 }

@@ -226,6 +226,7 @@ async fn shutdown_reports_the_cut_request_as_unknown_and_dead_letters_the_rest()
     let report = observer.shutdown(Duration::from_millis(300)).await;
     assert!(!report.drained);
     assert_eq!((report.outcome_unknown, report.left), (1, 11), "{report:?}");
+    assert_eq!(report.undelivered(), 12, "none of the twelve was delivered");
     assert_eq!(report.stats.pending, 0);
     assert_eq!(report.stats.dead, 11);
     assert_eq!(*dead.lock().unwrap(), 11);

@@ -64,7 +64,10 @@ async fn the_quick_start_delivers_its_three_webhooks() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
-    assert!(stdout.contains("sent 3 webhook(s)"), "{stdout}");
+    assert!(
+        stdout.contains("sent 3 webhook(s), 0 undelivered"),
+        "{stdout}"
+    );
     let got = receiver.delivered();
     let names: Vec<String> = got.iter().map(|r| r.event()).collect();
     assert_eq!(

@@ -44,6 +44,27 @@ pub struct ShutdownReport {
     pub pending_in_outbox: u64,
     /// The counters after shutdown.
     pub stats: Stats,
+    /// See [`ShutdownReport::undelivered`].
+    undelivered: u64,
+}
+
+impl ShutdownReport {
+    /// Events that did not reach the receiver: dead-lettered (during the run or at the
+    /// deadline), cut in flight with their outcome unknown, or left pending in the outbox.
+    /// Zero when every event was delivered. (`drained` only says that nothing was left
+    /// waiting: a run whose every event was dead-lettered is drained too.)
+    ///
+    /// ```no_run
+    /// # async fn f(observer: vendora_observe::Observer) {
+    /// let report = observer.shutdown(std::time::Duration::from_secs(5)).await;
+    /// if report.undelivered() > 0 {
+    ///     eprintln!("{} webhook(s) not delivered: see the errors above", report.undelivered());
+    /// }
+    /// # }
+    /// ```
+    pub fn undelivered(&self) -> u64 {
+        self.undelivered
+    }
 }
 
 pub(crate) enum Sink {
@@ -191,12 +212,19 @@ impl Observer {
             Sink::Outbox(outbox) => outbox.shutdown(deadline).await,
         };
         let stats = self.stats();
+        // Direct mode dead-letters what is left at the deadline (counted among the dead);
+        // the outbox keeps it, and the requests cut, pending in its table.
+        let undelivered = match &self.inner.sink {
+            Sink::Direct(_) => stats.dead + leftovers.unknown,
+            Sink::Outbox(_) => stats.dead + pending_in_outbox,
+        };
         ShutdownReport {
             drained: leftovers.unknown == 0 && leftovers.left == 0 && pending_in_outbox == 0,
             outcome_unknown: leftovers.unknown,
             left: leftovers.left,
             pending_in_outbox,
             stats,
+            undelivered,
         }
     }
 
