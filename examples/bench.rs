@@ -336,6 +336,10 @@ fn us(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1e3)
+}
+
 struct OverheadRow {
     backend: &'static str,
     case: String,
@@ -1094,6 +1098,81 @@ async fn latency(sink: &Sink, mode: &Mode) -> Summary {
     )
 }
 
+/// After an outage of `down`: when the first of one task's 200 events (its backlog, in
+/// causal order) is accepted, from the moment the receiver answers again; how long the
+/// backlog takes to drain; and how many were dead-lettered. The observer runs with the
+/// default `RetryPolicy`; the receiver is down by refusing connections.
+struct RecoveryRow {
+    mode: &'static str,
+    down: Duration,
+    first: Option<Duration>,
+    drained: Option<Duration>,
+    dead: u64,
+}
+
+async fn recovery(mode: &Mode, down: Duration) -> RecoveryRow {
+    let db = match &mode.outbox {
+        None => db::connect("sqlite::memory:").await.unwrap(),
+        Some(url) => db::connect(url).await.unwrap(),
+    };
+    prepare(&db).await;
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let builder = Observer::builder(config(&format!("http://{addr}/webhook")));
+    let observer = match &mode.outbox {
+        None => builder.build().await.unwrap(),
+        Some(_) => builder.outbox(db.clone()).build().await.unwrap(),
+    };
+    let n = 200;
+    observer
+        .scope(async {
+            for i in 0..n {
+                observed::ActiveModel {
+                    id: NotSet,
+                    name: Set(format!("r{i}")),
+                    price: Set(1.0),
+                    stock: Set(i),
+                }
+                .insert(&db)
+                .await
+                .unwrap();
+            }
+        })
+        .await;
+    tokio::time::sleep(down).await;
+    let receiver = vendora_pos::receiver::Receiver::start_on(addr, SECRET)
+        .await
+        .unwrap();
+    let back = Instant::now();
+    let got = receiver
+        .wait_delivered(n as usize, Duration::from_secs(120))
+        .await;
+    let first = got
+        .first()
+        .map(|r| r.received_at.saturating_duration_since(back));
+    let drained = (got.len() >= n as usize)
+        .then(|| {
+            got.last()
+                .map(|r| r.received_at.saturating_duration_since(back))
+        })
+        .flatten();
+    let dead = observer.stats().dead;
+    observer.shutdown(Duration::from_secs(5)).await;
+    if mode.outbox.is_some() {
+        use sea_orm::ConnectionTrait;
+        let _ = db.execute_unprepared("DELETE FROM vendora_outbox").await;
+    }
+    RecoveryRow {
+        mode: mode.name,
+        down,
+        first,
+        drained,
+        dead,
+    }
+}
+
 /// The bench case that runs the relay's database work without sending.
 const STATEMENTS_ALONE: &str = "the relay's statements alone, no HTTP";
 
@@ -1637,6 +1716,29 @@ async fn main() {
         println!("  {:<18} p50 {} p99 {}", mode.name, us(l.p50), us(l.p99));
         latencies.push((mode.name, l));
     }
+    println!("\n   Recovery: one task's 200 events written while the receiver is down");
+    let mut outages = vec![Duration::from_secs(5), Duration::from_secs(30)];
+    if std::env::var("BENCH_LONG").is_ok() {
+        outages.push(Duration::from_secs(300));
+    }
+    if quick {
+        outages.truncate(1);
+    }
+    let mut recoveries = Vec::new();
+    for down in &outages {
+        for mode in &modes {
+            let r = recovery(mode, *down).await;
+            println!(
+                "  {:<18} down {:>3} s: first accepted after {}, drained in {}, dead {}",
+                r.mode,
+                r.down.as_secs(),
+                r.first.map_or("—".into(), ms),
+                r.drained.map_or("—".into(), ms),
+                r.dead
+            );
+            recoveries.push(r);
+        }
+    }
     println!("\n   Autocommit outbox: the window between the change's commit and its event's");
     let mut windows = Vec::new();
     for (name, url) in [
@@ -1764,6 +1866,21 @@ async fn main() {
     );
     for (mode, l) in &latencies {
         let _ = writeln!(md, "| {mode} | {} | {} |", us(l.p50), us(l.p99));
+    }
+    let _ = writeln!(
+        md,
+        "\nRecovery after an outage: one task's 200 events written while the receiver refuses connections (the default `RetryPolicy`: a probe every 0.5 s at most), then the receiver back; from its first moment up, when the first event is accepted and when the last one is (`BENCH_LONG=1` adds a 5-minute outage):\n\n| mode | outage | first accepted after | backlog drained after | dead |\n| --- | --- | --- | --- | --- |"
+    );
+    for r in &recoveries {
+        let _ = writeln!(
+            md,
+            "| {} | {} s | {} | {} | {} |",
+            r.mode,
+            r.down.as_secs(),
+            r.first.map_or("—".into(), ms),
+            r.drained.map_or("—".into(), ms),
+            r.dead
+        );
     }
     let _ = writeln!(
         md,

@@ -142,9 +142,22 @@ export function connect(io, url, options) {
       onStatus("refused", serverReason || reason);
     }
   });
+  // A token that had expired when fetched (a cached one, a clock ahead): with a token
+  // function, fetch again, waiting longer each time.
+  let retry = 1000;
+  socket.on("connect", () => {
+    retry = 1000;
+  });
   socket.on("connect_error", (e) => {
-    if (!socket.active) onStatus("refused", e.message);
-    else onStatus("down", e.message);
+    if (socket.active) {
+      onStatus("down", e.message);
+    } else if (e.message === "the token has expired" && typeof token === "function") {
+      onStatus("down", e.message);
+      setTimeout(() => socket.connect(), retry);
+      retry = Math.min(retry * 2, 30000);
+    } else {
+      onStatus("refused", e.message);
+    }
   });
 
   return {

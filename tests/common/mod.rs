@@ -379,6 +379,22 @@ impl Peer {
         }
     }
 
+    /// Whether a line for which `pick` holds has arrived, looking only at what is there now
+    /// (the lines looked at are kept in `skipped`).
+    pub fn has_printed(&self, pick: impl Fn(&str) -> bool) -> bool {
+        if self.skipped.borrow().iter().any(|l| pick(l)) {
+            return true;
+        }
+        while let Ok(line) = self.lines.try_recv() {
+            let hit = pick(&line);
+            self.skipped.borrow_mut().push(line);
+            if hit {
+                return true;
+            }
+        }
+        false
+    }
+
     /// The process's resident memory now, in KiB (Linux).
     pub fn rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))

@@ -194,3 +194,76 @@ async fn an_app_away_longer_than_the_history_is_kept_is_told_to_refetch() {
     send(&url, 5).await;
     assert_eq!(numbers(&app, 1), [5]);
 }
+
+/// A catch-up is the app's scope too: a store's app away while both stores' orders and the
+/// catalogue change gets back its store's and the catalogue's, in order, and nothing of the
+/// other store's.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs node and npm: run with --include-ignored (bash .ci/run)"]
+async fn a_catch_up_holds_only_what_the_apps_scope_allows() {
+    let (_server, base) = common::server(&[
+        ("WEBHOOK_SECRET", SECRET),
+        ("APP_TOKENS", "store-1-token=store:1"),
+    ]);
+    let url = format!("{base}/webhook");
+    let proxy = Proxy::start(&base).await;
+    let app = App::start(&proxy.url(), &[("TOKEN", "store-1-token")]);
+    app.ready();
+    send(&url, 0).await;
+    assert_eq!(numbers(&app, 1), [0]);
+    proxy.cut();
+    app.status("down");
+    for n in 1..=30 {
+        let body = match n % 3 {
+            0 => format!(r#"{{"event":"stock:updated","data":{{"n":{n}}}}}"#),
+            1 => format!(r#"{{"event":"order:created","data":{{"n":{n}}},"rooms":["store:1"]}}"#),
+            _ => format!(r#"{{"event":"order:created","data":{{"n":{n}}},"rooms":["store:2"]}}"#),
+        };
+        let status =
+            common::signed_post(&url, SECRET, &format!("event-{n}"), body.as_bytes()).await;
+        assert_eq!(status, 200);
+    }
+    proxy.restore();
+    send(&url, 31).await;
+    let expected: Vec<u64> = (1..=31).filter(|n| n % 3 != 2).collect();
+    assert_eq!(numbers(&app, expected.len()), expected);
+    assert_eq!(app.ready()["recovered"], true);
+    no_duplicate(&app);
+}
+
+/// The README's Node recipe: socket.io's own recovery replays what an app missed while
+/// its connection was cut, and `vendora:ready` tells the apps' module it recovered.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs node and npm: run with --include-ignored (bash .ci/run)"]
+async fn the_node_recipe_replays_what_an_app_missed() {
+    let dir = common::node_peers();
+    let mut cmd = std::process::Command::new("node");
+    cmd.arg(dir.join("express-server.js"))
+        .env("WEBHOOK_SECRET", SECRET)
+        .env("PORT", "0")
+        .env("APP_TOKENS", TOKEN);
+    let server = common::Peer::spawn(cmd);
+    let port = server.wait_for("the node server's port", |l| {
+        l.strip_prefix("PORT ").map(str::to_owned)
+    });
+    let base = format!("http://127.0.0.1:{port}");
+    let url = format!("{base}/webhook");
+    let proxy = Proxy::start(&base).await;
+    let app = App::start(
+        &proxy.url(),
+        &[("TOKEN", TOKEN), ("TRANSPORT", "websocket")],
+    );
+    assert_eq!(app.ready()["recovered"], false);
+    send(&url, 0).await;
+    assert_eq!(numbers(&app, 1), [0]);
+    proxy.cut();
+    app.status("down");
+    for n in 1..=5 {
+        send(&url, n).await;
+    }
+    proxy.restore();
+    let ready = app.ready();
+    assert_eq!(ready["recovered"], true, "{ready}");
+    send(&url, 6).await;
+    assert_eq!(numbers(&app, 6), (1..=6).collect::<Vec<_>>());
+}

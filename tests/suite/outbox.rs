@@ -1632,9 +1632,15 @@ async fn postgres_an_application_role_without_ddl_rights_starts_on_a_prepared_ta
     receiver.wait_delivered(301, WAIT).await;
     // The relay's tasks end with it, the refresh included.
     assert!(observer.shutdown(Duration::from_secs(5)).await.drained);
+    // Nothing of the role's missing rights reached the log: no refused ANALYZE, no
+    // notice. (A loaded machine may log a slow pool or a lease renewed late: not this.)
     let logs = logs();
     assert!(!logs.contains("analyze"), "{logs}");
-    assert!(!logs.contains("WARN"), "{logs}");
+    assert!(
+        !logs.lines().any(|l| l.contains("WARN")
+            && (l.contains("permission") || l.contains("owner") || l.contains("skipping"))),
+        "{logs}"
+    );
 
     app.close().await.unwrap();
     for sql in [

@@ -268,6 +268,45 @@ async fn secrets_rotate_on_both_sides() {
     assert_eq!(refused.status(), Some(401));
 }
 
+/// A flood of forged webhooks is summed up, not a line per request: the first refusal at
+/// once with the sender's address, then a count.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_forged_webhooks_is_summed_up() {
+    let (server, base) = common::server(&server_env(&[]));
+    let url = format!("{base}/webhook");
+    let body = br#"{"event":"x","data":1}"#;
+    for i in 0..200 {
+        let status = raw_post(
+            &url,
+            &[
+                ("Content-Type", "application/json"),
+                ("X-Webhook-Signature", "00"),
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(status, 401, "request {i}");
+    }
+    let first = server.wait_for("the first refusal", |l| {
+        l.contains("refused a webhook").then(|| l.to_owned())
+    });
+    assert!(first.contains("from 127.0.0.1:"), "{first}");
+    let summary = server.wait_for("the summary", |l| {
+        l.contains("more time(s) in the last 10 s")
+            .then(|| l.to_owned())
+    });
+    assert!(summary.contains(": 199 more time(s)"), "{summary}");
+    let lines = server.skipped.borrow();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("refused a webhook"))
+            .count(),
+        0,
+        "one line for the first, then the summary: {lines:#?}"
+    );
+}
+
 /// An id longer than any sender's (ours are 36 bytes) is refused before it is stored.
 #[tokio::test(flavor = "multi_thread")]
 async fn over_long_ids_are_refused() {

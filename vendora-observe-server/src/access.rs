@@ -101,7 +101,7 @@ impl Grant {
             Credential::Open => "an app (APP_AUTH=off)".to_owned(),
             Credential::Static(t) => format!("an app with a static token for {}", t.scope),
             Credential::Minted { subject, .. } => {
-                format!("app {:?} ({})", crate::log::escaped(subject), self.scope)
+                format!("app \"{}\" ({})", crate::log::escaped(subject), self.scope)
             }
             Credential::Admin => "the live page".to_owned(),
         }
@@ -406,6 +406,23 @@ mod tests {
         assert_eq!(a.admit(Some(&token), now).unwrap_err(), Refused::Revoked);
         assert!(!a.reload(), "unchanged: not read again");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_subject_from_a_token_cannot_forge_a_log_line() {
+        let a = access(AccessSettings {
+            minting: vec![Secret::new("mint")],
+            ..Default::default()
+        });
+        let token = AppToken::new(
+            "till\r\n✓ forged line\u{1b}[2J",
+            Scope::rooms(["store:1"]),
+            Duration::from_secs(60),
+        )
+        .mint(b"mint");
+        let label = a.admit(Some(&token), SystemTime::now()).unwrap().label();
+        assert!(!label.chars().any(char::is_control), "{label:?}");
+        assert!(label.contains("\\u{d}\\u{a}"), "{label}");
     }
 
     /// Files written within one second can share a modification time on coarse clocks.

@@ -363,3 +363,36 @@ fn now_ms() -> u64 {
         .unwrap_or_default()
         .as_millis() as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_bounded_by_count_and_by_bytes() {
+        let records = Records::default();
+        let big = Value::String("x".repeat(100 << 10));
+        for i in 0..100 {
+            records.push(Seen::verified(
+                "product:updated",
+                &serde_json::json!({"id": i, "blob": big}),
+                None,
+                Outcome::Broadcast,
+                None,
+            ));
+        }
+        assert!(records.bytes() <= RECORD_BYTES, "{} bytes", records.bytes());
+        let kept = records.snapshot();
+        assert!(kept.len() < 100 && kept.len() > 10, "{} kept", kept.len());
+        assert_eq!(
+            kept.last().unwrap().row.as_deref(),
+            Some("99"),
+            "the newest stay"
+        );
+        let small = Records::default();
+        for _ in 0..(RECORDS + 10) {
+            small.push(Seen::refused("bad".into()));
+        }
+        assert_eq!(small.snapshot().len(), RECORDS);
+    }
+}
