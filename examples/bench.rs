@@ -1173,6 +1173,191 @@ async fn recovery(mode: &Mode, down: Duration) -> RecoveryRow {
     }
 }
 
+/// A reconnect storm against vendora-observe-server (in-process): live latency (from the
+/// webhook's send to its arrival at an app that stays connected) with nobody reconnecting,
+/// then while `apps` apps come back at once, each to be caught up on `history` events.
+struct StormRow {
+    apps: usize,
+    history: usize,
+    quiet: Summary,
+    storm: Summary,
+    caught_up: Option<Duration>,
+}
+
+/// A node child whose stdout lines arrive on a channel; killed on drop.
+struct NodeChild {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for NodeChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl NodeChild {
+    fn spawn(script: &str, env: &[(&str, String)]) -> Option<NodeChild> {
+        use std::io::BufRead;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+        let mut cmd = std::process::Command::new("node");
+        cmd.arg(dir.join(script))
+            .stdout(std::process::Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().ok()?;
+        let stdout = child.stdout.take()?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Some(NodeChild { child, lines })
+    }
+
+    /// The next JSON line of `kind`, within `within`.
+    fn next(&self, kind: &str, within: Duration) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .ok()?;
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["kind"] == kind
+            {
+                return Some(v);
+            }
+        }
+    }
+}
+
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+        * 1e3
+}
+
+/// Sends `n` live events 5 ms apart and returns, for each that `app` received, the time
+/// from its send to its arrival.
+async fn live_latency(service: &WebhookService, app: &NodeChild, n: usize) -> Summary {
+    let mut sent = HashMap::new();
+    for i in 0..n {
+        let webhook =
+            vendora_observe::Webhook::build("bench:live", &serde_json::json!({"i": i})).unwrap();
+        sent.insert(webhook.id().to_owned(), unix_ms());
+        let _ = service.send(&webhook).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut samples = Vec::new();
+    while samples.len() < n {
+        let Some(v) = app.next("live", Duration::from_secs(10)) else {
+            break;
+        };
+        if let (Some(id), Some(at)) = (v["id"].as_str(), v["at"].as_f64())
+            && let Some(at_send) = sent.get(id)
+        {
+            samples.push(Duration::from_secs_f64(((at - at_send) / 1e3).max(0.0)));
+        }
+    }
+    summarize(samples)
+}
+
+async fn reconnect_storm(apps: usize, history: usize) -> Option<StormRow> {
+    use vendora_observe_server::{Scope, ServerConfig};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.ok()?;
+    let server = vendora_observe_server::start(
+        listener,
+        ServerConfig::new(SECRET).app_token("bench-app", Scope::All),
+    )
+    .await
+    .ok()?;
+    let base = format!("http://{}", server.addr());
+    let service = WebhookService::new(config(&format!("{base}/webhook"))).unwrap();
+    // Where the storm's apps left: the offset and epoch of an event before the history.
+    let mark = vendora_observe::Webhook::build("bench:mark", &serde_json::json!({})).unwrap();
+    let position = {
+        let body = post_for_answer(&base, &mark).await?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (
+            v["offset"].as_str()?.to_owned(),
+            v["epoch"].as_str()?.to_owned(),
+        )
+    };
+    for i in 0..history {
+        let old =
+            vendora_observe::Webhook::build("bench:old", &serde_json::json!({"i": i})).unwrap();
+        service.send(&old).await.ok()?;
+    }
+    let env = |storm: usize, live: &str| {
+        vec![
+            ("URL", base.clone()),
+            ("TOKEN", "bench-app".to_owned()),
+            ("STORM", storm.to_string()),
+            ("OFFSET", position.0.clone()),
+            ("EPOCH", position.1.clone()),
+            ("EXPECT", history.to_string()),
+            ("LIVE", live.to_owned()),
+        ]
+    };
+    let live_app = NodeChild::spawn("storm.mjs", &env(0, "1"))?;
+    live_app.next("live-ready", Duration::from_secs(20))?;
+    let quiet = live_latency(&service, &live_app, 200).await;
+    let stormy = NodeChild::spawn("storm.mjs", &env(apps, "0"))?;
+    // The storm's apps connecting, then the live events while they are caught up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let storm = live_latency(&service, &live_app, 200).await;
+    let caught_up = stormy
+        .next("caught-up", Duration::from_secs(120))
+        .and_then(|v| v["ms"].as_f64())
+        .map(|ms| Duration::from_secs_f64(ms / 1e3));
+    server.shutdown().await;
+    Some(StormRow {
+        apps,
+        history,
+        quiet,
+        storm,
+        caught_up,
+    })
+}
+
+/// Sends `webhook` signed as the sender does: the server's answer body, whose `offset` and
+/// `epoch` say where the event stands in its history.
+async fn post_for_answer(base: &str, webhook: &vendora_observe::Webhook) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = webhook.body().as_bytes();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let sig =
+        vendora_observe::signature::standard_signature(SECRET.as_bytes(), webhook.id(), ts, body);
+    let host = base.strip_prefix("http://")?;
+    let mut s = tokio::net::TcpStream::connect(host).await.ok()?;
+    let head = format!(
+        "POST /webhook HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\nwebhook-id: {}\r\n\
+         webhook-timestamp: {ts}\r\nwebhook-signature: {sig}\r\n\r\n",
+        body.len(),
+        webhook.id()
+    );
+    s.write_all(head.as_bytes()).await.ok()?;
+    s.write_all(body).await.ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.ok()?;
+    answer.split("\r\n\r\n").nth(1).map(str::to_owned)
+}
+
 /// The bench case that runs the relay's database work without sending.
 const STATEMENTS_ALONE: &str = "the relay's statements alone, no HTTP";
 
@@ -1650,6 +1835,46 @@ async fn main() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(if quick { 1000 } else { 10_000 });
+        if std::env::var("BENCH_CASE").as_deref() == Ok("storm") {
+            for (apps, history) in [(100, 1000), (400, 1000)] {
+                if let Some(r) = reconnect_storm(apps, history).await {
+                    println!(
+                        "  {} apps × {} events: live p50/p99 {} / {} quiet, {} / {} during; all caught up in {}",
+                        r.apps,
+                        r.history,
+                        ms(r.quiet.p50),
+                        ms(r.quiet.p99),
+                        ms(r.storm.p50),
+                        ms(r.storm.p99),
+                        r.caught_up.map_or("—".into(), ms)
+                    );
+                }
+            }
+            return;
+        }
+        if std::env::var("BENCH_CASE").as_deref() == Ok("recovery") {
+            // BENCH_OUTAGES=300: other outages, in seconds, comma-separated.
+            let outages: Vec<Duration> = std::env::var("BENCH_OUTAGES")
+                .unwrap_or_else(|_| "5,30".into())
+                .split(',')
+                .filter_map(|s| s.trim().parse().ok())
+                .map(Duration::from_secs)
+                .collect();
+            for down in outages {
+                for mode in &modes {
+                    let r = recovery(mode, down).await;
+                    println!(
+                        "  {:<18} down {:>3} s: first accepted after {}, drained in {}, dead {}",
+                        r.mode,
+                        r.down.as_secs(),
+                        r.first.map_or("—".into(), ms),
+                        r.drained.map_or("—".into(), ms),
+                        r.dead
+                    );
+                }
+            }
+            return;
+        }
         if std::env::var("BENCH_CASE").as_deref() == Ok(LATENCY) {
             let sink = Sink::start().await;
             for mode in &modes {
@@ -1737,6 +1962,31 @@ async fn main() {
                 r.dead
             );
             recoveries.push(r);
+        }
+    }
+    println!("\n   Reconnect storm: live latency while apps come back at once and are caught up");
+    let mut storms = Vec::new();
+    for (apps, history) in [(100, 1000), (400, 1000)] {
+        let (apps, history) = if quick {
+            (apps / 4, history / 4)
+        } else {
+            (apps, history)
+        };
+        match reconnect_storm(apps, history).await {
+            Some(r) => {
+                println!(
+                    "  {} apps × {} events: live p50/p99 {} / {} quiet, {} / {} during; all caught up in {}",
+                    r.apps,
+                    r.history,
+                    ms(r.quiet.p50),
+                    ms(r.quiet.p99),
+                    ms(r.storm.p50),
+                    ms(r.storm.p99),
+                    r.caught_up.map_or("—".into(), ms)
+                );
+                storms.push(r);
+            }
+            None => println!("  skipped: node and tests/node's packages are needed"),
         }
     }
     println!("\n   Autocommit outbox: the window between the change's commit and its event's");
@@ -1880,6 +2130,23 @@ async fn main() {
             r.first.map_or("—".into(), ms),
             r.drained.map_or("—".into(), ms),
             r.dead
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nA reconnect storm against vendora-observe-server: an app that stays connected gets 200 live events sent 5 ms apart, alone, then while N apps (one node process, the apps' module, WebSocket) come back at once with an old position and are each caught up on the history since (4 catch-ups at a time, pages of 256). From each live event's send to its arrival at the staying app:\n\n| apps reconnecting | events each | live p50 / p99 alone | live p50 / p99 during the storm | every app caught up after |\n| --- | --- | --- | --- | --- |"
+    );
+    for r in &storms {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} / {} | {} / {} | {} |",
+            r.apps,
+            r.history,
+            ms(r.quiet.p50),
+            ms(r.quiet.p99),
+            ms(r.storm.p50),
+            ms(r.storm.p99),
+            r.caught_up.map_or("—".into(), ms)
         );
     }
     let _ = writeln!(

@@ -1,7 +1,8 @@
 //! `POST /webhook` (or `/`): a signed event from the backend, verified, then appended to
 //! the history, from which every server delivers it to the apps allowed to see it.
 //!
-//! Answered 200 once the event is in the history (`{"ok":true,"offset":"…"}`), or a
+//! Answered 200 once the event is in the history (`{"ok":true,"offset":"…","epoch":"…"}`:
+//! where an app that received it stands), or a
 //! redelivery of an id already there (`"duplicate":true`, not delivered again); 503 with
 //! `Retry-After` while the history cannot be reached (Redis down), which senders retry; the
 //! verifier's status (401, 413, 415, 400) when refused.
@@ -87,7 +88,7 @@ pub(crate) async fn webhook(
         .instrument(span.clone())
         .await;
     let (response, outcome) = match appended {
-        Ok(Appended::New(offset)) => {
+        Ok(Appended::New(offset, epoch)) => {
             span.in_scope(|| {
                 tracing::debug!(
                     offset = %offset,
@@ -99,7 +100,7 @@ pub(crate) async fn webhook(
             (
                 answer(
                     StatusCode::OK,
-                    format!(r#"{{"ok":true,"offset":"{offset}"}}"#),
+                    format!(r#"{{"ok":true,"offset":"{offset}","epoch":"{epoch}"}}"#),
                 ),
                 Outcome::Broadcast,
             )

@@ -85,7 +85,7 @@ impl Memory {
         }
         drop(state);
         self.appended.notify_waiters();
-        Appended::New(offset)
+        Appended::New(offset, self.epoch.clone())
     }
 
     /// Drops what is too old or over the byte bound, oldest first; the newest stays.
@@ -163,7 +163,7 @@ mod tests {
         let data = RawValue::from_string(r#"{"productId":1}"#.into()).unwrap();
         let offsets: Vec<Offset> = (0..5)
             .map(|i| match m.append(new(&format!("id-{i}"), &data)) {
-                Appended::New(o) => o,
+                Appended::New(o, _) => o,
                 Appended::Duplicate => panic!("fresh"),
             })
             .collect();
@@ -185,7 +185,7 @@ mod tests {
         });
         let big = RawValue::from_string(format!("\"{}\"", "x".repeat(1_000))).unwrap();
         let first = match m.append(new("first", &big)) {
-            Appended::New(o) => o,
+            Appended::New(o, _) => o,
             Appended::Duplicate => panic!(),
         };
         for i in 0..50 {

@@ -133,8 +133,8 @@ pub(crate) struct NewEntry<'a> {
 /// What [`History::append`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Appended {
-    /// Appended at this offset.
-    New(Offset),
+    /// Appended at this offset, in this epoch.
+    New(Offset, Arc<str>),
     /// Its id is in the history already: a redelivery.
     Duplicate,
 }

@@ -313,9 +313,10 @@ impl RedisHistory {
         let reply: Vec<String> = self.link.run(&cmd).await?;
         match reply.as_slice() {
             [dup] if dup == "dup" => Ok(Appended::Duplicate),
-            [ok, _epoch, offset] if ok == "ok" => {
-                offset.parse().map(Appended::New).map_err(|()| Unavailable)
-            }
+            [ok, epoch, offset] if ok == "ok" => offset
+                .parse()
+                .map(|o| Appended::New(o, epoch.as_str().into()))
+                .map_err(|()| Unavailable),
             _ => Err(Unavailable),
         }
     }
