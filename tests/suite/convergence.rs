@@ -221,6 +221,159 @@ async fn postgres_dead_events_then_requeue_end_on_the_final_state() {
 /// idle, and marked its deliveries without looking for stale dead rows while busy.) SQLite:
 /// the busy relay polls once an hour and nothing else wakes it, so the other relay is the
 /// one that meets the refusal; on PostgreSQL a NOTIFY wakes both.
+/// A requeue while the shop is open: events of 320 rows die (the receiver refuses them),
+/// then requeues run again and again while eight tasks go on writing the same rows, over
+/// three such cycles, with two relays. A requeued event is resent only while no newer
+/// event of its row has gone out: every row's app ends on the row's state, and no app ever
+/// sees a row's stock go back.
+async fn requeue_during_live_writes_leaves_no_row_stale(db: DatabaseConnection, url: &str) {
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let retry = common::fast_retries().max_attempts(1);
+    let relays = [
+        common::outbox_observer(&db, &receiver.url(), retry.clone()).await,
+        common::outbox_observer(
+            &vendora_pos::db::connect(url).await.unwrap(),
+            &receiver.url(),
+            retry,
+        )
+        .await,
+    ];
+    // 8 tasks x 40 rows, each write a higher stock.
+    let mut rows: Vec<Vec<i32>> = Vec::new();
+    for t in 0..8 {
+        let mut ids = Vec::new();
+        for r in 0..40 {
+            let p = relays[0]
+                .scope(product_am(&format!("t{t}r{r}"), 0).insert(&db))
+                .await
+                .unwrap();
+            ids.push(p.id);
+        }
+        rows.push(ids);
+    }
+    let stock = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(1));
+    let write_round = |relay: usize| {
+        let (db, rows, stock) = (db.clone(), rows.clone(), stock.clone());
+        let observer = relays[relay].clone();
+        async move {
+            let tasks: Vec<_> =
+                rows.into_iter()
+                    .map(|ids| {
+                        let (db, stock, observer) = (db.clone(), stock.clone(), observer.clone());
+                        tokio::spawn(async move {
+                            observer
+                                .scope(async {
+                                    for id in ids {
+                                        let am = product::ActiveModel {
+                                            id: Unchanged(id),
+                                            stock: Set(stock
+                                                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)),
+                                            ..Default::default()
+                                        };
+                                        // In transactions on PostgreSQL; SQLite's one writer
+                                        // would refuse concurrent ones (SQLITE_BUSY on a read
+                                        // that turns into a write).
+                                        if db.get_database_backend() == DbBackend::Postgres {
+                                            let txn = db.begin().await.unwrap();
+                                            am.update(&txn).await.unwrap();
+                                            txn.commit().await.unwrap();
+                                        } else {
+                                            am.update(&db).await.unwrap();
+                                        }
+                                    }
+                                })
+                                .await
+                        })
+                    })
+                    .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+    };
+    for cycle in 0..3 {
+        // Refused: each event dies at its one attempt.
+        receiver.set_reply(Reply::Status(422, None));
+        write_round(cycle % 2).await;
+        common::eventually(WAIT, "the round's events dead", || async {
+            vendora_observe::outbox::counts(&db).await.unwrap().pending == 0
+        })
+        .await;
+        // Accepted again (each answer takes a moment, so that events are on their way
+        // while requeues run): writes go on, and requeues run until they are done.
+        receiver.set_reply(Reply::Delay(Duration::from_millis(2)));
+        let writes = tokio::spawn(write_round((cycle + 1) % 2));
+        while !writes.is_finished() {
+            // Three operators at once: none may fail (they deadlocked each other).
+            let (a, b, c) = tokio::join!(
+                vendora_observe::outbox::requeue(&db, None),
+                vendora_observe::outbox::requeue(&db, None),
+                vendora_observe::outbox::requeue(&db, None),
+            );
+            for r in [a, b, c] {
+                r.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        writes.await.unwrap();
+    }
+    // Whatever is still dead (events refused in the last round, never made stale) goes out.
+    vendora_observe::outbox::requeue(&db, None).await.unwrap();
+    for relay in &relays {
+        assert!(relay.flush(WAIT).await);
+    }
+    // Per row, in the order the receiver got them: the stock never goes back.
+    let mut seen: HashMap<i64, i64> = HashMap::new();
+    let mut violations = Vec::new();
+    for r in receiver.delivered() {
+        let d = r.data();
+        let (id, s) = match r.event().as_str() {
+            "product:created" | "product:updated" => (d["id"].as_i64(), d["stock"].as_i64()),
+            "stock:updated" => (d["productId"].as_i64(), d["newStock"].as_i64()),
+            _ => continue,
+        };
+        let (Some(id), Some(s)) = (id, s) else {
+            continue;
+        };
+        if let Some(before) = seen.insert(id, s)
+            && s < before
+        {
+            violations.push((id, before, s));
+        }
+    }
+    let mut stale = Vec::new();
+    for id in rows.iter().flatten() {
+        let row = product::Entity::find_by_id(*id)
+            .one(&db)
+            .await
+            .unwrap()
+            .unwrap();
+        if seen.get(&(*id as i64)) != Some(&(row.stock as i64)) {
+            stale.push((*id, row.stock, seen.get(&(*id as i64)).copied()));
+        }
+    }
+    assert!(violations.is_empty(), "stock went back: {violations:?}");
+    assert!(
+        stale.is_empty(),
+        "apps left on old state (row, stock, last seen): {stale:?}"
+    );
+    let counts = vendora_observe::outbox::counts(&db).await.unwrap();
+    assert_eq!((counts.pending, counts.dead), (0, 0), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_a_requeue_during_live_writes_leaves_no_row_stale() {
+    let (db, url) = common::sqlite_file().await;
+    requeue_during_live_writes_leaves_no_row_stale(db, &url).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs DATABASE_URL (PostgreSQL): run with --include-ignored (bash .ci/run)"]
+async fn postgres_a_requeue_during_live_writes_leaves_no_row_stale() {
+    let (db, url) = common::postgres().await;
+    requeue_during_live_writes_leaves_no_row_stale(db, &url).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_a_busy_relay_supersedes_the_dead_event_another_relay_left() {
     let (db, _) = common::sqlite_file().await;

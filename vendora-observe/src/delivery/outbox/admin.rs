@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DbErr, TransactionSession, TransactionTrait, Value};
+use sea_orm::{ConnectionTrait, DbErr, Value};
 
 use super::{TABLE, stmt};
 use crate::delivery::scheduler::now_ms;
@@ -78,13 +78,17 @@ pub struct Requeued {
     pub superseded: u64,
 }
 
-/// The SQL condition "a row `newer` of the same row supersedes the row `older`" (see
-/// `EventKind::superseded_by`): full-state events by any newer full-state event, a watch
-/// event by a newer one of the same name or by the row's deletion.
-pub(crate) fn supersedes(older: &str, newer: &str) -> String {
+/// The SQL condition "the row `older` would tell the apps old state once `newer`, a newer
+/// event of the same row, has gone out", over the columns `kind` and `event`: always, but
+/// for two watch events of different columns (`stock:updated` says nothing of the price).
+/// A full-state event is made stale by any newer event of its row (a newer watch event
+/// changed a column it carries); a watch event by a newer full-state event (it carries the
+/// column) or a newer one of its own name. What requeue and the delivered marks go by.
+/// (Latest-wins coalescing of pending events is another rule, the scheduler's: it skips
+/// only what a waiting event fully replaces.)
+pub(crate) fn stale_after(older: &str, newer: &str) -> String {
     format!(
-        "(({older}.kind <> 'watch' AND {newer}.kind <> 'watch') OR ({older}.kind = 'watch' AND \
-         ({newer}.kind = 'deleted' OR ({newer}.kind = 'watch' AND {newer}.event = {older}.event))))"
+        "NOT ({older}.kind = 'watch' AND {newer}.kind = 'watch' AND {newer}.event <> {older}.event)"
     )
 }
 
@@ -219,55 +223,53 @@ pub async fn finished_count_since<C: ConnectionTrait>(db: &C, since_ms: i64) -> 
 /// `None`), attempts reset, and wakes no relay (a running relay finds them at its next
 /// poll; [`Outbox::requeue`](super::Outbox::requeue) wakes its own at once).
 ///
-/// A dead row whose row already has a newer event on its way (claimed by a relay) that
-/// carries newer state is marked `superseded` instead: sent after that event, it would
-/// leave the apps on stale data. (Dead rows made stale by a *delivered* newer event were
-/// marked so when it was delivered.) Requeued rows keep their `X-Webhook-Id`.
-pub async fn requeue<C: ConnectionTrait + TransactionTrait>(
-    db: &C,
-    id: Option<i64>,
-) -> Result<Requeued, DbErr> {
+/// Requeued rows keep their `X-Webhook-Id`, and are resent only while they are still
+/// current, also when writes go on meanwhile: a requeued row whose row has a newer event on
+/// its way (leased by a relay) is marked `superseded` instead, here or when a relay would
+/// claim it; a newer event of its row delivered before it is sent marks it `superseded`
+/// wherever it stands. (Dead rows made stale by a delivered newer event were marked so when
+/// it was delivered.) One statement, retried on a deadlock: requeues may run at once.
+pub async fn requeue<C: ConnectionTrait>(db: &C, id: Option<i64>) -> Result<Requeued, DbErr> {
     let backend = db.get_database_backend();
-    let now = now_ms();
-    let (filter, id_value) = match id {
-        Some(id) => (" AND id = ?", Some(Value::from(id))),
-        None => ("", None),
-    };
-    let with_id = |mut values: Vec<Value>| {
-        values.extend(id_value.clone());
-        values
-    };
-    let txn = db.begin().await?;
-    let superseded = txn
-        .execute_raw(stmt(
-            backend,
-            &format!(
-                "UPDATE {TABLE} SET status = 'superseded', delivered_at = ? \
-                 WHERE status = 'dead' AND EXISTS (SELECT 1 FROM {TABLE} d \
-                   WHERE d.ordering_key = {TABLE}.ordering_key AND d.status = 'pending' \
-                   AND d.id > {TABLE}.id AND d.claimed_until >= ? AND {}){filter}",
-                supersedes(TABLE, "d")
-            ),
-            with_id(vec![now.into(), now.into()]),
-        ))
-        .await?
-        .rows_affected();
-    let requeued = txn
-        .execute_raw(stmt(
-            backend,
-            &format!(
-                "UPDATE {TABLE} SET status = 'pending', attempts = 0, next_attempt_at = ?, \
-                 claimed_by = NULL, claimed_until = NULL WHERE status = 'dead'{filter}"
-            ),
-            with_id(vec![now.into()]),
-        ))
-        .await?
-        .rows_affected();
-    txn.commit().await?;
-    Ok(Requeued {
-        requeued,
-        superseded,
-    })
+    let filter = if id.is_some() { " AND id = ?" } else { "" };
+    let newer_on_its_way = format!(
+        "EXISTS (SELECT 1 FROM {TABLE} d WHERE d.ordering_key = {TABLE}.ordering_key \
+         AND d.status = 'pending' AND d.id > {TABLE}.id AND d.claimed_until >= ? AND {})",
+        stale_after(TABLE, "d")
+    );
+    let text = format!(
+        "UPDATE {TABLE} SET \
+           status = CASE WHEN {newer_on_its_way} THEN 'superseded' ELSE 'pending' END, \
+           delivered_at = CASE WHEN {newer_on_its_way} THEN ? ELSE NULL END, \
+           attempts = 0, next_attempt_at = ?, claimed_by = NULL, claimed_until = NULL, \
+           requeued = 1 \
+         WHERE status = 'dead'{filter} RETURNING status"
+    );
+    let mut tries = 0;
+    loop {
+        let now = now_ms();
+        let mut values: Vec<Value> = vec![now.into(), now.into(), now.into(), now.into()];
+        values.extend(id.map(Value::from));
+        match db.query_all_raw(stmt(backend, &text, values)).await {
+            Ok(rows) => {
+                let mut out = Requeued::default();
+                for r in rows {
+                    match r.try_get::<String>("", "status")?.as_str() {
+                        "pending" => out.requeued += 1,
+                        _ => out.superseded += 1,
+                    }
+                }
+                return Ok(out);
+            }
+            // Two requeues (or a requeue and a relay's marks) locking the same rows in
+            // another order: the database gave one of them up; it runs again.
+            Err(e) if tries < 5 && e.to_string().contains("deadlock") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10 << tries)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Deletes delivered (and superseded) rows of the outbox in `db` older than `older_than`;
@@ -289,4 +291,57 @@ pub async fn purge_delivered<C: ConnectionTrait>(
         ))
         .await?;
     Ok(res.rows_affected())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::{ConnectionTrait, Database};
+
+    /// The rule on every pair of kinds, evaluated by SQLite.
+    #[tokio::test]
+    async fn stale_after_keeps_only_watch_events_of_other_columns() {
+        let db = Database::connect("sqlite::memory:").await.unwrap();
+        let cases = [
+            (
+                "updated",
+                "product:updated",
+                "updated",
+                "product:updated",
+                true,
+            ),
+            ("updated", "product:updated", "watch", "stock:updated", true),
+            (
+                "created",
+                "product:created",
+                "deleted",
+                "product:deleted",
+                true,
+            ),
+            ("watch", "stock:updated", "updated", "product:updated", true),
+            ("watch", "stock:updated", "watch", "stock:updated", true),
+            ("watch", "stock:updated", "deleted", "product:deleted", true),
+            ("watch", "stock:updated", "watch", "price:updated", false),
+        ];
+        for (ok, oe, nk, ne, stale) in cases {
+            let row = db
+                .query_one_raw(stmt(
+                    db.get_database_backend(),
+                    &format!(
+                        "SELECT CASE WHEN {} THEN 1 ELSE 0 END AS s FROM \
+                         (SELECT ? AS kind, ? AS event) o, (SELECT ? AS kind, ? AS event) n",
+                        stale_after("o", "n")
+                    ),
+                    vec![ok.into(), oe.into(), nk.into(), ne.into()],
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                row.try_get::<i32>("", "s").unwrap() == 1,
+                stale,
+                "{oe} after {ne}"
+            );
+        }
+    }
 }

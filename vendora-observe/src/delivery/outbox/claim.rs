@@ -698,12 +698,19 @@ fn lease_statement(
     ];
     values.extend(ids.iter().map(|id| Value::from(*id)));
     values.push(req.now.into());
+    values.push(req.now.into());
+    // A requeued row is not taken while a newer event of its row is on its way (leased, by
+    // any relay, this one included): sent after it, it would leave the apps on old state.
+    // Left pending, it is marked superseded when that event is delivered.
     stmt(
         backend,
         &format!(
             "UPDATE {TABLE} SET claimed_by = ?, claimed_until = ? \
              WHERE id IN ({}) AND status = 'pending' \
                AND (claimed_until IS NULL OR claimed_until < ?) \
+               AND NOT (requeued = 1 AND EXISTS (SELECT 1 FROM {TABLE} d \
+                 WHERE d.status = 'pending' AND d.ordering_key = {TABLE}.ordering_key \
+                 AND d.id > {TABLE}.id AND d.claimed_until >= ?)) \
              RETURNING {JOB_COLUMNS}",
             placeholders(ids.len())
         ),

@@ -695,15 +695,19 @@ async fn write_all(outbox: &Outbox, writes: &[(String, Vec<Value>)]) -> Result<V
 }
 
 /// Marks rows delivered, 500 per statement (per-row commits would cap the relay at the
-/// database's commit rate), after marking `superseded` the dead rows of the same rows that
-/// these deliveries made stale, so that a later requeue cannot resend old state.
+/// database's commit rate), after marking `superseded` the rows of the same rows that these
+/// deliveries made stale, so that apps never get old state after new:
 ///
-/// Always, whoever left the dead rows: a relay that asked only while it knew of dead rows
-/// (its own, or counted when idle) missed those another relay left while it was busy. With
-/// no dead row the look is a probe of the dead rows' partial index. The stale rows are
-/// marked first, each step committing on its own: a requeue between the two finds them
-/// already superseded (the deliveries happened), and a crash between them leaves the
-/// deliveries pending, sent again with the same ids.
+/// - dead rows, so that a later requeue cannot resend them. Always, whoever left the dead
+///   rows: a relay that asked only while it knew of dead rows (its own, or counted when
+///   idle) missed those another relay left while it was busy. With no dead row the look is a
+///   probe of the dead rows' partial index;
+/// - requeued rows still pending and not leased (a requeue committed while a newer event of
+///   their row was on its way): a probe of the requeued rows' partial index.
+///
+/// The stale rows are marked first, each step committing on its own: a requeue between the
+/// steps finds them already superseded (the deliveries happened), and a crash between them
+/// leaves the deliveries pending, sent again with the same ids.
 async fn mark_delivered(db: &sea_orm::DatabaseConnection, ids: &[i64]) -> Result<(), DbErr> {
     let backend = db.get_database_backend();
     let now = now_ms();
@@ -712,18 +716,31 @@ async fn mark_delivered(db: &sea_orm::DatabaseConnection, ids: &[i64]) -> Result
         let values: Vec<Value> = std::iter::once(Value::from(now))
             .chain(chunk.iter().map(|id| Value::from(*id)))
             .collect();
-        db.execute_raw(stmt(
-            backend,
-            &format!(
+        let made_stale = |status: &str, index: &str| {
+            format!(
                 "UPDATE {TABLE}{} SET status = 'superseded', delivered_at = ?, \
-                 last_error = COALESCE(last_error, '') || ' (superseded by a newer delivered event of its row)' \
-                 WHERE status = 'dead' AND EXISTS (SELECT 1 FROM {TABLE} d \
+                 last_error = COALESCE(last_error, '') || ' (superseded by a newer delivered event of its row)', \
+                 claimed_by = NULL, claimed_until = NULL \
+                 WHERE {status} AND EXISTS (SELECT 1 FROM {TABLE} d \
                    WHERE d.id IN ({marks}) AND d.ordering_key = {TABLE}.ordering_key \
                    AND d.id > {TABLE}.id AND {})",
-                claim::by_index(backend, "dead"),
-                admin::supersedes(TABLE, "d")
-            ),
+                claim::by_index(backend, index),
+                admin::stale_after(TABLE, "d")
+            )
+        };
+        db.execute_raw(stmt(
+            backend,
+            &made_stale("status = 'dead'", "dead"),
             values.clone(),
+        ))
+        .await?;
+        let mut requeued_values = values.clone();
+        requeued_values.push(now.into());
+        db.execute_raw(stmt(
+            backend,
+            &(made_stale("status = 'pending' AND requeued = 1", "requeued")
+                + " AND (claimed_until IS NULL OR claimed_until < ?)"),
+            requeued_values,
         ))
         .await?;
         db.execute_raw(stmt(

@@ -13,11 +13,14 @@ use super::{CHANNEL, TABLE, stmt};
 const SCHEMA_LOCK: i64 = 0x0076_656e_646f_7261;
 
 /// Columns added since the first version of the table, with their definitions.
-const ADDED_COLUMNS: [(&str, &str); 4] = [
+const ADDED_COLUMNS: [(&str, &str); 5] = [
     ("unit_key", "TEXT"),
     ("kind", "VARCHAR(8) NOT NULL DEFAULT 'updated'"),
     ("latest_wins", "SMALLINT NOT NULL DEFAULT 0"),
     ("traceparent", "VARCHAR(64)"),
+    // A dead row put back in the queue: sent only while no newer event of its row has
+    // gone out (see `admin::requeue`).
+    ("requeued", "SMALLINT NOT NULL DEFAULT 0"),
 ];
 
 /// Creates the outbox table, its indexes and (PostgreSQL) its NOTIFY trigger when missing,
@@ -104,7 +107,8 @@ fn ddl(backend: DbBackend) -> Vec<String> {
          body TEXT NOT NULL, status VARCHAR(16) NOT NULL DEFAULT 'pending', \
          attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at BIGINT NOT NULL, last_error TEXT, \
          created_at BIGINT NOT NULL, delivered_at BIGINT, claimed_by VARCHAR(64), \
-         claimed_until BIGINT, traceparent VARCHAR(64)){with}"
+         claimed_until BIGINT, traceparent VARCHAR(64), \
+         requeued SMALLINT NOT NULL DEFAULT 0){with}"
     )]
 }
 
@@ -115,7 +119,7 @@ fn ddl(backend: DbBackend) -> Vec<String> {
 /// default, so often millions of them) and must cost the claim nothing. Pruning walks
 /// finished rows by age; the dead-letter list and requeue read dead rows, and a delivery
 /// looks up the dead rows of its row that it made stale.
-const INDEXES: [(&str, &str); 6] = [
+const INDEXES: [(&str, &str); 7] = [
     ("pending", "(id) WHERE status = 'pending'"),
     ("pending_key", "(ordering_key, id) WHERE status = 'pending'"),
     ("pending_unit", "(unit_key, id) WHERE status = 'pending'"),
@@ -125,6 +129,12 @@ const INDEXES: [(&str, &str); 6] = [
     ),
     ("dead", "(id) WHERE status = 'dead'"),
     ("dead_key", "(ordering_key, id) WHERE status = 'dead'"),
+    // Requeued rows still pending: a delivery looks up those of its row it made stale.
+    // Usually empty, so the look costs an index probe.
+    (
+        "requeued",
+        "(ordering_key, id) WHERE status = 'pending' AND requeued = 1",
+    ),
 ];
 
 /// Indexes of older versions of the table, dropped when found. A full (status, …) index
