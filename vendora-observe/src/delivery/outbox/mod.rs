@@ -22,8 +22,8 @@
 //! order they were written, across retries and across relays (the claim's steps are
 //! described in `src/delivery/outbox/claim.rs`). A relay keeps its rows leased while it
 //! holds them (renewed every quarter of the lease). The rows of a relay whose process is
-//! gone are taken back at once by a relay on the same machine (Linux: relay ids name their
-//! process, see `holder.rs`); a relay elsewhere claims them again once their lease runs
+//! gone are taken back by a relay on the same machine, at its start or, running, within a
+//! second (Linux: relay ids name their process, see `holder.rs`); a relay elsewhere claims them again once their lease runs
 //! out, and says at its start how many wait and for how long.
 //!
 //! # Dead rows

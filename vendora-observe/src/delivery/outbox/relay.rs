@@ -119,6 +119,7 @@ pub(super) async fn run(
     let mut last_analyze: Option<Instant> = None;
     let mut analyzing: Option<JoinHandle<()>> = None;
     let mut notice = LeaseNotice::default();
+    let mut claim_now = false;
     let mut heartbeat = tokio::time::interval(heartbeat_period(
         options.lease,
         inner.ctx.service.config().timeout(),
@@ -192,6 +193,9 @@ pub(super) async fn run(
                     }
                     next_due = due;
                     idle = jobs.len() < want && !took_back;
+                    // The rows taken back are free now: claim them in the next turn, with
+                    // no wait (a running relay waited for its heartbeat).
+                    claim_now = took_back;
                     if !idle {
                         size = (size * 2).min(max_batch);
                     }
@@ -309,6 +313,7 @@ pub(super) async fn run(
                 }
             }
             _ = inner.scheduler.events_let_go() => {}
+            _ = std::future::ready(()), if claim_now => claim_now = false,
             _ = inner.wake.notified(), if idle => idle = false,
             _ = notified(&mut listener), if idle => idle = false,
             _ = tokio::time::sleep(wait), if idle => idle = false,
@@ -344,38 +349,44 @@ fn heartbeat_period(lease: Duration, timeout: Duration) -> Duration {
 enum Tell {
     /// Every row leased elsewhere, at start-up.
     AtStart,
-    /// Rows whose lease ends before `below`: no longer renewed.
+    /// A look at the relays holding rows: those of a process gone are taken back, and
+    /// those whose lease ends before `below` (no longer renewed) are told of.
     Unrenewed { below: i64 },
 }
+
+/// How often a relay looks at the relays holding rows of its frontier: a process that
+/// died on this machine has its rows taken back within this.
+const LOOK_EVERY_MS: i64 = 1_000;
 
 /// Says when rows leased to other relays hold this one's chains, once per relay: at
 /// start-up (rows a process left when it stopped without `shutdown` — a crash, kill -9 —
 /// and then nothing of their chains goes out for up to a lease), and later of a relay
 /// whose rows' lease is no longer renewed (a live relay renews every quarter of the lease
-/// at least).
+/// at least). Rows of a relay whose process is gone from this machine are taken back.
 #[derive(Debug, Default)]
 struct LeaseNotice {
     /// A claim ran since this relay started.
     started: bool,
     /// Relays told of (a bounded set: emptied when it grows past 1,024).
     told: HashSet<String>,
-    /// When the rows leased elsewhere were last read (at most every quarter lease).
+    /// When the rows leased elsewhere were last read (at most every second).
     looked_at: i64,
 }
 
 impl LeaseNotice {
     /// After each claim: whether to read the rows leased elsewhere, given when the first
-    /// lease of the frontier's such rows ends (`first`). A relay's unrenewed leases stay
-    /// within half a lease of their end for half a lease: a look every quarter sees them.
+    /// lease of the frontier's such rows ends (`first`): at most once a second while there
+    /// are some. A relay's unrenewed leases stay within half a lease of their end for half
+    /// a lease, so every one is told of; a dead process's are taken back within a second.
     fn due(&mut self, first: Option<i64>, now: i64, lease: Duration) -> Option<Tell> {
         let started = std::mem::replace(&mut self.started, true);
-        let first = first?;
+        first?;
         let lease = lease.as_millis() as i64;
         // A live relay's leases end at least three quarters of a lease from now.
         let below = now + lease / 2;
         let tell = if !started {
             Tell::AtStart
-        } else if first < below && now - self.looked_at >= lease / 4 {
+        } else if now - self.looked_at >= LOOK_EVERY_MS {
             Tell::Unrenewed { below }
         } else {
             return None;
@@ -394,6 +405,8 @@ impl LeaseNotice {
             Tell::AtStart => ("another relay", i64::MAX),
             Tell::Unrenewed { below } => ("a relay that no longer renews its lease", below),
         };
+        // Every holder is read, so that a dead process's rows are taken back at once; only
+        // those whose lease ends before `below` are told of.
         let rows = match inner
             .options
             .db
@@ -401,7 +414,7 @@ impl LeaseNotice {
                 inner.backend,
                 relay,
                 now,
-                below,
+                i64::MAX,
             ))
             .await
         {
@@ -426,8 +439,11 @@ impl LeaseNotice {
             let pid = match super::holder::judge(&holder) {
                 // A relay of a process that runs on this machine (this one included, under
                 // an earlier identity) renews its leases or lets them end.
+                // Said once per relay: the look runs every second.
                 Holder::Running => {
-                    running += n;
+                    if self.told.insert(holder) {
+                        running += n;
+                    }
                     continue;
                 }
                 Holder::Gone(pid) => Some(pid),
@@ -437,6 +453,10 @@ impl LeaseNotice {
                 && take_back(outbox, &holder, pid).await
             {
                 took_back = true;
+                continue;
+            }
+            if last >= below {
+                // Renewed lately: a live relay elsewhere.
                 continue;
             }
             if self.told.insert(holder) {
@@ -861,24 +881,22 @@ mod tests {
     const LEASE: Duration = Duration::from_secs(60);
 
     #[test]
-    fn rows_leased_elsewhere_are_read_at_start_then_only_when_no_longer_renewed() {
+    fn rows_leased_elsewhere_are_read_at_start_then_once_a_second() {
         let mut notice = LeaseNotice::default();
         // The first claim finds another relay's rows: read whatever their lease.
         assert!(matches!(
             notice.due(Some(1_060_000), 1_000_000, LEASE),
             Some(Tell::AtStart)
         ));
-        // A live relay's rows: renewed at least every quarter lease, so their lease ends
-        // three quarters of a lease from now or later.
-        assert!(notice.due(Some(1_046_000), 1_016_000, LEASE).is_none());
-        // Rows whose lease was last renewed 40 s ago.
+        // Within a second of the last look: not read again.
+        assert!(notice.due(Some(1_046_000), 1_000_500, LEASE).is_none());
+        // A second later: read, telling only of leases ending within half a lease.
         assert!(matches!(
-            notice.due(Some(1_080_000), 1_060_000, LEASE),
-            Some(Tell::Unrenewed { below: 1_090_000 })
+            notice.due(Some(1_080_000), 1_001_000, LEASE),
+            Some(Tell::Unrenewed { below: 1_031_000 })
         ));
-        // Read again only a quarter lease later.
-        assert!(notice.due(Some(1_080_000), 1_070_000, LEASE).is_none());
-        assert!(notice.due(Some(1_080_000), 1_075_000, LEASE).is_some());
+        assert!(notice.due(Some(1_080_000), 1_001_999, LEASE).is_none());
+        assert!(notice.due(Some(1_080_000), 1_002_000, LEASE).is_some());
         // Nothing leased elsewhere: nothing to read.
         assert!(notice.due(None, 1_095_000, LEASE).is_none());
     }
@@ -887,7 +905,11 @@ mod tests {
     fn a_first_claim_without_leased_rows_ends_the_start_up_notice() {
         let mut notice = LeaseNotice::default();
         assert!(notice.due(None, 1_000_000, LEASE).is_none());
-        // Another relay's fresh rows, later: a live relay at work, not read.
-        assert!(notice.due(Some(1_061_000), 1_001_000, LEASE).is_none());
+        // Another relay's rows, later: read as a look (told of only when unrenewed), not
+        // as the start-up notice.
+        assert!(matches!(
+            notice.due(Some(1_061_000), 1_001_000, LEASE),
+            Some(Tell::Unrenewed { .. })
+        ));
     }
 }
