@@ -459,6 +459,7 @@ fn frontier_of(db: &DatabaseConnection, window: usize) -> sea_orm::Statement {
         sea_orm::ConnectionTrait::get_database_backend(db),
         "test-relay",
         window,
+        &[],
     )
 }
 
@@ -571,6 +572,130 @@ async fn postgres_claim_does_not_visit_delivered_rows() {
             "the {step} filtered out {removed} rows (20,000 are delivered): {plan:#?}"
         );
     }
+}
+
+/// The claim's first step in the middle of a drain: a relay that holds thousands of the
+/// oldest pending rows (20,000 pending on 10 hot rows; its receiver answered the first
+/// 2,000, then hangs) reads what its frontier returns, not the rows it holds. The statement
+/// is the one the relay runs with those rows held, measured by PostgreSQL's own counts
+/// against the same frontier walking past them.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
+async fn postgres_claim_reads_what_it_returns_in_the_middle_of_a_drain() {
+    use sea_orm::ConnectionTrait;
+    use vendora_observe::__private::outbox_plan::{frontier_settings, frontier_statement, runs_of};
+    let (db, _) = postgres().await;
+    vendora_observe::outbox::create_table(&db).await.unwrap();
+    db.execute_unprepared(
+        "INSERT INTO vendora_outbox (event_id, ordering_key, event, body, next_attempt_at, \
+         created_at) SELECT 'e' || i, 'product:' || (i % 10), 'product:updated', '{}', 0, 0 \
+         FROM generate_series(1, 20000) AS i",
+    )
+    .await
+    .unwrap();
+    db.execute_unprepared("ANALYZE vendora_outbox")
+        .await
+        .unwrap();
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = common::relay_for_slow_requests(&db, &receiver.url()).await;
+    receiver.wait_delivered(2_000, WAIT).await;
+    receiver.set_reply(Reply::Delay(Duration::from_secs(120)));
+    // The relay claims until it holds all it may; then its rows stand still.
+    let held = || async {
+        db.query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT claimed_by AS relay, id FROM vendora_outbox \
+             WHERE status = 'pending' AND claimed_by IS NOT NULL ORDER BY id",
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.try_get::<String>("", "relay").unwrap(),
+                r.try_get::<i64>("", "id").unwrap(),
+            )
+        })
+        .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut last = Vec::new();
+    loop {
+        let now = held().await;
+        if now.len() >= 4_000 && now == last {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay still claims, or holds few rows: {}",
+            now.len()
+        );
+        last = now;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let relay = last[0].0.clone();
+    assert!(
+        last.iter().all(|(r, _)| *r == relay),
+        "one relay holds them"
+    );
+    let runs = runs_of(last.iter().map(|(_, id)| *id));
+    let settings = frontier_settings(sea_orm::DbBackend::Postgres, true);
+    for window in [512, 4_096] {
+        let mut read = Vec::new();
+        for skip in [&runs[..], &[]] {
+            let statement = frontier_statement(sea_orm::DbBackend::Postgres, &relay, window, skip);
+            let plan = explain_with(
+                &db,
+                "EXPLAIN (ANALYZE, COSTS OFF)",
+                "QUERY PLAN",
+                statement,
+                settings,
+            )
+            .await;
+            let field = |l: &str, name: &str| -> u64 {
+                l.split(name)
+                    .nth(1)
+                    .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            };
+            // Index entries visited: rows returned by each scan plus those its filter removed.
+            let visited: u64 = plan
+                .iter()
+                .map(|l| {
+                    if l.contains("Scan") && l.contains("actual") {
+                        field(l, " rows=") * field(l, " loops=").max(1)
+                    } else {
+                        field(l, "Rows Removed by Filter: ")
+                    }
+                })
+                .sum();
+            read.push((visited, plan));
+        }
+        let [(skipping, plan), (walking, _)] = &read[..] else {
+            unreachable!()
+        };
+        println!(
+            "window {window}: {} rows held, {} runs skipped; the frontier visits {skipping} \
+             index entries, {walking} walking past them",
+            last.len(),
+            runs.len()
+        );
+        // The frontier returns `window` rows; it visits those, and of the held rows only
+        // those outside the skipped runs (scattered among rows delivered already, at the
+        // front of the drain).
+        let skipped: i64 = runs.iter().map(|(first, last)| last - first + 1).sum();
+        let scattered = last.len() as u64 - skipped as u64;
+        assert!(
+            *skipping <= window as u64 + scattered,
+            "window {window}: the frontier visited {skipping} entries with {} rows held, \
+             {scattered} outside the runs: {plan:#?}",
+            last.len()
+        );
+        // The measure is real: walking past the held rows visits them.
+        assert!(*walking >= last.len() as u64, "{walking}");
+    }
+    observer.shutdown(Duration::ZERO).await;
 }
 
 /// A relay killed (SIGKILL) while it holds leased rows: a relay that starts on the same

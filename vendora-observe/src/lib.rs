@@ -435,7 +435,7 @@ pub mod __private {
     /// alone and the ceiling of any relay, for the bench.
     pub mod outbox_plan {
         pub use crate::delivery::outbox::claim::{
-            IN_INDEX_ORDER, frontier_settings, frontier_statement, skip_scan_statement,
+            IN_INDEX_ORDER, frontier_settings, frontier_statement, runs_of, skip_scan_statement,
         };
         pub use crate::delivery::outbox::relay::{drain_without_sending, send_without_writing};
     }
