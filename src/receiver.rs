@@ -183,6 +183,17 @@ impl Receiver {
 
     /// Waits until a request whose body contains `text` has arrived (it may still be
     /// waiting for its answer), or panics after `timeout`.
+    /// How many requests whose body contains `text` have arrived, answered or not.
+    pub fn arrivals_with(&self, text: &str) -> usize {
+        self.shared
+            .arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|b| b.contains(text))
+            .count()
+    }
+
     pub async fn wait_until_arrived(&self, text: &str, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

@@ -245,6 +245,81 @@ async fn outbox_a_failing_event_holds_only_its_own_chains() {
     failing_event_holds_only_its_chains(observer, db, receiver).await;
 }
 
+/// Rows whose webhooks the receiver answers slowly (it holds them two minutes) hold back
+/// only their own chains: with as many slow rows as senders (8), and with 64, events of
+/// 200 other rows are all delivered meanwhile. (With a strict bound of 8 requests in
+/// flight, none of them went out before a slow answer.)
+async fn slow_rows_hold_only_their_own_chains(
+    observer: Observer,
+    db: DatabaseConnection,
+    receiver: Receiver,
+    slow: usize,
+) {
+    receiver.reply_when("slow-row", Reply::Delay(Duration::from_secs(120)));
+    // Each written by a task of its own: no chain links them to each other or the rest.
+    let write = |name: String| {
+        let db = db.clone();
+        tokio::spawn(observer.scope(async move {
+            product_am(&name, 1).insert(&db).await.unwrap();
+        }))
+    };
+    for i in 0..slow {
+        write(format!("slow-row {i}")).await.unwrap();
+    }
+    common::eventually(WAIT, "every slow row's request at the receiver", || async {
+        receiver.arrivals_with("slow-row") >= slow
+    })
+    .await;
+    let free: Vec<_> = (0..200).map(|i| write(format!("free {i}"))).collect();
+    for task in free {
+        task.await.unwrap();
+    }
+    let got = receiver.wait_delivered(200, WAIT).await;
+    assert!(
+        got.iter().all(|r| r.body_str().contains("free ")),
+        "a slow row's event was answered within the test"
+    );
+    observer.shutdown(Duration::ZERO).await;
+}
+
+/// A direct observer whose requests may take a minute: a slow answer is waited for, not
+/// cut by the timeout and retried.
+async fn patient_with_slow_answers(url: &str) -> Observer {
+    let config = vendora_observe::WebhookConfig::builder()
+        .url(url)
+        .secret(SECRET)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    Observer::builder(config)
+        .retry(patient())
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_8_slow_rows_hold_only_their_own_chains() {
+    let env = common::env().await;
+    let observer = patient_with_slow_answers(&env.receiver.url()).await;
+    slow_rows_hold_only_their_own_chains(observer, env.db, env.receiver, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_64_slow_rows_hold_only_their_own_chains() {
+    let env = common::env().await;
+    let observer = patient_with_slow_answers(&env.receiver.url()).await;
+    slow_rows_hold_only_their_own_chains(observer, env.db, env.receiver, 64).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_64_slow_rows_hold_only_their_own_chains() {
+    let (db, _) = common::sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = common::relay_for_slow_requests(&db, &receiver.url()).await;
+    slow_rows_hold_only_their_own_chains(observer, db, receiver, 64).await;
+}
+
 /// A chain whose head another relay holds, with a backlog longer than a claim's frontier
 /// (3,000 rows written before everything else): rows of other chains are still claimed
 /// and delivered, found by the claim's skip scan.

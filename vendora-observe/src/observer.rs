@@ -132,6 +132,7 @@ impl Observer {
             config,
             order: Order::Causal,
             concurrency: 8,
+            slow_slots: 128,
             capacity: 10_000,
             overflow: Overflow::Shed,
             retry: RetryPolicy::default(),
@@ -269,6 +270,7 @@ pub struct ObserverBuilder {
     config: WebhookConfig,
     order: Order,
     concurrency: usize,
+    slow_slots: usize,
     capacity: usize,
     overflow: Overflow,
     retry: RetryPolicy,
@@ -282,6 +284,7 @@ impl fmt::Debug for ObserverBuilder {
             .field("config", &self.config)
             .field("order", &self.order)
             .field("concurrency", &self.concurrency)
+            .field("slow_request_slots", &self.slow_slots)
             .field("capacity", &self.capacity)
             .field("overflow", &self.overflow)
             .field("retry", &self.retry)
@@ -290,10 +293,25 @@ impl fmt::Debug for ObserverBuilder {
 }
 
 impl ObserverBuilder {
-    /// Requests in flight at most (default 8). Only events that share no chain (see
-    /// [`Order`]) are sent at the same time.
+    /// Requests in flight at most (default 8), not counting slow ones (see
+    /// [`slow_request_slots`](Self::slow_request_slots)). Only events that share no chain
+    /// (see [`Order`]) are sent at the same time.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Slow requests that stop counting against [`concurrency`](Self::concurrency), at
+    /// most (default 128; 0 makes `concurrency` a strict bound).
+    ///
+    /// A request is slow once it has taken 8 times the receiver's usual answer time (at
+    /// least 25 ms, at most 1 s), and a row whose last request was slow has its next one
+    /// counted slow from the start. A slow request keeps its place in its chains, and
+    /// another sender takes its slot meanwhile: rows whose webhooks the receiver answers
+    /// slowly hold back only their own chains, not unrelated rows. Each slot is one more
+    /// connection to the receiver while it is used.
+    pub fn slow_request_slots(mut self, slots: usize) -> Self {
+        self.slow_slots = slots;
         self
     }
 
@@ -360,6 +378,7 @@ impl ObserverBuilder {
             counters: counters.clone(),
             dead_letter: self.dead_letter,
             concurrency: self.concurrency,
+            slow_slots: self.slow_slots,
         });
         let sink = match self.outbox {
             Some(options) => Sink::Outbox(Outbox::start(options, ctx).await?),

@@ -544,8 +544,11 @@ pub(crate) struct Context {
     pub(crate) policy: RetryPolicy,
     pub(crate) counters: Arc<Counters>,
     pub(crate) dead_letter: Option<DeadLetterHandler>,
-    /// Sends at once, at most.
+    /// Sends at once, at most, not counting slow ones.
     pub(crate) concurrency: usize,
+    /// Slow sends (see [`crate::ObserverBuilder::slow_request_slots`]) beyond
+    /// `concurrency`, at most.
+    pub(crate) slow_slots: usize,
 }
 
 impl fmt::Debug for Context {
@@ -553,6 +556,7 @@ impl fmt::Debug for Context {
         f.debug_struct("Context")
             .field("policy", &self.policy)
             .field("concurrency", &self.concurrency)
+            .field("slow_slots", &self.slow_slots)
             .finish_non_exhaustive()
     }
 }

@@ -19,13 +19,13 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::trace::TraceParent;
@@ -103,12 +103,14 @@ pub(crate) struct Setup {
 /// The handle sources hold: submit events, shut down.
 pub(crate) struct Scheduler {
     shared: Arc<Shared>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 struct Shared {
     setup: Setup,
     state: Mutex<State>,
+    /// The senders and the timers task, awaited at shutdown.
+    tasks: TaskTracker,
+    pace: Pace,
     /// Signalled for each event that becomes ready (one sender per event).
     work: Notify,
     /// Signalled when a timer earlier than the timer task's sleep is set.
@@ -127,6 +129,7 @@ struct Shared {
 impl Scheduler {
     pub(crate) fn start(mut setup: Setup) -> Scheduler {
         let concurrency = setup.ctx.concurrency.max(1);
+        let pace = Pace::new(concurrency, setup.ctx.slow_slots);
         let state = State {
             reports: setup.reports.take(),
             ..State::default()
@@ -134,6 +137,8 @@ impl Scheduler {
         let shared = Arc::new(Shared {
             setup,
             state: Mutex::new(state),
+            tasks: TaskTracker::new(),
+            pace,
             work: Notify::new(),
             timers_changed: Notify::new(),
             drained: Notify::new(),
@@ -142,14 +147,11 @@ impl Scheduler {
             aborted: Notify::new(),
             reported_exit: AtomicBool::new(false),
         });
-        let mut tasks: Vec<JoinHandle<()>> = (0..concurrency)
-            .map(|_| tokio::spawn(sender(shared.clone())))
-            .collect();
-        tasks.push(tokio::spawn(timers(shared.clone())));
-        Scheduler {
-            shared,
-            tasks: Mutex::new(tasks),
+        for _ in 0..concurrency {
+            shared.tasks.spawn(sender(shared.clone()));
         }
+        shared.tasks.spawn(timers(shared.clone()));
+        Scheduler { shared }
     }
 
     /// Hands over events, in the order their chains must keep (a write's events, a
@@ -246,10 +248,8 @@ impl Scheduler {
         self.shared.aborted.notify_waiters();
         self.shared.work.notify_waiters();
         self.shared.timers_changed.notify_one();
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
-        for task in tasks {
-            let _ = task.await;
-        }
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
         let mut state = self.shared.lock();
         let mut out = Leftovers {
             unknown: state.cut,
@@ -332,6 +332,88 @@ impl Shared {
     fn aborting(&self) -> bool {
         self.abort.load(Ordering::Acquire)
     }
+
+    /// A request in flight counts as slow from now: a sender stands in for it while the
+    /// slow slots last.
+    fn went_slow(self: &Arc<Self>) {
+        self.pace.slow.fetch_add(1, Ordering::AcqRel);
+        while self.pace.take_sender_slot() {
+            self.tasks.spawn(sender(self.clone()));
+        }
+    }
+}
+
+/// The senders: `concurrency` of them, and one more for each request counted slow, up to
+/// the slow slots. A request is slow once it has taken 8 times the usual answer time
+/// (25 ms to 1 s), or from the start when the last request of its row was slow; the
+/// sender that waits on it no longer counts, and a stand-in takes the ready events
+/// meanwhile. When fewer are wanted, a sender leaves instead of taking its next event.
+struct Pace {
+    concurrency: usize,
+    slots: usize,
+    /// Sender tasks running.
+    senders: AtomicUsize,
+    /// Requests in flight counted slow.
+    slow: AtomicUsize,
+    /// A moving average (1/16 weight) of how long requests that were not slow took, in µs.
+    usual_us: AtomicU64,
+}
+
+impl Pace {
+    const FLOOR: Duration = Duration::from_millis(25);
+    const CEILING: Duration = Duration::from_secs(1);
+
+    fn new(concurrency: usize, slots: usize) -> Pace {
+        Pace {
+            concurrency,
+            slots,
+            senders: AtomicUsize::new(concurrency),
+            slow: AtomicUsize::new(0),
+            usual_us: AtomicU64::new(10_000),
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.slots > 0
+    }
+
+    /// How long a request may take before it counts as slow.
+    fn slow_after(&self) -> Duration {
+        Duration::from_micros(8 * self.usual_us.load(Ordering::Relaxed))
+            .clamp(Self::FLOOR, Self::CEILING)
+    }
+
+    /// A request that did not count as slow took `took`.
+    fn answered(&self, took: Duration) {
+        let took = took.as_micros().min(u128::from(u32::MAX)) as u64;
+        let _ = self
+            .usual_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |usual| {
+                Some(usual - usual / 16 + took / 16)
+            });
+    }
+
+    fn wanted(&self) -> usize {
+        self.concurrency + self.slow.load(Ordering::Acquire).min(self.slots)
+    }
+
+    /// One more sender, if fewer run than are wanted.
+    fn take_sender_slot(&self) -> bool {
+        self.senders
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.wanted()).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Whether this sender should leave: more run than are wanted.
+    fn leave(&self) -> bool {
+        self.senders
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > self.wanted()).then_some(n - 1)
+            })
+            .is_ok()
+    }
 }
 
 /// One sender: records the outcome of its last attempt and takes the next ready event under
@@ -348,20 +430,30 @@ async fn sender(shared: Arc<Shared>) {
     let aborted = shared.aborted.notified();
     tokio::pin!(aborted);
     aborted.as_mut().enable();
-    let mut last: Option<(u64, u64, Result<super::Delivered, DeliveryError>)> = None;
+    let mut last: Option<Attempted> = None;
     let mut graveyard = Vec::new();
     loop {
         let (mut woken, mut retrying) = (0, false);
+        // Fewer senders are wanted (a slow request this one stood in for was answered):
+        // this one records its last outcome and leaves.
+        let leave = shared.pace.leave();
         let (taken, empty, closed, let_go) = {
             let mut state = shared.lock();
             std::mem::swap(&mut graveyard, &mut state.graveyard);
-            if let Some((seq, successes, result)) = last.take() {
+            if let Some(Attempted {
+                seq,
+                successes,
+                result,
+                slow,
+            }) = last.take()
+            {
+                state.note_pace(seq, slow);
                 match state.finish(setup, seq, successes, result) {
                     Finished::Woke(n) => woken = n,
                     Finished::Retrying => retrying = true,
                 }
             }
-            let taken = if shared.aborting() {
+            let taken = if shared.aborting() || leave {
                 None
             } else {
                 state.take(setup, timeout)
@@ -388,12 +480,19 @@ async fn sender(shared: Arc<Shared>) {
             guard.clean = true;
             return;
         }
+        if leave {
+            // A wake-up this sender may have taken goes to another one.
+            shared.work.notify_one();
+            guard.clean = true;
+            return;
+        }
         let Some(Taken {
             seq,
             webhook,
             span,
             born,
             successes,
+            known_slow,
         }) = taken
         else {
             if empty && closed {
@@ -421,25 +520,52 @@ async fn sender(shared: Arc<Shared>) {
             continue;
         };
         let started = std::time::Instant::now();
-        let result = tokio::select! {
-            r = setup.ctx.service.send(&webhook).instrument(span) => r,
-            _ = aborted.as_mut() => {
-                shared.lock().cut(setup, seq);
-                guard.clean = true;
-                return;
+        let slow_after = shared.pace.slow_after();
+        let mut counted_slow = known_slow && shared.pace.enabled();
+        if counted_slow {
+            shared.went_slow();
+        }
+        let send = setup.ctx.service.send(&webhook).instrument(span);
+        tokio::pin!(send);
+        let slow_timer = tokio::time::sleep(slow_after);
+        tokio::pin!(slow_timer);
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = &mut send => break r,
+                _ = aborted.as_mut() => {
+                    shared.lock().cut(setup, seq);
+                    guard.clean = true;
+                    return;
+                }
+                _ = &mut slow_timer, if !counted_slow && shared.pace.enabled() => {
+                    counted_slow = true;
+                    shared.went_slow();
+                }
             }
         };
+        let took = started.elapsed();
+        if counted_slow {
+            shared.pace.slow.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            shared.pace.answered(took);
+        }
         crate::telemetry::attempt(
             setup.ctx.counters.mode(),
             webhook.event(),
-            started.elapsed(),
+            took,
             result.is_ok(),
         );
         if result.is_ok() {
             // Before the event completes: whoever sees it complete sees it counted.
             setup.ctx.counters.sent(webhook.event(), born);
         }
-        last = Some((seq, successes, result));
+        last = Some(Attempted {
+            seq,
+            successes,
+            result,
+            slow: took >= slow_after,
+        });
     }
 }
 
@@ -530,6 +656,17 @@ struct Taken {
     /// How many events had succeeded when it was taken: if none has since when it fails,
     /// the receiver is down, not this event at fault.
     successes: u64,
+    /// The last request of its row was slow: this one counts as slow from the start.
+    known_slow: bool,
+}
+
+/// An attempt a sender made, recorded when it next takes the lock.
+struct Attempted {
+    seq: u64,
+    successes: u64,
+    result: Result<super::Delivered, DeliveryError>,
+    /// It took long enough to count as slow.
+    slow: bool,
 }
 
 /// What finishing an attempt led to.
@@ -614,6 +751,8 @@ struct State {
     /// Completed events, dropped by a sender after it let go of the lock: freeing their
     /// bodies and spans need not hold up the other senders.
     graveyard: Vec<Entry>,
+    /// Rows whose last request was slow (see [`Pace`]); emptied past 4,096.
+    slow_rows: Keyed<ChainKey, ()>,
 }
 
 impl State {
@@ -668,6 +807,21 @@ impl State {
             woken += usize::from(self.wake(seq));
         }
         woken
+    }
+
+    /// Remembers whether the row of `seq`, whose attempt ended, answers slowly.
+    fn note_pace(&mut self, seq: u64, slow: bool) {
+        let Some(entry) = self.jobs.get(&seq) else {
+            return;
+        };
+        if !slow {
+            self.slow_rows.remove(&entry.job.row);
+            return;
+        }
+        if self.slow_rows.len() >= 4_096 {
+            self.slow_rows.clear();
+        }
+        self.slow_rows.insert(entry.job.row, ());
     }
 
     /// Drops completed events from the front of `by_age`.
@@ -761,12 +915,14 @@ impl State {
                     .span
                     .record("queued_ms", queued.as_millis() as u64);
             }
+            let known_slow = self.slow_rows.contains_key(&entry.job.row);
             return Some(Taken {
                 seq,
                 webhook: entry.job.webhook.clone(),
                 span: entry.job.span.clone(),
                 born: entry.job.born,
                 successes: self.successes,
+                known_slow,
             });
         }
         None
@@ -1100,5 +1256,54 @@ impl State {
             }
             self.trim_by_age();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn senders_follow_the_slow_requests_up_to_the_slots() {
+        let pace = Pace::new(8, 2);
+        // Eight run, eight wanted.
+        assert!(!pace.take_sender_slot());
+        assert!(!pace.leave());
+        pace.slow.fetch_add(1, Ordering::AcqRel);
+        assert!(pace.take_sender_slot());
+        assert!(!pace.take_sender_slot());
+        // Three slow requests, two slots: ten senders at most.
+        pace.slow.fetch_add(2, Ordering::AcqRel);
+        assert!(pace.take_sender_slot());
+        assert!(!pace.take_sender_slot());
+        assert_eq!(pace.senders.load(Ordering::Acquire), 10);
+        // Answered: the stand-ins leave, the eight stay.
+        pace.slow.fetch_sub(3, Ordering::AcqRel);
+        assert!(pace.leave());
+        assert!(pace.leave());
+        assert!(!pace.leave());
+        assert_eq!(pace.senders.load(Ordering::Acquire), 8);
+    }
+
+    #[test]
+    fn slow_is_eight_times_the_usual_answer_within_bounds() {
+        let pace = Pace::new(8, 128);
+        assert_eq!(pace.slow_after(), Duration::from_millis(80));
+        for _ in 0..200 {
+            pace.answered(Duration::from_millis(5));
+        }
+        let after = pace.slow_after();
+        assert!(
+            (Duration::from_millis(39)..=Duration::from_millis(41)).contains(&after),
+            "{after:?}"
+        );
+        for _ in 0..200 {
+            pace.answered(Duration::from_micros(300));
+        }
+        assert_eq!(pace.slow_after(), Pace::FLOOR);
+        for _ in 0..200 {
+            pace.answered(Duration::from_millis(400));
+        }
+        assert_eq!(pace.slow_after(), Pace::CEILING);
     }
 }

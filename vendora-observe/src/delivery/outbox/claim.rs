@@ -40,7 +40,7 @@ use crate::trace::TraceParent;
 /// What a relay holds: rows it claimed and has not yet recorded an outcome for.
 #[derive(Debug, Default)]
 pub(crate) struct Held {
-    /// By id: the frontier skips runs of consecutive ids (see [`Held::runs`]).
+    /// By id: the frontier skips runs of consecutive ids (see `Held::runs`).
     rows: BTreeMap<i64, (ChainKey, Option<ChainKey>)>,
     per_chain: HashMap<ChainKey, usize>,
     /// The newest row held of each chain: the next rows of the chain lie after it.
@@ -107,7 +107,7 @@ impl Held {
     }
 }
 
-/// [`Held::runs`] of the ids held, in increasing order.
+/// `Held::runs` of the ids held, in increasing order.
 pub fn runs_of(ids: impl Iterator<Item = i64>) -> Vec<(i64, i64)> {
     let mut runs: Vec<(i64, i64)> = Vec::new();
     for id in ids {
@@ -579,7 +579,7 @@ pub fn frontier_settings(backend: DbBackend, backlog: bool) -> Option<&'static s
 
 /// Step 1: the oldest `window` pending rows not held by `relay`, run with
 /// [`frontier_settings`]. The runs of rows the relay holds (`skip`, `first..=last` in id
-/// order, from [`Held::runs`]) are skipped rather than walked past: the index is read in
+/// order, from `Held::runs`) are skipped rather than walked past: the index is read in
 /// the segments between them, merged in id order, each segment read only as far as the
 /// merge needs (PostgreSQL plans a Merge Append of limited index scans, SQLite a merge of
 /// co-routines), so a relay holding the 8,000 oldest rows reads what it returns.
