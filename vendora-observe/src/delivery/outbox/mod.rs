@@ -178,6 +178,9 @@ impl Outbox {
             });
         }
         let backend = options.db.get_database_backend();
+        if let Some(warning) = feature_warning(backend, cfg!(feature = "postgres")) {
+            crate::diagnostics::warn(crate::diagnostics::Kind::Setup, format_args!("{warning}"));
+        }
         create_table(&options.db)
             .await
             .map_err(|source| StartError::Outbox { source })?;
@@ -438,6 +441,20 @@ async fn query_planned_each_time(
     db.query_all_raw(query).await
 }
 
+/// What an outbox on PostgreSQL says at start-up when this crate was built without its
+/// `postgres` feature: the claims then run as SeaORM's prepared statements, whose cached
+/// generic plans read every pending row (5 s per claim with 20,000 pending), and the relay
+/// polls instead of waking on `NOTIFY`.
+fn feature_warning(backend: DbBackend, postgres_feature: bool) -> Option<String> {
+    (backend == DbBackend::Postgres && !postgres_feature).then(|| {
+        "outbox: this database is PostgreSQL but vendora-observe was built without its \
+         `postgres` feature: the relay's claims get cached generic plans (seconds per claim \
+         once thousands of events are pending) and it polls instead of waking on NOTIFY; \
+         enable it: vendora-observe = { version = \"0.1\", features = [\"postgres\"] }"
+            .to_owned()
+    })
+}
+
 /// Warns once per entity that its outbox rows are written outside a transaction.
 pub(crate) fn warn_autocommit(entity: &'static str) {
     static WARNED: OnceLock<Mutex<Vec<&'static str>>> = OnceLock::new();
@@ -458,4 +475,19 @@ pub(crate) fn warn_autocommit(entity: &'static str) {
              so that the change and its event commit together"
         ),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgresql_without_the_feature_is_told_what_to_enable() {
+        let warning = feature_warning(DbBackend::Postgres, false).expect("a warning");
+        assert!(warning.contains("`postgres` feature"), "{warning}");
+        assert!(warning.contains(r#"features = ["postgres"]"#), "{warning}");
+        assert_eq!(feature_warning(DbBackend::Postgres, true), None);
+        assert_eq!(feature_warning(DbBackend::Sqlite, false), None);
+        assert_eq!(feature_warning(DbBackend::MySql, false), None);
+    }
 }
