@@ -309,6 +309,7 @@ async fn handle(
 pub struct Blackhole {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Drop for Blackhole {
@@ -321,13 +322,25 @@ impl Blackhole {
     pub async fn start() -> std::io::Result<Blackhole> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((socket, _)) = listener.accept().await {
                 held.push(socket); // keep it open, read nothing, answer nothing
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         });
-        Ok(Blackhole { addr, task })
+        Ok(Blackhole {
+            addr,
+            task,
+            connections,
+        })
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {

@@ -263,7 +263,10 @@ impl Scheduler {
                 state.dead_letter(
                     &self.shared.setup,
                     seq,
-                    "shutdown deadline passed before delivery".into(),
+                    "not sent before the shutdown deadline: give `Observer::shutdown` a longer \
+                     deadline if the receiver needs it, or use outbox mode, which keeps such \
+                     events for the next start"
+                        .into(),
                     None,
                 );
             }
@@ -324,9 +327,44 @@ impl Drop for ExitGuard {
     }
 }
 
+/// Work that must not run under the scheduler's lock: log lines (a subscriber may write
+/// to a slow terminal), stderr, the user's dead-letter callback. Queued while the lock is
+/// held ([`State::later`]), run once it is released.
+type Later = Box<dyn FnOnce() + Send>;
+
+/// The scheduler's state, locked. Released on drop, after which the work queued meanwhile
+/// ([`State::later`]) runs, outside the lock.
+struct Locked<'a>(Option<MutexGuard<'a, State>>);
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.0.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.0.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let Some(mut state) = self.0.take() else {
+            return;
+        };
+        let later = std::mem::take(&mut state.later);
+        drop(state);
+        for work in later {
+            work();
+        }
+    }
+}
+
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> Locked<'_> {
+        Locked(Some(self.state.lock().unwrap_or_else(|p| p.into_inner())))
     }
 
     fn aborting(&self) -> bool {
@@ -753,6 +791,8 @@ struct State {
     graveyard: Vec<Entry>,
     /// Rows whose last request was slow (see [`Pace`]); emptied past 4,096.
     slow_rows: Keyed<ChainKey, ()>,
+    /// Log lines and callbacks to run once the lock is released (see [`Locked`]).
+    later: Vec<Later>,
 }
 
 impl State {
@@ -950,22 +990,26 @@ impl State {
                     // Everything held back goes now, in order.
                     woken += self.ready.len();
                     self.endpoint.probe_at = None;
-                    crate::diagnostics::info(format_args!(
+                    let message = format!(
                         "webhook receiver {} reachable again after {:.1} s; the {} event(s) \
                          waiting go out now",
                         ctx.service.endpoint_for_logs(),
                         since.elapsed().as_secs_f64(),
                         self.jobs.len()
-                    ));
+                    );
+                    self.later.push(Box::new(move || {
+                        crate::diagnostics::info(format_args!("{message}"));
+                    }));
                 }
                 return Finished::Woke(woken);
             }
             Err(e) => e,
         };
+        let error = Arc::new(error);
         let entry = self.jobs.get_mut(&seq).expect("in flight");
         ctx.counters.failed(entry.job.webhook.event());
         if error.is_retryable() && self.successes == successes {
-            return self.endpoint_failed(setup, seq, &error);
+            return self.endpoint_failed(setup, seq, error);
         }
         entry.job.attempts += 1;
         let attempts = entry.job.attempts;
@@ -978,8 +1022,13 @@ impl State {
             // event (a last attempt gets the dead-letter line alone, which names the
             // error).
             if attempts == 1 {
-                ctx.service
-                    .log_failure(webhook.event(), Some(webhook.id()), &error);
+                let (service, webhook, error) =
+                    (ctx.service.clone(), webhook.clone(), error.clone());
+                let span = span.clone();
+                self.later.push(Box::new(move || {
+                    let _span = span.enter();
+                    service.log_failure(webhook.event(), Some(webhook.id()), &error);
+                }));
             }
         } else {
             tracing::debug!(
@@ -1022,7 +1071,7 @@ impl State {
     /// An attempt found the receiver down (nothing got through since it began): the event
     /// goes back to the head of the ready set, its attempts untouched, and sending holds
     /// back until a probe gets through.
-    fn endpoint_failed(&mut self, setup: &Setup, seq: u64, error: &DeliveryError) -> Finished {
+    fn endpoint_failed(&mut self, setup: &Setup, seq: u64, error: Arc<DeliveryError>) -> Finished {
         let ctx = &setup.ctx;
         let policy = &ctx.policy;
         let now = Instant::now();
@@ -1046,8 +1095,15 @@ impl State {
         self.endpoint.probe_at = Some(now + wait);
         if first {
             self.endpoint.down = Some(now);
-            let _span = entry.job.span.enter();
-            ctx.service.log_down(error, waiting, policy.probe_interval);
+            let (span, service, probe) = (
+                entry.job.span.clone(),
+                ctx.service.clone(),
+                policy.probe_interval,
+            );
+            self.later.push(Box::new(move || {
+                let _span = span.enter();
+                service.log_down(&error, waiting, probe);
+            }));
         } else {
             tracing::debug!("webhook receiver still down: {error}");
         }
@@ -1117,7 +1173,7 @@ impl State {
     /// Gives up on `seq`: counted, told in one line (with the error that ended it, if one
     /// did), handed to the dead-letter handler.
     fn dead_letter(
-        &self,
+        &mut self,
         setup: &Setup,
         seq: u64,
         last_error: String,
@@ -1125,7 +1181,6 @@ impl State {
     ) {
         let ctx = &setup.ctx;
         let job = &self.jobs[&seq].job;
-        let _span = job.span.enter();
         ctx.counters.dead(job.webhook.event());
         let hint = if setup.dead_letter_leftovers {
             ""
@@ -1133,7 +1188,7 @@ impl State {
             " (kept in the outbox: requeue it with Outbox::requeue or `vendora-observe outbox retry`)"
         };
         let (event, id, attempts) = (job.webhook.event(), job.webhook.id(), job.attempts);
-        let url = ctx.service.endpoint_for_logs();
+        let url = ctx.service.endpoint_for_logs().to_string();
         let why: &dyn std::fmt::Display = match cause {
             Some(error) => error,
             None => &last_error,
@@ -1145,28 +1200,38 @@ impl State {
         let message = format!(
             "webhook {event} (X-Webhook-Id {id}) to {url} dead-lettered{after}{hint}: {why}"
         );
-        tracing::error!(
-            target: "vendora_observe",
-            event,
-            id,
-            url,
-            attempts,
-            kind = cause.map(DeliveryError::kind),
-            status = cause.and_then(DeliveryError::status),
-            "{message}"
+        let (kind, status) = (
+            cause.map(DeliveryError::kind),
+            cause.and_then(DeliveryError::status),
         );
-        crate::diagnostics::fallback(
-            crate::diagnostics::Kind::Delivery,
-            "error",
-            format_args!("{message}"),
-        );
-        if let Some(handler) = &ctx.dead_letter {
-            handler(DeadLetter {
-                webhook: (*job.webhook).clone(),
-                attempts: job.attempts,
-                last_error,
-            });
-        }
+        let (span, webhook) = (job.span.clone(), job.webhook.clone());
+        let handler = ctx.dead_letter.clone();
+        self.later.push(Box::new(move || {
+            let _span = span.enter();
+            let (event, id) = (webhook.event(), webhook.id());
+            tracing::error!(
+                target: "vendora_observe",
+                event,
+                id,
+                url = url.as_str(),
+                attempts,
+                kind,
+                status,
+                "{message}"
+            );
+            crate::diagnostics::fallback(
+                crate::diagnostics::Kind::Delivery,
+                "error",
+                format_args!("{message}"),
+            );
+            if let Some(handler) = handler {
+                handler(DeadLetter {
+                    webhook: (*webhook).clone(),
+                    attempts,
+                    last_error,
+                });
+            }
+        }));
     }
 
     /// `seq` is done: it leaves its chains, and what was behind it may become ready.
@@ -1232,16 +1297,19 @@ impl State {
     fn cut(&mut self, setup: &Setup, seq: u64) {
         self.cut += 1;
         if let Some(entry) = self.jobs.get(&seq) {
-            crate::diagnostics::warn(
-                crate::diagnostics::Kind::Delivery,
-                format_args!(
-                    "webhook {} (X-Webhook-Id {}): outcome unknown, its request was cut at the \
-                     shutdown deadline; the receiver may have processed it (a resend carries \
-                     the same X-Webhook-Id)",
-                    entry.job.webhook.event(),
-                    entry.job.webhook.id()
-                ),
+            let message = format!(
+                "webhook {} (X-Webhook-Id {}): outcome unknown, its request was cut at the \
+                 shutdown deadline; the receiver may have processed it (a resend carries the \
+                 same X-Webhook-Id)",
+                entry.job.webhook.event(),
+                entry.job.webhook.id()
             );
+            self.later.push(Box::new(move || {
+                crate::diagnostics::warn(
+                    crate::diagnostics::Kind::Delivery,
+                    format_args!("{message}"),
+                );
+            }));
         }
         self.forget(setup, seq, Report::Unknown);
     }
