@@ -142,10 +142,21 @@ impl Observer {
     }
 
     /// Makes this the observer of every task that has no scoped one. Replaces an earlier
-    /// one (which keeps delivering what it already accepted).
+    /// one: a direct-mode one delivers what it already accepted; an outbox one's relay
+    /// stops claiming rows, delivers what it holds within the request timeout and hands
+    /// the rest back to the table, where this observer's relay takes them up (two relays
+    /// of one program would otherwise claim side by side).
     pub fn install(&self) {
-        let mut g = GLOBAL.write().unwrap_or_else(|p| p.into_inner());
-        *g = Some(self.clone());
+        let previous = GLOBAL
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(self.clone());
+        if let Some(previous) = previous
+            && !Arc::ptr_eq(&previous.inner, &self.inner)
+            && let Sink::Outbox(outbox) = &previous.inner.sink
+        {
+            outbox.retire();
+        }
     }
 
     /// Removes the installed observer, returning it.
@@ -206,7 +217,9 @@ impl Observer {
     /// Stops accepting events and delivers what is queued (in outbox mode: the table's
     /// pending rows) until `deadline`. Requests still in flight then are cut and reported as
     /// of unknown outcome; in direct mode what never left is dead-lettered; in outbox mode
-    /// it stays in the table for the next start.
+    /// it stays in the table for the next start. Every task the observer started has ended
+    /// when it returns: by `deadline`, or in outbox mode at most a second past it while the
+    /// relay writes the last outcomes and hands its leases back.
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let (leftovers, pending_in_outbox) = match &self.inner.sink {
             Sink::Direct(queue) => (queue.shutdown(deadline).await, 0),

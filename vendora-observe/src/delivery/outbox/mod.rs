@@ -55,6 +55,7 @@ use std::time::{Duration, Instant};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, Value};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use admin::{
     Counts, OutboxRow, Requeued, counts, dead, dead_count, finished_count_since, finished_since,
@@ -115,9 +116,16 @@ impl OutboxOptions {
 }
 
 /// The outbox of an observer in outbox mode: its relay, and the dead-letter API.
+///
+/// The relay runs while a handle of the observer (or of this) is alive: once the last one is
+/// dropped, it stops claiming rows, delivers what it holds within the request timeout and
+/// hands the rest back to the table, then ends.
 #[derive(Clone)]
 pub struct Outbox {
     inner: Arc<Inner>,
+    /// Held by the user's handles, not by the relay's own: the last one dropped retires
+    /// the relay (`None` in the relay's handles).
+    _alive: Option<Arc<DropGuard>>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -139,6 +147,9 @@ struct Inner {
     wake: Notify,
     progress: Notify,
     stopping: AtomicBool,
+    /// Cancelled when the relay must stop without a `shutdown`: every user handle was
+    /// dropped, or another observer was installed in place of this one.
+    retired: CancellationToken,
     relay: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -203,14 +214,33 @@ impl Outbox {
             wake: Notify::new(),
             progress: Notify::new(),
             stopping: AtomicBool::new(false),
+            retired: CancellationToken::new(),
             relay: Mutex::new(None),
         });
-        let outbox = Outbox { inner };
+        let alive = Some(Arc::new(inner.retired.clone().drop_guard()));
+        let outbox = Outbox {
+            inner,
+            _alive: alive,
+        };
         outbox.refresh_pending().await;
         let listener = relay::listen(&outbox.inner.options.db).await;
-        let task = tokio::spawn(relay::run(outbox.clone(), reports_rx, listener));
+        let task = tokio::spawn(relay::run(outbox.worker(), reports_rx, listener));
         *outbox.relay_task() = Some(task);
         Ok(outbox)
+    }
+
+    /// A handle for the relay's own tasks: it does not keep the relay running.
+    fn worker(&self) -> Outbox {
+        Outbox {
+            inner: self.inner.clone(),
+            _alive: None,
+        }
+    }
+
+    /// Stops the relay without waiting for it (see [`Outbox`]): another observer was
+    /// installed in place of this one.
+    pub(crate) fn retire(&self) {
+        self.inner.retired.cancel();
     }
 
     /// Writes the events of one write through the hook's `db`: they commit or roll back
@@ -338,6 +368,13 @@ impl Outbox {
         if relay_running {
             self.flush(deadline).await;
         }
+        self.stop(deadline).await
+    }
+
+    /// Stops claiming, delivers what the relay holds until `deadline`, cuts what is in
+    /// flight then, and waits for the relay to write the outcomes and hand the rest back
+    /// (until the deadline, [`OUTCOMES_GRACE`] at least).
+    async fn stop(&self, deadline: Instant) -> (Leftovers, u64) {
         self.inner.stopping.store(true, Ordering::Release);
         self.inner.wake.notify_one();
         let leftovers = self
@@ -346,13 +383,17 @@ impl Outbox {
             .shutdown(deadline.saturating_duration_since(Instant::now()))
             .await;
         let task = self.relay_task().take();
-        // The relay ends once the outcomes are written and its leases handed back.
+        // The relay ends once the outcomes are written and its leases handed back; past
+        // that, it and its recorder are stopped (the rows stay pending, their lease runs
+        // out).
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(OUTCOMES_GRACE);
         if let Some(mut task) = task
-            && tokio::time::timeout(Duration::from_secs(5), &mut task)
-                .await
-                .is_err()
+            && tokio::time::timeout(wait, &mut task).await.is_err()
         {
             task.abort();
+            let _ = task.await;
         }
         let pending = self.refresh_pending().await;
         if leftovers.unknown + leftovers.left == 0 {
@@ -381,6 +422,10 @@ impl Outbox {
         (leftovers, pending)
     }
 }
+
+/// How long `shutdown` waits, past its deadline if need be, for the relay to write the
+/// outcomes of the last requests and hand its leases back: a statement or two.
+pub(crate) const OUTCOMES_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs `query` so that PostgreSQL plans it for the table as it is now. A prepared statement
 /// (what SeaORM runs) gets a generic plan after five executions and keeps it: planned while

@@ -105,7 +105,14 @@ pub(super) async fn run(
     // `max_held_bytes`, back to `batch` once the relay holds nothing and finds nothing.
     let mut size = batch;
     let (done_tx, mut done) = mpsc::unbounded_channel();
-    let recorder = tokio::spawn(record(outbox.clone(), reports, done_tx));
+    // Stopped with the relay, should the relay be stopped (a shutdown past its deadline).
+    let recorder = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(record(
+        outbox.clone(),
+        reports,
+        done_tx,
+    )));
+    // Every handle of the user's is gone, or another observer took this one's place.
+    let mut retiring = false;
     let mut relay_id = inner.relay_id.clone();
     let mut held = Held::default();
     let mut cursor = Cursor::default();
@@ -314,6 +321,14 @@ pub(super) async fn run(
             }
             _ = inner.scheduler.events_let_go() => {}
             _ = std::future::ready(()), if claim_now => claim_now = false,
+            _ = inner.retired.cancelled(), if !retiring => {
+                retiring = true;
+                let outbox = outbox.clone();
+                let grace = inner.ctx.service.config().timeout();
+                tokio::spawn(async move {
+                    outbox.stop(Instant::now() + grace).await;
+                });
+            }
             _ = inner.wake.notified(), if idle => idle = false,
             _ = notified(&mut listener), if idle => idle = false,
             _ = tokio::time::sleep(wait), if idle => idle = false,
