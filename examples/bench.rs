@@ -129,8 +129,17 @@ struct Counter {
     /// Record arrival times (latency phase only: the rate phase, ours and wrk's, does the
     /// same work per request: verify and count).
     record: std::sync::atomic::AtomicBool,
-    arrivals: Mutex<HashMap<i64, Instant>>,
+    /// Arrival by row id, in ms since the epoch (the Node server's clock too).
+    arrivals: Mutex<HashMap<i64, f64>>,
 }
+
+/// How long both receivers take to answer an event of a row named `slow-row…` (the
+/// latency rows with slow rows beside the measured ones).
+const SLOW_ANSWER: Duration = Duration::from_secs(2);
+
+/// Whether the Rust receiver answers slow rows slowly (turned off to drain them after a
+/// latency run).
+static SLOW_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 struct Sink {
     addr: SocketAddr,
@@ -152,7 +161,11 @@ async fn sink_handler(
     if !vendora_observe::verify(SECRET.as_bytes(), &body, sig) {
         return StatusCode::UNAUTHORIZED;
     }
-    let now = Instant::now();
+    let now = unix_ms();
+    if SLOW_ON.load(Ordering::Relaxed) && body.windows(8).any(|w| w == b"slow-row") {
+        tokio::time::sleep(SLOW_ANSWER).await;
+        return StatusCode::OK;
+    }
     counter.received.fetch_add(1, Ordering::Relaxed);
     // `"id":N` of full-model events, for commit-to-received latency.
     if !counter.record.load(Ordering::Relaxed) {
@@ -758,6 +771,21 @@ fn all_modes(file: &std::path::Path, pg: Option<&str>) -> Vec<Mode> {
     modes
 }
 
+/// The latency rows' set-ups: [`all_modes`], and the SQLite file in WAL mode beside it
+/// (a file of its own: WAL mode stays with the file).
+fn latency_modes(file: &std::path::Path, pg: Option<&str>) -> Vec<Mode> {
+    let mut modes = all_modes(file, pg);
+    let wal = file.with_extension("wal.sqlite");
+    modes.insert(
+        2,
+        Mode {
+            name: "outbox SQLite WAL",
+            outbox: Some(format!("sqlite://{}?mode=rwc", wal.display())),
+        },
+    );
+    modes
+}
+
 /// Where deliveries go.
 enum Target {
     Rust(Sink),
@@ -765,6 +793,52 @@ enum Target {
 }
 
 impl Target {
+    /// `"rust"` or `"node"`; `None` when node or its packages are missing.
+    async fn start(which: &str) -> Option<Target> {
+        match which {
+            "rust" => Some(Target::Rust(Sink::start().await)),
+            _ => NodeServer::start().map(Target::Node),
+        }
+    }
+
+    /// From now on, each row's first arrival is recorded (those before are forgotten).
+    async fn record_arrivals(&self) {
+        match self {
+            Target::Rust(s) => {
+                s.counter.arrivals.lock().unwrap().clear();
+                s.counter.record.store(true, Ordering::Relaxed);
+            }
+            Target::Node(n) => {
+                n.control("POST", "/__arrivals/reset").await;
+            }
+        }
+    }
+
+    /// Whether slow rows are answered after [`SLOW_ANSWER`] (or at once).
+    async fn slow_rows_slow(&self, on: bool) {
+        match self {
+            Target::Rust(_) => SLOW_ON.store(on, Ordering::Relaxed),
+            Target::Node(n) => {
+                let path = if on { "/__slow/on" } else { "/__slow/off" };
+                n.control("POST", path).await;
+            }
+        }
+    }
+
+    /// Each row's first arrival since [`Target::record_arrivals`], in ms since the epoch.
+    async fn arrivals(&self) -> HashMap<i64, f64> {
+        match self {
+            Target::Rust(s) => s.counter.arrivals.lock().unwrap().clone(),
+            Target::Node(n) => {
+                serde_json::from_str::<HashMap<String, f64>>(&n.control("GET", "/__arrivals").await)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(id, at)| Some((id.parse().ok()?, at)))
+                    .collect()
+            }
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Target::Rust(_) => "Rust receiver",
@@ -885,15 +959,7 @@ async fn drain(
     vendora_observe::quietly(async {
         let txn = db.begin().await.unwrap();
         for i in 0..rows as i32 {
-            let m = observed::ActiveModel {
-                id: NotSet,
-                name: Set(format!("d{i}")),
-                price: Set(1.0),
-                stock: Set(0),
-            }
-            .insert(&txn)
-            .await
-            .unwrap();
+            let m = new_row(format!("d{i}"), 1.0, 0).insert(&txn).await.unwrap();
             ids.push(m.id);
         }
         txn.commit().await.unwrap();
@@ -1048,54 +1114,175 @@ async fn drain(
     (rate, cpu, events)
 }
 
+/// A new row of the observed table.
+fn new_row(name: String, price: f64, stock: i32) -> observed::ActiveModel {
+    observed::ActiveModel {
+        id: NotSet,
+        name: Set(name),
+        price: Set(price),
+        stock: Set(stock),
+    }
+}
+
 /// The bench case (`--delivery-only`) that measures [`latency`] instead of drains.
 const LATENCY: &str = "latency";
 
-/// Commit-to-received latency: 1,000 writes 2 ms apart, from the write's return to the
-/// event's arrival at the Rust receiver.
-async fn latency(sink: &Sink, mode: &Mode) -> Summary {
+/// Slow rows beside the measured writes in the latency rows: none, 8 and 64.
+const SLOW_ROWS: [usize; 3] = [0, 8, 64];
+
+/// Commit-to-received latency: 1,000 inserts from one task 2 ms apart, from the write's
+/// return to the event's arrival at `target`. With `slow` rows, as many tasks each update
+/// a row of their own every 100 ms meanwhile, whose events the receiver answers after
+/// [`SLOW_ANSWER`] (the request timeout is 15 s): the measured events should not notice.
+async fn latency(target: &Target, mode: &Mode, slow: usize) -> Summary {
     let db = match &mode.outbox {
         None => db::connect("sqlite::memory:").await.unwrap(),
         Some(url) => db::connect(url).await.unwrap(),
     };
+    // The WAL row: what a server application on SQLite runs (in SQLite's default rollback
+    // journal every commit, the relay's lease included, waits for the disk).
+    if mode.name.ends_with("WAL") {
+        use sea_orm::ConnectionTrait;
+        db.execute_unprepared("PRAGMA journal_mode=WAL")
+            .await
+            .unwrap();
+    }
     prepare(&db).await;
-    let builder = Observer::builder(config(&sink.url()));
+    let config = WebhookConfig::builder()
+        .url(target.url())
+        .secret(SECRET)
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let builder = Observer::builder(config);
     let observer = match &mode.outbox {
         None => builder.build().await.unwrap(),
         Some(_) => builder.outbox(db.clone()).build().await.unwrap(),
     };
-    sink.counter.arrivals.lock().unwrap().clear();
-    sink.counter.record.store(true, Ordering::Relaxed);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut slow_tasks = Vec::new();
+    for k in 0..slow {
+        let (db, stop) = (db.clone(), stop.clone());
+        slow_tasks.push(tokio::spawn(observer.scope(async move {
+            let row = new_row(format!("slow-row {k}"), 0.0, 0)
+                .insert(&db)
+                .await
+                .unwrap();
+            let mut n = 0.0;
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                n += 1.0;
+                let mut am = sea_orm::IntoActiveModel::into_active_model(row.clone());
+                am.price = Set(n);
+                let _ = am.update(&db).await;
+            }
+        })));
+    }
+    if slow > 0 {
+        // Every slow row's first request waits at the receiver before the measure starts.
+        tokio::time::sleep(SLOW_ANSWER / 2).await;
+    }
+    target.record_arrivals().await;
+    // BENCH_GAP_MS: another pause between the measured writes (2 ms).
+    let gap = Duration::from_millis(
+        std::env::var("BENCH_GAP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2),
+    );
     let mut commits = Vec::new();
     observer
         .scope(async {
             for i in 0..1000 {
-                let m = observed::ActiveModel {
-                    id: NotSet,
-                    name: Set(format!("l{i}")),
-                    price: Set(1.0),
-                    stock: Set(i),
-                }
-                .insert(&db)
-                .await
-                .unwrap();
-                commits.push((m.id as i64, Instant::now()));
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                let m = new_row(format!("l{i}"), 1.0, i).insert(&db).await.unwrap();
+                commits.push((m.id as i64, unix_ms()));
+                tokio::time::sleep(gap).await;
             }
         })
         .await;
-    if !observer.flush(Duration::from_secs(60)).await {
-        eprintln!("  (events still pending after 60 s)");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let arrivals = loop {
+        let arrivals = target.arrivals().await;
+        if commits.iter().all(|(id, _)| arrivals.contains_key(id)) || Instant::now() > deadline {
+            break arrivals;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let missing = commits
+        .iter()
+        .filter(|(id, _)| !arrivals.contains_key(id))
+        .count();
+    if missing > 0 {
+        eprintln!("  ({missing} of the measured events had not arrived after 60 s)");
     }
-    let arrivals = sink.counter.arrivals.lock().unwrap().clone();
-    sink.counter.record.store(false, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    for task in slow_tasks {
+        let _ = task.await;
+    }
+    // The slow rows' backlog drains once the receiver answers them at once.
+    target.slow_rows_slow(false).await;
+    if !observer.flush(Duration::from_secs(60)).await {
+        eprintln!("  (the slow rows' events still pending after 60 s)");
+    }
     observer.shutdown(Duration::from_secs(5)).await;
+    target.slow_rows_slow(true).await;
     summarize(
         commits
             .iter()
-            .filter_map(|(id, at)| arrivals.get(id).map(|r| r.saturating_duration_since(*at)))
+            .filter_map(|(id, at)| {
+                arrivals
+                    .get(id)
+                    .map(|r| Duration::from_secs_f64((r - at).max(0.0) / 1e3))
+            })
             .collect(),
     )
+}
+
+/// One latency row: mode, slow rows and p50/p99, with the p99's ratio to the same mode's
+/// run without slow rows.
+struct LatencyRow {
+    target: &'static str,
+    mode: &'static str,
+    slow: usize,
+    l: Summary,
+    ratio: Option<f64>,
+}
+
+async fn latency_rows(targets: &[&str], modes: &[Mode], slows: &[usize]) -> Vec<LatencyRow> {
+    let mut rows: Vec<LatencyRow> = Vec::new();
+    for which in targets {
+        let Some(target) = Target::start(which).await else {
+            println!("  Node socket.io server: skipped (needs node and npm)");
+            continue;
+        };
+        for mode in modes {
+            for &slow in slows {
+                let l = latency(&target, mode, slow).await;
+                let ratio = rows
+                    .iter()
+                    .find(|r| r.target == target.name() && r.mode == mode.name && r.slow == 0)
+                    .filter(|_| slow > 0)
+                    .map(|r| l.p99.as_secs_f64() / r.l.p99.as_secs_f64());
+                println!(
+                    "  {:<22} {:<18} {:>2} slow rows: p50 {} p99 {}{}",
+                    target.name(),
+                    mode.name,
+                    slow,
+                    us(l.p50),
+                    us(l.p99),
+                    ratio.map_or(String::new(), |r| format!("  (p99 {r:.2}× without)"))
+                );
+                rows.push(LatencyRow {
+                    target: target.name(),
+                    mode: mode.name,
+                    slow,
+                    l,
+                    ratio,
+                });
+            }
+        }
+    }
+    rows
 }
 
 /// After an outage of `down`: when the first of one task's 200 events (its backlog, in
@@ -1129,15 +1316,7 @@ async fn recovery(mode: &Mode, down: Duration) -> RecoveryRow {
     observer
         .scope(async {
             for i in 0..n {
-                observed::ActiveModel {
-                    id: NotSet,
-                    name: Set(format!("r{i}")),
-                    price: Set(1.0),
-                    stock: Set(i),
-                }
-                .insert(&db)
-                .await
-                .unwrap();
+                new_row(format!("r{i}"), 1.0, i).insert(&db).await.unwrap();
             }
         })
         .await;
@@ -1876,16 +2055,29 @@ async fn main() {
             return;
         }
         if std::env::var("BENCH_CASE").as_deref() == Ok(LATENCY) {
-            let sink = Sink::start().await;
-            for mode in &modes {
-                let l = latency(&sink, mode).await;
-                println!("  {:<18} p50 {} p99 {}", mode.name, us(l.p50), us(l.p99));
-            }
+            // BENCH_SLOW=0,8: other numbers of slow rows.
+            let slows: Vec<usize> = std::env::var("BENCH_SLOW")
+                .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+                .unwrap_or_else(|_| SLOW_ROWS.to_vec());
+            let modes: Vec<Mode> = latency_modes(&file, pg.as_deref())
+                .into_iter()
+                .filter(|m| {
+                    let key = if m.name.ends_with("WAL") {
+                        "outbox SQLite file"
+                    } else {
+                        m.name
+                    };
+                    modes.iter().any(|k| k.name == key)
+                })
+                .collect();
+            latency_rows(&targets, &modes, &slows).await;
         } else {
             deliveries(&modes, writes, &targets).await;
         }
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+            let wal = file.with_extension("wal.sqlite");
+            let _ = std::fs::remove_file(format!("{}{suffix}", wal.display()));
         }
         return;
     }
@@ -1933,14 +2125,16 @@ async fn main() {
     let file2 = std::env::temp_dir().join(format!("vendora-bench-d-{}.sqlite", std::process::id()));
     let modes = all_modes(&file2, pg.as_deref());
     let (drains, wrks) = deliveries(&modes, writes, &["rust", "node"]).await;
-    println!("\n   Commit → received latency (Rust receiver, 1,000 writes 2 ms apart)");
-    let latency_sink = Sink::start().await;
-    let mut latencies = Vec::new();
-    for mode in &modes {
-        let l = latency(&latency_sink, mode).await;
-        println!("  {:<18} p50 {} p99 {}", mode.name, us(l.p50), us(l.p99));
-        latencies.push((mode.name, l));
-    }
+    println!(
+        "\n   Commit → received latency (1,000 writes 2 ms apart; beside them 0, 8 or 64 slow rows)"
+    );
+    let slows: &[usize] = if quick { &SLOW_ROWS[..2] } else { &SLOW_ROWS };
+    let latencies = latency_rows(
+        &["rust", "node"],
+        &latency_modes(&file2, pg.as_deref()),
+        slows,
+    )
+    .await;
     println!("\n   Recovery: one task's 200 events written while the receiver is down");
     let mut outages = vec![Duration::from_secs(5), Duration::from_secs(30)];
     if std::env::var("BENCH_LONG").is_ok() {
@@ -2112,10 +2306,19 @@ async fn main() {
     }
     let _ = writeln!(
         md,
-        "\nCommit → received (1,000 writes from one task 2 ms apart, Rust receiver):\n\n| mode | p50 | p99 |\n| --- | --- | --- |"
+        "\nCommit → received: 1,000 inserts from one task 2 ms apart, from the write's return to the request's arrival at the receiver. With slow rows, as many other tasks each update a row of their own every 100 ms meanwhile, and the receiver answers those rows' events after 2 s (request timeout 15 s); the last column compares the p99 with the same receiver and mode without slow rows:\n\n| receiver | mode | slow rows | p50 | p99 | p99 vs none |\n| --- | --- | --- | --- | --- | --- |"
     );
-    for (mode, l) in &latencies {
-        let _ = writeln!(md, "| {mode} | {} | {} |", us(l.p50), us(l.p99));
+    for r in &latencies {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            r.target,
+            r.mode,
+            r.slow,
+            us(r.l.p50),
+            us(r.l.p99),
+            r.ratio.map_or("—".into(), |x| format!("{x:.2}×"))
+        );
     }
     let _ = writeln!(
         md,
@@ -2187,6 +2390,8 @@ async fn main() {
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
         let _ = std::fs::remove_file(format!("{}{suffix}", file2.display()));
+        let wal = file2.with_extension("wal.sqlite");
+        let _ = std::fs::remove_file(format!("{}{suffix}", wal.display()));
     }
     println!("\nwrote BENCHMARKS.md and benchmarks-latency.svg");
 }
