@@ -1190,11 +1190,20 @@ async fn latency(target: &Target, mode: &Mode, slow: usize) -> Summary {
             .and_then(|v| v.parse().ok())
             .unwrap_or(2),
     );
+    // BENCH_TXN=1: each measured write in a transaction of its own.
+    let in_transactions = std::env::var("BENCH_TXN").is_ok();
     let mut commits = Vec::new();
     observer
         .scope(async {
             for i in 0..1000 {
-                let m = new_row(format!("l{i}"), 1.0, i).insert(&db).await.unwrap();
+                let m = if in_transactions {
+                    let txn = db.begin().await.unwrap();
+                    let m = new_row(format!("l{i}"), 1.0, i).insert(&txn).await.unwrap();
+                    txn.commit().await.unwrap();
+                    m
+                } else {
+                    new_row(format!("l{i}"), 1.0, i).insert(&db).await.unwrap()
+                };
                 commits.push((m.id as i64, unix_ms()));
                 tokio::time::sleep(gap).await;
             }

@@ -1871,3 +1871,40 @@ async fn the_bench_ceilings_send_or_write_what_they_say() {
     );
     direct.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A write in a transaction wakes the relay before it commits (the hook runs inside the
+/// transaction, and SeaORM has no commit hook): the relay, finding nothing yet, looks again
+/// shortly after and sends it at its commit, without waiting for a poll (this relay polls
+/// once an hour, and SQLite has no NOTIFY).
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_a_write_in_a_transaction_goes_out_at_its_commit_without_a_poll() {
+    use sea_orm::ConnectionTrait;
+    let (_, url) = common::sqlite_file().await;
+    // Several connections (SeaORM's SQLite default is one, on which the relay's look would
+    // wait for the transaction), in WAL mode, where a read does not wait for the open
+    // transaction: the relay's look finds nothing.
+    let mut options = sea_orm::ConnectOptions::new(url);
+    options.max_connections(4).sqlx_logging(false);
+    let db = sea_orm::Database::connect(options).await.unwrap();
+    db.execute_unprepared("PRAGMA journal_mode=WAL")
+        .await
+        .unwrap();
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = common::relay_for_slow_requests(&db, &receiver.url()).await;
+    for i in 0..5 {
+        observer
+            .scope(async {
+                let txn = db.begin().await.unwrap();
+                product_am(&format!("in a transaction {i}"), i)
+                    .insert(&txn)
+                    .await
+                    .unwrap();
+                // The relay, woken by the insert, looks while the transaction is open.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                txn.commit().await.unwrap();
+            })
+            .await;
+        receiver.wait_delivered(i as usize + 1, WAIT).await;
+    }
+    observer.shutdown(Duration::from_secs(5)).await;
+}

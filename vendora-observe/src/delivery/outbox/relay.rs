@@ -127,6 +127,9 @@ pub(super) async fn run(
     let mut analyzing: Option<JoinHandle<()>> = None;
     let mut notice = LeaseNotice::default();
     let mut claim_now = false;
+    // A write of this process woke the relay, perhaps before its transaction committed:
+    // a claim that finds nothing looks again shortly, until the commit shows.
+    let mut recheck = Recheck::default();
     let mut heartbeat = tokio::time::interval(heartbeat_period(
         options.lease,
         inner.ctx.service.config().timeout(),
@@ -199,6 +202,7 @@ pub(super) async fn run(
                         tracing::info!("outbox: claiming rows works again");
                     }
                     next_due = due;
+                    recheck.after_claim(jobs.is_empty());
                     idle = jobs.len() < want && !took_back;
                     // The rows taken back are free now: claim them in the next turn, with
                     // no wait (a running relay waited for its heartbeat).
@@ -329,7 +333,11 @@ pub(super) async fn run(
                     outbox.stop(Instant::now() + grace).await;
                 });
             }
-            _ = inner.wake.notified(), if idle => idle = false,
+            _ = inner.wake.notified(), if idle => {
+                idle = false;
+                recheck.woken();
+            }
+            _ = recheck.due(), if idle && recheck.pending() => idle = false,
             _ = notified(&mut listener), if idle => idle = false,
             _ = tokio::time::sleep(wait), if idle => idle = false,
         }
@@ -347,6 +355,56 @@ pub(super) async fn run(
                 &held.ids(),
             ))
             .await;
+    }
+}
+
+/// The looks again after a wake-up by a write of this process that found nothing. The hook
+/// writes the outbox row, and wakes the relay, before the write's transaction commits (no
+/// commit hook reaches it): the relay then looks 1, 2, 4 … 64 ms later, until it finds
+/// work, rather than at its next poll (SQLite has no NOTIFY).
+#[derive(Debug, Default)]
+struct Recheck {
+    /// When to look again, and how many looks found nothing since the wake-up.
+    next: Option<(tokio::time::Instant, u32)>,
+    /// A wake-up came since the last claim.
+    woken: bool,
+}
+
+impl Recheck {
+    /// The looks after a wake-up, at most: 1 + 2 + … + 64 ms, 127 ms in all.
+    const LOOKS: u32 = 7;
+
+    fn woken(&mut self) {
+        self.woken = true;
+    }
+
+    fn after_claim(&mut self, found_nothing: bool) {
+        let looks = match (std::mem::take(&mut self.woken), self.next) {
+            _ if !found_nothing => {
+                self.next = None;
+                return;
+            }
+            (true, _) => 0,
+            (false, Some((_, n))) => n + 1,
+            (false, None) => return,
+        };
+        self.next = (looks < Self::LOOKS).then(|| {
+            (
+                tokio::time::Instant::now() + Duration::from_millis(1 << looks),
+                looks,
+            )
+        });
+    }
+
+    fn pending(&self) -> bool {
+        self.next.is_some()
+    }
+
+    async fn due(&self) {
+        match self.next {
+            Some((at, _)) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -894,6 +952,28 @@ mod tests {
     use super::*;
 
     const LEASE: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_that_finds_nothing_looks_again_1_2_4_to_64_ms_later() {
+        let mut r = Recheck::default();
+        r.after_claim(true);
+        assert!(!r.pending(), "no wake-up, no look again");
+        r.woken();
+        let mut waits = Vec::new();
+        r.after_claim(true);
+        while r.pending() {
+            let before = tokio::time::Instant::now();
+            r.due().await;
+            waits.push(before.elapsed().as_millis());
+            r.after_claim(true);
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64]);
+        r.woken();
+        r.after_claim(true);
+        r.due().await;
+        r.after_claim(false);
+        assert!(!r.pending(), "work found: no more looks");
+    }
 
     #[test]
     fn rows_leased_elsewhere_are_read_at_start_then_once_a_second() {
