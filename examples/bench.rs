@@ -1159,6 +1159,11 @@ async fn latency(target: &Target, mode: &Mode, slow: usize) -> Summary {
         None => builder.build().await.unwrap(),
         Some(_) => builder.outbox(db.clone()).build().await.unwrap(),
     };
+    // BENCH_SLOW_FAST=1: the same rows and writes, answered at once (the load of their
+    // writes alone, without the slowness).
+    target
+        .slow_rows_slow(std::env::var("BENCH_SLOW_FAST").is_err())
+        .await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut slow_tasks = Vec::new();
     for k in 0..slow {
