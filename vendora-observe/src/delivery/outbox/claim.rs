@@ -27,7 +27,7 @@
 //!    still free (a compare-and-set, so two relays never hold one row). Should another
 //!    relay have won a row meanwhile, the rows of its chains behind it are handed back.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, UNIX_EPOCH};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult, Value};
@@ -45,7 +45,15 @@ pub(crate) struct Held {
     per_chain: HashMap<ChainKey, usize>,
     /// The newest row held of each chain: the next rows of the chain lie after it.
     newest: HashMap<ChainKey, i64>,
+    /// Rows this relay held and recorded finished (delivered, dead, superseded), from its
+    /// oldest row held on: no longer pending, so a run of rows held may span them (rows
+    /// delivered at once interleave with those a slow chain keeps in hand).
+    gone: BTreeSet<i64>,
 }
+
+/// Finished rows [`Held`] keeps at most; past it, the older half is forgotten (runs
+/// across them are broken, which only costs reads).
+const MAX_GONE: usize = 1 << 16;
 
 impl Held {
     pub(crate) fn len(&self) -> usize {
@@ -79,7 +87,39 @@ impl Held {
     /// walking past them in the index: during a drain a relay holds thousands of the oldest
     /// pending rows, and the frontier is the first pending rows it does not hold.
     pub(crate) fn runs(&self) -> Vec<(i64, i64)> {
-        runs_of(self.rows.keys().copied())
+        let Some(&last) = self.rows.keys().next_back() else {
+            return Vec::new();
+        };
+        // Held and finished ids merged in order, the finished ones up to the newest held
+        // (beyond it they would only make runs of rows the index no longer lists).
+        let mut held = self.rows.keys().copied().peekable();
+        let mut gone = self.gone.range(..last).copied().peekable();
+        runs_of(std::iter::from_fn(move || {
+            match (held.peek(), gone.peek()) {
+                (Some(h), Some(g)) if g < h => gone.next(),
+                (Some(_), _) => held.next(),
+                (None, _) => gone.next(),
+            }
+        }))
+    }
+
+    /// `id`'s outcome is recorded and it is no longer pending.
+    pub(crate) fn finish(&mut self, id: i64) {
+        self.remove(id);
+        let Some(&oldest) = self.rows.keys().next() else {
+            self.gone.clear();
+            return;
+        };
+        if id > oldest {
+            self.gone.insert(id);
+        }
+        if self.gone.first().is_some_and(|g| *g < oldest) {
+            self.gone = self.gone.split_off(&oldest);
+        }
+        if self.gone.len() > MAX_GONE {
+            let middle = *self.gone.iter().nth(MAX_GONE / 2).expect("more than half");
+            self.gone = self.gone.split_off(&middle);
+        }
     }
 
     pub(crate) fn insert(&mut self, id: i64, row: ChainKey, unit: Option<ChainKey>) {
@@ -989,11 +1029,14 @@ mod tests {
         super::super::create_table(&db).await.unwrap();
         let backend = db.get_database_backend();
         let mut rng = fastrand::Rng::with_seed(28);
+        // Cases whose runs span rows the relay finished (delivered among rows it holds).
+        let mut spanning = 0;
         for case in 0..60 {
             db.execute_unprepared("DELETE FROM vendora_outbox")
                 .await
                 .unwrap();
             let mut held = Held::default();
+            let mut finished = Vec::new();
             let mut id = 0;
             let mut values = Vec::new();
             while id < 400 {
@@ -1010,6 +1053,11 @@ mod tests {
                     if by == "'me'" {
                         held.insert(id, ChainKey::row(&format!("p:{}", id % 7)), None);
                     }
+                    // Rows this relay delivered itself: runs span them.
+                    if kind == 0 && rng.bool() {
+                        held.insert(id, ChainKey::row(&format!("p:{}", id % 7)), None);
+                        finished.push(id);
+                    }
                     values.push(format!(
                         "({id}, 'e{case}-{id}', 'p:{}', 'product:updated', '{{}}', {status}, \
                          0, 0, {by}, {})",
@@ -1025,7 +1073,13 @@ mod tests {
             ))
             .await
             .unwrap();
+            for id in finished {
+                held.finish(id);
+            }
             let runs = held.runs();
+            if runs != runs_of(held.rows.keys().copied()) {
+                spanning += 1;
+            }
             for window in [1, 7, 64, 500] {
                 let ids = |skip: &[(i64, i64)]| {
                     let statement = frontier_statement(backend, "me", window, skip);
@@ -1046,6 +1100,10 @@ mod tests {
                 );
             }
         }
+        assert!(
+            spanning > 10,
+            "only {spanning} cases had runs across finished rows"
+        );
     }
 
     #[test]

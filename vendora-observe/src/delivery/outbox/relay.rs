@@ -288,7 +288,7 @@ pub(super) async fn run(
                             Done::Recorded(ids) => {
                                 freed += ids.len();
                                 for id in ids {
-                                    held.remove(id);
+                                    held.finish(id);
                                 }
                             }
                             Done::Released(ids) => {
