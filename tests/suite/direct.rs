@@ -126,23 +126,19 @@ async fn a_full_queue_sheds_exactly_the_excess_and_writes_do_not_wait() {
         .build()
         .await
         .unwrap();
-    let mut slowest = Duration::ZERO;
     observer
         .scope(async {
             for i in 0..50 {
-                let started = Instant::now();
                 product_am(&format!("p{i}"), i).insert(&db).await.unwrap();
-                slowest = slowest.max(started.elapsed());
             }
         })
         .await;
     let s = observer.stats();
     assert_eq!((s.pending, s.shed), (10, 40), "{s:?}");
-    // Far below the 30 s request timeout: no write waited on the hung receiver.
-    assert!(
-        slowest < Duration::from_secs(2),
-        "slowest write {slowest:?}"
-    );
+    // No write waited on the hung receiver: every one returned before any request (30 s
+    // timeout) had an outcome.
+    assert_eq!((s.sent, s.failed), (0, 0), "{s:?}");
+    observer.shutdown(Duration::ZERO).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -486,7 +486,16 @@ async fn rows_let_go_for_a_lost_lease_keep_their_order(db: DatabaseConnection, u
         let (db, ids) = (db.clone(), ids.clone());
         writers.push(tokio::spawn(observer.scope(async move {
             for round in 0..3 {
-                while write_round(&db, &ids, w, round).await.is_err() {}
+                // SQLite refuses a round that read a row another one changed since: again,
+                // after a pause, until it commits.
+                let deadline = std::time::Instant::now() + WAIT;
+                while let Err(e) = write_round(&db, &ids, w, round).await {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "round {round} of writer {w} never committed: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
             }
         })));
     }
