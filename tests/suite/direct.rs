@@ -96,6 +96,11 @@ async fn a_401_is_dead_lettered_once_and_handed_to_the_callback() {
     let dead = dead.lock().unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].attempts, 1);
+    assert_eq!(
+        dead[0].status,
+        Some(401),
+        "the status as data, not only in the text"
+    );
     assert!(
         dead[0]
             .last_error

@@ -343,13 +343,18 @@ pub(crate) fn decide(policy: &RetryPolicy, attempts: u32, error: &DeliveryError)
 
 /// An event that could not be delivered after its last attempt.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// The event, with the id and bytes that were sent.
     pub webhook: Webhook,
     /// Attempts made.
     pub attempts: u32,
-    /// The last failure.
+    /// The last failure, as a sentence.
     pub last_error: String,
+    /// The receiver's HTTP status in the last answer, when it answered (a 401: the secrets
+    /// differ; a 404: the path is wrong); `None` for a timeout, a refused connection, or
+    /// an event that was never sent (its maximum age, the shutdown deadline).
+    pub status: Option<u16>,
 }
 
 pub(crate) type DeadLetterHandler = Arc<dyn Fn(DeadLetter) + Send + Sync>;

@@ -299,17 +299,34 @@ impl Drop for ExitGuard {
         if self.clean || self.shared.aborting() {
             return;
         }
-        let left = self.shared.lock().jobs.len();
+        let (left, in_flight) = {
+            let state = self.shared.lock();
+            let in_flight = state
+                .jobs
+                .values()
+                .filter(|e| e.step == Step::InFlight)
+                .count();
+            (state.jobs.len(), in_flight)
+        };
         if left == 0 || self.shared.reported_exit.swap(true, Ordering::AcqRel) {
             return;
         }
         let kind = crate::diagnostics::Kind::Delivery;
         if self.shared.setup.dead_letter_leftovers {
+            let unsent = left - in_flight;
+            // A request cut without an answer may have reached the receiver: not "lost".
+            let cut = match in_flight {
+                0 => String::new(),
+                n => format!(
+                    ", and {n} cut in flight without an answer (the receiver may have processed \
+                     those)"
+                ),
+            };
             crate::diagnostics::error(
                 kind,
                 format_args!(
-                    "{left} webhook(s) were never delivered: the program ended (its Tokio runtime \
-                     stopped) before they were sent; call `observer.shutdown(Duration::from_secs(5)).await` \
+                    "{unsent} webhook(s) were never sent{cut}: the program ended (its Tokio \
+                     runtime stopped) first; call `observer.shutdown(Duration::from_secs(5)).await` \
                      before returning from main: it delivers what is queued and reports what it could not"
                 ),
             );
@@ -1229,6 +1246,7 @@ impl State {
                     webhook: (*webhook).clone(),
                     attempts,
                     last_error,
+                    status,
                 });
             }
         }));
