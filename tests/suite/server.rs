@@ -527,3 +527,59 @@ async fn the_live_page_shows_the_events_as_the_apps_receive_them() {
     let png = std::fs::read(&shot).expect("a screenshot");
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{shot}");
 }
+
+/// `http::serve` stops gracefully: once its shutdown future completes it accepts no new
+/// connection, lets the request in flight finish (answered in full) and returns only then.
+/// Its future is polled here, beside the waits: returning early would win the race.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_stops_accepting_finishes_the_request_in_flight_then_returns() {
+    use std::sync::{Arc, Mutex};
+    use vendora_observe_server::http::{Limits, serve};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (entered, in_handler) = tokio::sync::oneshot::channel::<()>();
+    let entered = Arc::new(Mutex::new(Some(entered)));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let app = axum::Router::new().route(
+        "/slow",
+        axum::routing::post({
+            let release = release.clone();
+            move || async move {
+                if let Some(entered) = entered.lock().unwrap().take() {
+                    let _ = entered.send(());
+                }
+                release.notified().await;
+                "done"
+            }
+        }),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut limits = Limits::default();
+    limits.shutdown_grace = Duration::from_secs(60);
+    let serving = serve(listener, app, limits, async {
+        let _ = stopped.await;
+    });
+    tokio::pin!(serving);
+    let url = format!("http://{addr}/slow");
+    let request = tokio::spawn(async move { common::post_answer(&url, &[], b"in flight").await });
+    tokio::select! {
+        r = &mut serving => panic!("serve returned before the request came: {r:?}"),
+        r = in_handler => r.unwrap(),
+    }
+    stop.send(()).unwrap();
+    let closed = common::eventually(common::WAIT, "no new connection accepted", || async move {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    });
+    tokio::select! {
+        r = &mut serving => panic!("serve returned with a request in flight: {r:?}"),
+        () = closed => {}
+    }
+    release.notify_one();
+    tokio::time::timeout(common::WAIT, &mut serving)
+        .await
+        .expect("serve returns once the request in flight is answered")
+        .unwrap();
+    let answer = request.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("done"), "{answer}");
+}
