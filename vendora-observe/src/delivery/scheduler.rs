@@ -1348,6 +1348,140 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// What the property test does to the scheduler's state, as a sender would.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// An event of row `.0` written by unit of work `.1`.
+        Add(u8, u8),
+        /// A sender takes the next ready event.
+        Take,
+        /// One of the events in flight (by position) is answered: 2xx, or a 400 (dead).
+        Finish(usize, bool),
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<Op>> {
+        let op = prop_oneof![
+            (0u8..4, 0u8..3).prop_map(|(r, u)| Op::Add(r, u)),
+            Just(Op::Take),
+            (any::<usize>(), any::<bool>()).prop_map(|(i, ok)| Op::Finish(i, ok)),
+        ];
+        prop::collection::vec(op, 1..120)
+    }
+
+    fn setup() -> Setup {
+        let config = crate::WebhookConfig::builder()
+            .url("http://127.0.0.1:9/webhook")
+            .secret("s")
+            .build()
+            .unwrap();
+        Setup {
+            ctx: Arc::new(Context {
+                service: crate::WebhookService::new(config).unwrap(),
+                policy: crate::RetryPolicy::default(),
+                counters: Arc::new(super::super::Counters::new(crate::telemetry::Mode::Direct)),
+                dead_letter: None,
+                concurrency: 8,
+                slow_slots: 0,
+            }),
+            reports: None,
+            track_pending: false,
+            lease: None,
+            dead_letter_leftovers: true,
+        }
+    }
+
+    fn job(row: u8, unit: u8) -> Job {
+        Job {
+            webhook: Arc::new(
+                crate::Webhook::build("product:created", &serde_json::json!({"id": row})).unwrap(),
+            ),
+            row: ChainKey(u64::from(row) + 1),
+            unit: Some(ChainKey(1_000 + u64::from(unit))),
+            kind: EventKind::Created,
+            coalesce: false,
+            attempts: 0,
+            token: 0,
+            born: SystemTime::now(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    proptest! {
+        /// Against a model of causal order: an event is handed to a sender only once every
+        /// earlier event of its row and of its unit of work is complete (delivered or
+        /// dead), never twice, and every event is handed out once the others complete.
+        #[test]
+        fn events_go_out_in_causal_order_once_each(ops in ops()) {
+            let setup = setup();
+            let mut state = State::default();
+            // (seq, row, unit) in the order added, and what became of them.
+            let mut added: Vec<(u64, u8, u8)> = Vec::new();
+            let mut complete = std::collections::HashSet::new();
+            let mut taken = std::collections::HashSet::new();
+            let mut in_flight: Vec<(u64, u64)> = Vec::new();
+            let check = |seq: u64, added: &[(u64, u8, u8)], complete: &std::collections::HashSet<u64>| {
+                let &(_, row, unit) = added.iter().find(|a| a.0 == seq).expect("added");
+                for &(earlier, r, u) in added.iter().take_while(|a| a.0 < seq) {
+                    prop_assert!(
+                        !(r == row || u == unit) || complete.contains(&earlier),
+                        "event {seq} went out before {earlier} of its chains completed"
+                    );
+                }
+                Ok(())
+            };
+            let take = |state: &mut State, added: &[(u64, u8, u8)], complete: &std::collections::HashSet<u64>, taken: &mut std::collections::HashSet<u64>, in_flight: &mut Vec<(u64, u64)>| {
+                match state.take(&setup, Duration::from_secs(5)) {
+                    Some(t) => {
+                        check(t.seq, added, complete)?;
+                        prop_assert!(taken.insert(t.seq), "event {} handed out twice", t.seq);
+                        in_flight.push((t.seq, t.successes));
+                        Ok(true)
+                    }
+                    None => Ok(false),
+                }
+            };
+            let finish = |state: &mut State, (seq, successes): (u64, u64), ok: bool, complete: &mut std::collections::HashSet<u64>| {
+                let result = if ok {
+                    Ok(super::super::Delivered { status: 200, elapsed: Duration::ZERO })
+                } else {
+                    Err(DeliveryError::Status { status: 400, retry_after: None })
+                };
+                state.finish(&setup, seq, successes, result);
+                complete.insert(seq);
+            };
+            for op in ops {
+                match op {
+                    Op::Add(row, unit) => {
+                        state.add(vec![job(row, unit)]);
+                        added.push((state.next_seq, row, unit));
+                    }
+                    Op::Take => {
+                        take(&mut state, &added, &complete, &mut taken, &mut in_flight)?;
+                    }
+                    Op::Finish(i, ok) if !in_flight.is_empty() => {
+                        let at = i % in_flight.len();
+                        let done = in_flight.remove(at);
+                        finish(&mut state, done, ok, &mut complete);
+                    }
+                    Op::Finish(..) => {}
+                }
+            }
+            // Everything left goes out once what is before it completes.
+            loop {
+                while take(&mut state, &added, &complete, &mut taken, &mut in_flight)? {}
+                if in_flight.is_empty() {
+                    break;
+                }
+                for done in std::mem::take(&mut in_flight) {
+                    finish(&mut state, done, true, &mut complete);
+                }
+            }
+            prop_assert_eq!(taken.len(), added.len(), "events never handed out");
+            prop_assert!(state.jobs.is_empty());
+        }
+    }
 
     #[test]
     fn senders_follow_the_slow_requests_up_to_the_slots() {
