@@ -432,7 +432,8 @@ pub mod __private {
     pub use sea_orm;
 
     /// The outbox claim's statements, for the query-plan tests; the relay's database work
-    /// alone and the ceiling of any relay, for the bench.
+    /// alone and the ceiling of any relay, for the bench (feature `internals`).
+    #[cfg(feature = "internals")]
     pub mod outbox_plan {
         pub use crate::delivery::outbox::claim::{
             IN_INDEX_ORDER, frontier_settings, frontier_statement, runs_of, skip_scan_statement,

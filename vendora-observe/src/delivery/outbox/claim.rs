@@ -843,6 +843,7 @@ fn lease_statement(
 
 /// The bench's ceiling of any relay: the next `want` pending rows after id `after`, with the
 /// columns a lease returns, read without a lease.
+#[cfg(feature = "internals")]
 pub(crate) fn read_pending_statement(
     backend: DbBackend,
     after: i64,

@@ -884,6 +884,7 @@ impl Outbox {
 /// sending anything, until nothing is left. Returns the rows it went through. On
 /// PostgreSQL it first takes the table's statistics, as a relay does at a backlog's first
 /// full claim.
+#[cfg(feature = "internals")]
 pub async fn drain_without_sending(
     db: &sea_orm::DatabaseConnection,
     want: usize,
@@ -918,6 +919,7 @@ pub async fn drain_without_sending(
 /// `want` at a time with their bodies, and hands them to `observer` (direct mode) to send,
 /// writing nothing, neither lease nor mark. Returns the rows read; `observer` then sends
 /// them (wait at the receiver, or [`Observer::flush`](crate::Observer::flush)).
+#[cfg(feature = "internals")]
 pub async fn send_without_writing(
     db: &sea_orm::DatabaseConnection,
     observer: &crate::Observer,
