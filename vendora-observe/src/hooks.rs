@@ -235,7 +235,13 @@ pub async fn emit<C: ConnectionTrait>(
     match observer {
         Some(observer) if !jobs.is_empty() => {
             observer
-                .submit(db, entity.event, &ordering_key, unit_key.as_deref(), jobs)
+                .submit(
+                    db,
+                    is_autocommit::<C>().then_some(entity.event),
+                    &ordering_key,
+                    unit_key.as_deref(),
+                    jobs,
+                )
                 .await
         }
         _ => Ok(()),

@@ -243,10 +243,12 @@ impl Observer {
     }
 
     /// Hands the events of one write to the delivery: never waits on the network.
+    /// `autocommit`: the entity, when the write runs outside a transaction (its outbox row
+    /// then commits on its own, after the change).
     pub(crate) async fn submit<C: ConnectionTrait>(
         &self,
         db: &C,
-        entity: &'static str,
+        autocommit: Option<&'static str>,
         ordering_key: &str,
         unit_key: Option<&str>,
         jobs: Vec<Job>,
@@ -258,7 +260,7 @@ impl Observer {
                 Ok(())
             }
             Sink::Outbox(outbox) => {
-                if crate::hooks::is_autocommit::<C>() {
+                if let Some(entity) = autocommit {
                     crate::delivery::outbox::warn_autocommit(entity);
                 }
                 outbox.insert(db, ordering_key, unit_key, &jobs).await?;

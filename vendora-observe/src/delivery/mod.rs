@@ -19,6 +19,7 @@
 
 pub(crate) mod direct;
 pub mod outbox;
+mod outcome;
 pub(crate) mod scheduler;
 pub(crate) mod sender;
 mod transport;

@@ -26,7 +26,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{AUTHORIZATION, HOST, HeaderMap, HeaderValue, LOCATION, RETRY_AFTER};
 use reqwest::Url;
 
-use super::sender::DeliveryError;
+use super::outcome::DeliveryError;
 use crate::error::Cause;
 
 /// An answer's head: what the sender needs of it.
