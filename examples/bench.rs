@@ -1578,15 +1578,9 @@ async fn deliveries(
     let mut rows = Vec::new();
     let mut wrks = Vec::new();
     for which in targets {
-        let target = match *which {
-            "rust" => Target::Rust(Sink::start().await),
-            _ => match NodeServer::start() {
-                Some(n) => Target::Node(n),
-                None => {
-                    println!("  Node socket.io server: skipped (needs node and npm)");
-                    continue;
-                }
-            },
+        let Some(target) = Target::start(which).await else {
+            println!("  Node socket.io server: skipped (needs node and npm)");
+            continue;
         };
         let wrk = wrk_rate(&target.url(), 8, 5);
         match wrk {

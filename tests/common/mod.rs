@@ -182,6 +182,28 @@ pub async fn outbox_observer_with_lease(
         .unwrap()
 }
 
+/// A configuration whose requests may take a minute: a slow answer is waited for, not cut
+/// by the timeout and retried.
+pub fn patient_config(url: &str) -> WebhookConfig {
+    WebhookConfig::builder()
+        .url(url)
+        .secret(SECRET)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// Retries for a receiver that is down for a while, then back: probes every 100 ms, and
+/// attempts enough never to dead-letter.
+pub fn retries_through_an_outage() -> RetryPolicy {
+    RetryPolicy::default()
+        .max_attempts(10_000)
+        .base_delay(Duration::from_millis(20))
+        .max_delay(Duration::from_millis(300))
+        .max_retry_after(Duration::from_secs(1))
+        .probe_interval(Duration::from_millis(100))
+}
+
 /// An outbox-mode observer on `db` for a relay that stays busy: its requests may take up to
 /// 60 s (lease 120 s), and it polls once an hour, so only its own writes and outcomes wake
 /// it (on SQLite; a NOTIFY wakes every relay on PostgreSQL).
@@ -189,13 +211,7 @@ pub async fn relay_for_slow_requests(db: &DatabaseConnection, url: &str) -> Obse
     let mut options = vendora_observe::OutboxOptions::new(db.clone());
     options.poll_interval = Duration::from_secs(3600);
     options.lease = Duration::from_secs(120);
-    let config = WebhookConfig::builder()
-        .url(url)
-        .secret(SECRET)
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
-    Observer::builder(config)
+    Observer::builder(patient_config(url))
         .outbox_options(options)
         .build()
         .await

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{SECRET, WAIT, fast_retries, product_am};
 use sea_orm::{ActiveModelTrait, DatabaseConnection, IntoActiveModel, Set};
-use vendora_observe::{Observer, Overflow, RetryPolicy, WebhookConfig};
+use vendora_observe::{Observer, Overflow, WebhookConfig};
 use vendora_pos::db;
 use vendora_pos::receiver::{Blackhole, Receiver, Reply};
 
@@ -24,12 +24,7 @@ async fn receiver_down_then_up_gets_every_event_in_per_row_order() {
     let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = probe.local_addr().unwrap();
     drop(probe);
-    let retry = RetryPolicy::default()
-        .max_attempts(10_000)
-        .base_delay(Duration::from_millis(20))
-        .max_delay(Duration::from_millis(300))
-        .max_retry_after(Duration::from_secs(1))
-        .probe_interval(Duration::from_millis(100));
+    let retry = common::retries_through_an_outage();
     let observer = common::observer_for(&format!("http://{addr}/webhook"), retry).await;
     // 100 rows x (created + 4 x (updated + stock:updated)) = 900 events.
     observer

@@ -285,13 +285,7 @@ async fn slow_rows_hold_only_their_own_chains(
 /// A direct observer whose requests may take a minute: a slow answer is waited for, not
 /// cut by the timeout and retried.
 async fn patient_with_slow_answers(url: &str) -> Observer {
-    let config = vendora_observe::WebhookConfig::builder()
-        .url(url)
-        .secret(SECRET)
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
-    Observer::builder(config)
+    Observer::builder(common::patient_config(url))
         .retry(patient())
         .build()
         .await

@@ -11,8 +11,8 @@ use common::{
     product_am, sqlite_file,
 };
 use sea_orm::{ActiveModelTrait, DatabaseConnection, IntoActiveModel, Set, TransactionTrait};
+use vendora_observe::Observer;
 use vendora_observe::trace::TraceParent;
-use vendora_observe::{Observer, RetryPolicy};
 use vendora_pos::entities::product;
 use vendora_pos::receiver::{Receiver, Reply};
 
@@ -78,12 +78,7 @@ async fn down_then_up_case(db: DatabaseConnection) {
     let addr = probe.local_addr().unwrap();
     drop(probe);
     let url = format!("http://{addr}/webhook");
-    let retry = RetryPolicy::default()
-        .max_attempts(10_000)
-        .base_delay(Duration::from_millis(20))
-        .max_delay(Duration::from_millis(300))
-        .max_retry_after(Duration::from_secs(1))
-        .probe_interval(Duration::from_millis(100));
+    let retry = common::retries_through_an_outage();
     let observer = outbox_observer(&db, &url, retry).await;
     // 100 rows x (created + 5 x (updated + stock:updated)) = 1,100 events.
     write_rows(&observer, &db, 100, 5).await;
