@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DbErr, Value};
 
+use super::lease::now_ms;
 use super::{TABLE, stmt};
-use crate::delivery::scheduler::now_ms;
 
 /// One row of the outbox, as [`dead`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -45,6 +45,7 @@
 mod admin;
 pub(crate) mod claim;
 mod holder;
+mod lease;
 pub(crate) mod relay;
 mod schema;
 
@@ -63,9 +64,10 @@ pub use admin::{
 };
 pub use schema::{create_table, table_exists};
 
-use super::scheduler::{Lease, Scheduler, Setup, now_ms};
+use super::scheduler::{Scheduler, Setup};
 use super::{Context, Job, Leftovers};
 use crate::error::StartError;
+use lease::{Lease, now_ms};
 
 /// The outbox table's name.
 pub const TABLE: &str = "vendora_outbox";
@@ -201,7 +203,7 @@ impl Outbox {
             ctx: ctx.clone(),
             reports: Some(reports),
             track_pending: false,
-            lease: Some(lease.clone()),
+            lease: Some(lease.clone() as Arc<dyn super::scheduler::Gate>),
             dead_letter_leftovers: false,
         });
         let inner = Arc::new(Inner {

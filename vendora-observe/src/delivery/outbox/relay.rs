@@ -15,8 +15,9 @@ use tokio::task::JoinHandle;
 
 use super::claim::{self, Claimed, Cursor, Held, Request};
 use super::holder::Holder;
+use super::lease::now_ms;
 use super::{Outbox, TABLE, admin, stmt};
-use crate::delivery::scheduler::{Report, now_ms};
+use crate::delivery::scheduler::Report;
 
 /// What the recorder tells the relay.
 pub(super) enum Done {

@@ -1,676 +1,24 @@
-//! The scheduler both delivery modes run on: chains of events, a ready set, senders, and
-//! retries waiting on timers.
-//!
-//! Each event belongs to one or two chains (its row's and, under causal order, its unit of
-//! work's). A chain is a FIFO of the events in it; an event is *ready* when it heads every
-//! chain it belongs to. `concurrency` senders take ready events and send them; a sender that
-//! finishes an event takes the next ready one at once, most often the next event of the
-//! same chain, so a chain's backlog goes out back to back. A failed attempt goes on a timer
-//! and stays at the head of its chains: it holds back exactly the events that must follow
-//! it, and no sender. When an event completes (delivered, dead or superseded) it leaves its
-//! chains and the events behind it may become ready.
-//!
-//! The state sits behind one mutex, held for a few hash-map operations per event; every
-//! step is O(1) in the number of events waiting, so a row with a backlog of thousands
-//! streams at the receiver's pace.
-//!
-//! Sources: direct mode submits the events of each write; the outbox relay submits the rows
-//! it claimed and records what the scheduler [`Report`]s.
+//! The scheduler's state: chains, the ready set, retry timers and the receiver's health,
+//! with no I/O and no tasks. The senders and the timers task ([`super`]) take its lock,
+//! call a step (add, take, finish, release, let go) and act on what it returns; log
+//! lines and callbacks a step produces wait in [`State::later`] until the lock is released.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
+use super::{Later, Report, Setup};
+use crate::delivery::{
+    ChainKey, Context, DeadLetter, Decision, DeliveryError, EventKind, Job, decide,
+};
 use crate::trace::TraceParent;
 
-use super::{
-    ChainKey, Context, DeadLetter, Decision, DeliveryError, EventKind, Job, Leftovers, decide,
-};
-
-/// What became of an event, for a source that records it (the outbox).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Report {
-    /// Answered 2xx.
-    Delivered,
-    /// An attempt failed; the next one waits `delay`.
-    Failed {
-        attempts: u32,
-        delay: Duration,
-        error: String,
-    },
-    /// Given up on after its last attempt.
-    Dead { attempts: u32, error: String },
-    /// Not sent: a newer event of its row superseded it.
-    Superseded,
-    /// Left unsent at the shutdown deadline. (Rows let go for want of a lease are not
-    /// reported: the relay takes them with [`Scheduler::take_let_go`].)
-    Released,
-    /// Cut in flight at the shutdown deadline: the receiver may have processed it.
-    Unknown,
-}
-
-/// The outbox's lease on the rows it handed over: valid until this many milliseconds after
-/// the Unix epoch. An attempt starts only if it would end within the lease.
-pub(crate) struct Lease {
-    valid_until_ms: AtomicI64,
-}
-
-impl Lease {
-    pub(crate) fn new(valid_until_ms: i64) -> Self {
-        Lease {
-            valid_until_ms: AtomicI64::new(valid_until_ms),
-        }
-    }
-
-    pub(crate) fn extend_to(&self, ms: i64) {
-        self.valid_until_ms.fetch_max(ms, Ordering::AcqRel);
-    }
-
-    fn covers(&self, attempt: Duration) -> bool {
-        self.valid_until_ms.load(Ordering::Acquire) > now_ms() + attempt.as_millis() as i64
-    }
-}
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as i64
-}
-
-/// How a source wants its events handled.
-pub(crate) struct Setup {
-    pub(crate) ctx: Arc<Context>,
-    /// Where reports go (the outbox's recorder); `None` in direct mode. Kept in the state
-    /// and dropped at the end of shutdown, which tells the recorder that every report is in.
-    pub(crate) reports: Option<mpsc::UnboundedSender<(i64, Report)>>,
-    /// Direct mode: the scheduler releases the pending count as events complete.
-    pub(crate) track_pending: bool,
-    /// Outbox mode: the lease every attempt must fit in.
-    pub(crate) lease: Option<Arc<Lease>>,
-    /// Direct mode: events left at the shutdown deadline are dead-lettered (the outbox
-    /// keeps them in its table instead).
-    pub(crate) dead_letter_leftovers: bool,
-}
-
-/// The handle sources hold: submit events, shut down.
-pub(crate) struct Scheduler {
-    shared: Arc<Shared>,
-}
-
-struct Shared {
-    setup: Setup,
-    state: Mutex<State>,
-    /// The senders and the timers task, awaited at shutdown.
-    tasks: TaskTracker,
-    pace: Pace,
-    /// Signalled for each event that becomes ready (one sender per event).
-    work: Notify,
-    /// Signalled when a timer earlier than the timer task's sleep is set.
-    timers_changed: Notify,
-    /// Signalled when the last event completes (shutdown waits for it).
-    drained: Notify,
-    /// Signalled when rows were let go for want of a lease (the relay hands them back).
-    let_go: Notify,
-    /// Set at the shutdown deadline: senders cut what they send and stop.
-    abort: AtomicBool,
-    aborted: Notify,
-    /// Whether the events lost to a stopped runtime were reported (once).
-    reported_exit: AtomicBool,
-}
-
-impl Scheduler {
-    pub(crate) fn start(mut setup: Setup) -> Scheduler {
-        let concurrency = setup.ctx.concurrency.max(1);
-        let pace = Pace::new(concurrency, setup.ctx.slow_slots);
-        let state = State {
-            reports: setup.reports.take(),
-            ..State::default()
-        };
-        let shared = Arc::new(Shared {
-            setup,
-            state: Mutex::new(state),
-            tasks: TaskTracker::new(),
-            pace,
-            work: Notify::new(),
-            timers_changed: Notify::new(),
-            drained: Notify::new(),
-            let_go: Notify::new(),
-            abort: AtomicBool::new(false),
-            aborted: Notify::new(),
-            reported_exit: AtomicBool::new(false),
-        });
-        for _ in 0..concurrency {
-            shared.tasks.spawn(sender(shared.clone()));
-        }
-        shared.tasks.spawn(timers(shared.clone()));
-        Scheduler { shared }
-    }
-
-    /// Hands over events, in the order their chains must keep (a write's events, a
-    /// claim's rows); given back once the scheduler is closed.
-    pub(crate) fn submit(&self, jobs: Vec<Job>) -> Result<(), Vec<Job>> {
-        self.submit_unless(jobs, |_| false)
-    }
-
-    /// Hands over the rows of a claim that began when [`Scheduler::let_go_count`] was
-    /// `seen`; given back if rows were let go since (the claim may have passed them: they
-    /// were still leased to the relay, so it could not see them) or once closed.
-    pub(crate) fn submit_claimed(&self, jobs: Vec<Job>, seen: u64) -> Result<(), Vec<Job>> {
-        self.submit_unless(jobs, |state| state.let_go_count != seen)
-    }
-
-    fn submit_unless(
-        &self,
-        jobs: Vec<Job>,
-        refuse: impl FnOnce(&State) -> bool,
-    ) -> Result<(), Vec<Job>> {
-        let mut state = self.shared.lock();
-        if state.closed || refuse(&state) {
-            return Err(jobs);
-        }
-        let woken = state.add(jobs);
-        // The receiver is down: the new events wait for the next probe, which the timers
-        // task sends them (it may be asleep, with nothing left to probe with).
-        let down = state.endpoint.down.is_some();
-        drop(state);
-        for _ in 0..woken {
-            self.shared.work.notify_one();
-        }
-        if down {
-            self.shared.timers_changed.notify_one();
-        }
-        Ok(())
-    }
-
-    /// When the oldest event still held was made.
-    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    pub(crate) fn oldest(&self) -> Option<SystemTime> {
-        let mut state = self.shared.lock();
-        state.trim_by_age();
-        state.by_age.front().map(|(_, born)| *born)
-    }
-
-    /// Lets go of every event that is not in flight: the outbox could not renew its lease.
-    /// Their rows are then the relay's to hand back ([`Scheduler::take_let_go`]).
-    pub(crate) fn release_all(&self) {
-        let mut state = self.shared.lock();
-        state.release_all();
-        if state.jobs.is_empty() {
-            self.shared.drained.notify_waiters();
-        }
-    }
-
-    /// The rows (tokens) let go since the last call. Until they are handed back they are
-    /// still leased to the relay, invisible to its claims, and held by no one: no claim
-    /// may run before they are handed back, or it would pass them.
-    pub(crate) fn take_let_go(&self) -> Vec<i64> {
-        std::mem::take(&mut self.shared.lock().let_go)
-    }
-
-    /// How many times events were let go so far (see [`Scheduler::submit_claimed`]).
-    pub(crate) fn let_go_count(&self) -> u64 {
-        self.shared.lock().let_go_count
-    }
-
-    /// Resolves when events were let go since the last call.
-    pub(crate) async fn events_let_go(&self) {
-        self.shared.let_go.notified().await
-    }
-
-    /// Finishes what was submitted until `deadline`, then cuts what is in flight and
-    /// leaves the rest. Returns what was cut and left.
-    pub(crate) async fn shutdown(&self, deadline: Duration) -> Leftovers {
-        let deadline = Instant::now() + deadline;
-        loop {
-            let drained = self.shared.drained.notified();
-            tokio::pin!(drained);
-            drained.as_mut().enable();
-            {
-                let mut state = self.shared.lock();
-                state.closed = true;
-                if state.jobs.is_empty() {
-                    break;
-                }
-            }
-            if tokio::time::timeout_at(deadline, drained).await.is_err() {
-                break;
-            }
-        }
-        self.shared.abort.store(true, Ordering::Release);
-        self.shared.aborted.notify_waiters();
-        self.shared.work.notify_waiters();
-        self.shared.timers_changed.notify_one();
-        self.shared.tasks.close();
-        self.shared.tasks.wait().await;
-        let mut state = self.shared.lock();
-        let mut out = Leftovers {
-            unknown: state.cut,
-            left: 0,
-        };
-        let mut left: Vec<u64> = state.jobs.keys().copied().collect();
-        left.sort_unstable();
-        for seq in left {
-            out.left += 1;
-            if self.shared.setup.dead_letter_leftovers {
-                state.dead_letter(
-                    &self.shared.setup,
-                    seq,
-                    "not sent before the shutdown deadline: give `Observer::shutdown` a longer \
-                     deadline if the receiver needs it, or use outbox mode, which keeps such \
-                     events for the next start"
-                        .into(),
-                    None,
-                );
-            }
-            state.forget(&self.shared.setup, seq, Report::Released);
-        }
-        state.reports = None;
-        out
-    }
-}
-
-/// The last handle is gone (the observer was dropped without `shutdown`): what is queued
-/// is still delivered in the background, then the senders stop.
-impl Drop for Scheduler {
-    fn drop(&mut self) {
-        self.shared.lock().closed = true;
-        self.shared.work.notify_waiters();
-        self.shared.timers_changed.notify_one();
-    }
-}
-
-/// Held by each sender task. Dropped without `clean`, the task was cancelled: its runtime
-/// stopped (the program left `main`) with events still in hand. Says so, once.
-struct ExitGuard {
-    shared: Arc<Shared>,
-    clean: bool,
-}
-
-impl Drop for ExitGuard {
-    fn drop(&mut self) {
-        if self.clean || self.shared.aborting() {
-            return;
-        }
-        let (left, in_flight) = {
-            let state = self.shared.lock();
-            let in_flight = state
-                .jobs
-                .values()
-                .filter(|e| e.step == Step::InFlight)
-                .count();
-            (state.jobs.len(), in_flight)
-        };
-        if left == 0 || self.shared.reported_exit.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let kind = crate::diagnostics::Kind::Delivery;
-        if self.shared.setup.dead_letter_leftovers {
-            let unsent = left - in_flight;
-            // A request cut without an answer may have reached the receiver: not "lost".
-            let cut = match in_flight {
-                0 => String::new(),
-                n => format!(
-                    ", and {n} cut in flight without an answer (the receiver may have processed \
-                     those)"
-                ),
-            };
-            crate::diagnostics::error(
-                kind,
-                format_args!(
-                    "{unsent} webhook(s) were never sent{cut}: the program ended (its Tokio \
-                     runtime stopped) first; call `observer.shutdown(Duration::from_secs(5)).await` \
-                     before returning from main: it delivers what is queued and reports what it could not"
-                ),
-            );
-        } else {
-            crate::diagnostics::warn(
-                kind,
-                format_args!(
-                    "the program ended with {left} outbox event(s) claimed and not yet delivered; they \
-                     stay in vendora_outbox and go out at the next start, after their lease; call \
-                     `observer.shutdown(Duration::from_secs(5)).await` before returning from main to \
-                     deliver them now"
-                ),
-            );
-        }
-    }
-}
-
-/// Work that must not run under the scheduler's lock: log lines (a subscriber may write
-/// to a slow terminal), stderr, the user's dead-letter callback. Queued while the lock is
-/// held ([`State::later`]), run once it is released.
-type Later = Box<dyn FnOnce() + Send>;
-
-/// The scheduler's state, locked. Released on drop, after which the work queued meanwhile
-/// ([`State::later`]) runs, outside the lock.
-struct Locked<'a>(Option<MutexGuard<'a, State>>);
-
-impl std::ops::Deref for Locked<'_> {
-    type Target = State;
-    fn deref(&self) -> &State {
-        self.0.as_ref().expect("held until dropped")
-    }
-}
-
-impl std::ops::DerefMut for Locked<'_> {
-    fn deref_mut(&mut self) -> &mut State {
-        self.0.as_mut().expect("held until dropped")
-    }
-}
-
-impl Drop for Locked<'_> {
-    fn drop(&mut self) {
-        let Some(mut state) = self.0.take() else {
-            return;
-        };
-        let later = std::mem::take(&mut state.later);
-        drop(state);
-        for work in later {
-            work();
-        }
-    }
-}
-
-impl Shared {
-    fn lock(&self) -> Locked<'_> {
-        Locked(Some(self.state.lock().unwrap_or_else(|p| p.into_inner())))
-    }
-
-    fn aborting(&self) -> bool {
-        self.abort.load(Ordering::Acquire)
-    }
-
-    /// A request in flight counts as slow from now: a sender stands in for it while the
-    /// slow slots last.
-    fn went_slow(self: &Arc<Self>) {
-        self.pace.slow.fetch_add(1, Ordering::AcqRel);
-        while self.pace.take_sender_slot() {
-            self.tasks.spawn(sender(self.clone()));
-        }
-    }
-}
-
-/// The senders: `concurrency` of them, and one more for each request counted slow, up to
-/// the slow slots. A request is slow once it has taken 8 times the usual answer time
-/// (25 ms to 1 s), or from the start when the last request of its row was slow; the
-/// sender that waits on it no longer counts, and a stand-in takes the ready events
-/// meanwhile. When fewer are wanted, a sender leaves instead of taking its next event.
-struct Pace {
-    concurrency: usize,
-    slots: usize,
-    /// Sender tasks running.
-    senders: AtomicUsize,
-    /// Requests in flight counted slow.
-    slow: AtomicUsize,
-    /// A moving average (1/16 weight) of how long requests that were not slow took, in µs.
-    usual_us: AtomicU64,
-}
-
-impl Pace {
-    const FLOOR: Duration = Duration::from_millis(25);
-    const CEILING: Duration = Duration::from_secs(1);
-
-    fn new(concurrency: usize, slots: usize) -> Pace {
-        Pace {
-            concurrency,
-            slots,
-            senders: AtomicUsize::new(concurrency),
-            slow: AtomicUsize::new(0),
-            usual_us: AtomicU64::new(10_000),
-        }
-    }
-
-    fn enabled(&self) -> bool {
-        self.slots > 0
-    }
-
-    /// How long a request may take before it counts as slow.
-    fn slow_after(&self) -> Duration {
-        Duration::from_micros(8 * self.usual_us.load(Ordering::Relaxed))
-            .clamp(Self::FLOOR, Self::CEILING)
-    }
-
-    /// A request that did not count as slow took `took`.
-    fn answered(&self, took: Duration) {
-        let took = took.as_micros().min(u128::from(u32::MAX)) as u64;
-        let _ = self
-            .usual_us
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |usual| {
-                Some(usual - usual / 16 + took / 16)
-            });
-    }
-
-    fn wanted(&self) -> usize {
-        self.concurrency + self.slow.load(Ordering::Acquire).min(self.slots)
-    }
-
-    /// One more sender, if fewer run than are wanted.
-    fn take_sender_slot(&self) -> bool {
-        self.senders
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.wanted()).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    /// Whether this sender should leave: more run than are wanted.
-    fn leave(&self) -> bool {
-        self.senders
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n > self.wanted()).then_some(n - 1)
-            })
-            .is_ok()
-    }
-}
-
-/// One sender: records the outcome of its last attempt and takes the next ready event under
-/// one lock, sends it, and so on. A busy sender touches no notifier: it registers for a
-/// wake-up only when nothing is ready, and for the shutdown's abort once.
-async fn sender(shared: Arc<Shared>) {
-    let mut guard = ExitGuard {
-        shared: shared.clone(),
-        clean: false,
-    };
-    let setup = &shared.setup;
-    let timeout = setup.ctx.service.config().timeout();
-    // Registered once: the abort comes once, and ends the task.
-    let aborted = shared.aborted.notified();
-    tokio::pin!(aborted);
-    aborted.as_mut().enable();
-    let mut last: Option<Attempted> = None;
-    let mut graveyard = Vec::new();
-    loop {
-        let (mut woken, mut retrying) = (0, false);
-        // Fewer senders are wanted (a slow request this one stood in for was answered):
-        // this one records its last outcome and leaves.
-        let leave = shared.pace.leave();
-        let (taken, empty, closed, let_go) = {
-            let mut state = shared.lock();
-            std::mem::swap(&mut graveyard, &mut state.graveyard);
-            if let Some(Attempted {
-                seq,
-                successes,
-                result,
-                slow,
-            }) = last.take()
-            {
-                state.note_pace(seq, slow);
-                match state.finish(setup, seq, successes, result) {
-                    Finished::Woke(n) => woken = n,
-                    Finished::Retrying => retrying = true,
-                }
-            }
-            let taken = if shared.aborting() || leave {
-                None
-            } else {
-                state.take(setup, timeout)
-            };
-            let let_go = !state.let_go.is_empty();
-            (taken, state.jobs.is_empty(), state.closed, let_go)
-        };
-        graveyard.clear();
-        // Events that became ready beyond the one this sender took go to other senders.
-        for _ in usize::from(taken.is_some())..woken {
-            shared.work.notify_one();
-        }
-        if retrying {
-            shared.timers_changed.notify_one();
-        }
-        if let_go {
-            shared.let_go.notify_one();
-        }
-        if empty {
-            // The last events may have completed unsent (superseded, released).
-            shared.drained.notify_waiters();
-        }
-        if shared.aborting() {
-            guard.clean = true;
-            return;
-        }
-        if leave {
-            // A wake-up this sender may have taken goes to another one.
-            shared.work.notify_one();
-            guard.clean = true;
-            return;
-        }
-        let Some(Taken {
-            seq,
-            webhook,
-            span,
-            born,
-            successes,
-            known_slow,
-        }) = taken
-        else {
-            if empty && closed {
-                // Nothing left and nothing more to come.
-                shared.work.notify_waiters();
-                shared.timers_changed.notify_one();
-                guard.clean = true;
-                return;
-            }
-            // Registered before looking once more, so that no wake-up is missed.
-            let work = shared.work.notified();
-            tokio::pin!(work);
-            work.as_mut().enable();
-            let idle = {
-                let state = shared.lock();
-                (state.ready.is_empty() || state.endpoint.holds_back(Instant::now()))
-                    && !(state.closed && state.jobs.is_empty())
-            };
-            if idle && !shared.aborting() {
-                tokio::select! {
-                    _ = work => {}
-                    _ = aborted.as_mut() => {}
-                }
-            }
-            continue;
-        };
-        let started = std::time::Instant::now();
-        let slow_after = shared.pace.slow_after();
-        let mut counted_slow = known_slow && shared.pace.enabled();
-        if counted_slow {
-            shared.went_slow();
-        }
-        let send = setup.ctx.service.send(&webhook).instrument(span);
-        tokio::pin!(send);
-        let slow_timer = tokio::time::sleep(slow_after);
-        tokio::pin!(slow_timer);
-        let result = loop {
-            tokio::select! {
-                biased;
-                r = &mut send => break r,
-                _ = aborted.as_mut() => {
-                    shared.lock().cut(setup, seq);
-                    guard.clean = true;
-                    return;
-                }
-                _ = &mut slow_timer, if !counted_slow && shared.pace.enabled() => {
-                    counted_slow = true;
-                    shared.went_slow();
-                }
-            }
-        };
-        let took = started.elapsed();
-        if counted_slow {
-            shared.pace.slow.fetch_sub(1, Ordering::AcqRel);
-        } else {
-            shared.pace.answered(took);
-        }
-        crate::telemetry::attempt(
-            setup.ctx.counters.mode(),
-            webhook.event(),
-            took,
-            result.is_ok(),
-        );
-        if result.is_ok() {
-            // Before the event completes: whoever sees it complete sees it counted.
-            setup.ctx.counters.sent(webhook.event(), born);
-        }
-        last = Some(Attempted {
-            seq,
-            successes,
-            result,
-            slow: took >= slow_after,
-        });
-    }
-}
-
-/// Moves events whose retry time came back to the ready set.
-async fn timers(shared: Arc<Shared>) {
-    loop {
-        let changed = shared.timers_changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        if shared.aborting() {
-            return;
-        }
-        let (woken, next, done) = {
-            let mut state = shared.lock();
-            let now = Instant::now();
-            let (mut woken, mut next) = state.fire_timers(now);
-            if state.endpoint.down.is_some() {
-                woken += state.expire(&shared.setup, SystemTime::now());
-                if !state.ready.is_empty() && state.endpoint.probing.is_none() {
-                    match state.endpoint.probe_at {
-                        Some(at) if at > now => {
-                            next = Some(next.map_or(at, |n: Instant| n.min(at)));
-                        }
-                        // One sender takes the probe.
-                        _ => woken += 1,
-                    }
-                }
-            }
-            (woken, next, state.closed && state.jobs.is_empty())
-        };
-        if done {
-            return;
-        }
-        for _ in 0..woken {
-            shared.work.notify_one();
-        }
-        match next {
-            Some(at) => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(at) => {}
-                    _ = changed => {}
-                }
-            }
-            None => changed.await,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
+pub(super) enum Step {
     /// Behind another event of one of its chains.
     Waiting,
     /// In the ready set.
@@ -680,9 +28,9 @@ enum Step {
     Retrying,
 }
 
-struct Entry {
-    job: Job,
-    step: Step,
+pub(super) struct Entry {
+    pub(super) job: Job,
+    pub(super) step: Step,
 }
 
 impl Entry {
@@ -692,40 +40,40 @@ impl Entry {
 }
 
 #[derive(Default)]
-struct Chain {
-    queue: VecDeque<u64>,
+pub(super) struct Chain {
+    pub(super) queue: VecDeque<u64>,
     /// Row chains: the newest `updated` or `deleted` event and the newest `deleted`, by
     /// sequence number, so that latest-wins coalescing needs no walk of the queue.
-    newest_update_or_delete: u64,
-    newest_delete: u64,
+    pub(super) newest_update_or_delete: u64,
+    pub(super) newest_delete: u64,
     /// Row chains: the newest event of each watch event name.
-    newest_watch: Vec<(Box<str>, u64)>,
+    pub(super) newest_watch: Vec<(Box<str>, u64)>,
 }
 
 /// An event a sender took.
-struct Taken {
-    seq: u64,
-    webhook: Arc<super::Webhook>,
-    span: tracing::Span,
-    born: SystemTime,
+pub(super) struct Taken {
+    pub(super) seq: u64,
+    pub(super) webhook: Arc<crate::delivery::Webhook>,
+    pub(super) span: tracing::Span,
+    pub(super) born: SystemTime,
     /// How many events had succeeded when it was taken: if none has since when it fails,
     /// the receiver is down, not this event at fault.
-    successes: u64,
+    pub(super) successes: u64,
     /// The last request of its row was slow: this one counts as slow from the start.
-    known_slow: bool,
+    pub(super) known_slow: bool,
 }
 
 /// An attempt a sender made, recorded when it next takes the lock.
-struct Attempted {
-    seq: u64,
-    successes: u64,
-    result: Result<super::Delivered, DeliveryError>,
+pub(super) struct Attempted {
+    pub(super) seq: u64,
+    pub(super) successes: u64,
+    pub(super) result: Result<crate::delivery::Delivered, DeliveryError>,
     /// It took long enough to count as slow.
-    slow: bool,
+    pub(super) slow: bool,
 }
 
 /// What finishing an attempt led to.
-enum Finished {
+pub(super) enum Finished {
     /// The event completed; this many events became ready.
     Woke(usize),
     /// The event waits on a retry timer.
@@ -735,7 +83,7 @@ enum Finished {
 /// Hashes the scheduler's keys, which are sequence numbers and chain keys (themselves
 /// hashes): one multiplication, where SipHash's resistance to chosen keys buys nothing.
 #[derive(Default)]
-struct KeyHasher(u64);
+pub(super) struct KeyHasher(u64);
 
 impl std::hash::Hasher for KeyHasher {
     fn finish(&self) -> u64 {
@@ -755,66 +103,66 @@ impl std::hash::Hasher for KeyHasher {
     }
 }
 
-type Keyed<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<KeyHasher>>;
+pub(super) type Keyed<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<KeyHasher>>;
 
 /// The receiver, as the attempts found it. While it is down, sending holds back but for
 /// one probe at a time, every `probe_interval` at most: an outage costs one request per
 /// interval, not one per waiting event, and no event an attempt.
 #[derive(Default)]
-struct Endpoint {
+pub(super) struct Endpoint {
     /// Since when it is down.
-    down: Option<Instant>,
+    pub(super) down: Option<Instant>,
     /// When the next probe may go.
-    probe_at: Option<Instant>,
+    pub(super) probe_at: Option<Instant>,
     /// The probe in flight.
-    probing: Option<u64>,
+    pub(super) probing: Option<u64>,
     /// The wait before the next probe, doubling up to the policy's `probe_interval`.
-    backoff: Duration,
+    pub(super) backoff: Duration,
 }
 
 impl Endpoint {
     /// Whether sending is held back now (down, and no probe due).
-    fn holds_back(&self, now: Instant) -> bool {
+    pub(super) fn holds_back(&self, now: Instant) -> bool {
         self.down.is_some() && (self.probing.is_some() || self.probe_at.is_some_and(|at| at > now))
     }
 }
 
 #[derive(Default)]
-struct State {
-    jobs: Keyed<u64, Entry>,
-    chains: Keyed<ChainKey, Chain>,
-    ready: VecDeque<u64>,
-    timers: BinaryHeap<Reverse<(Instant, u64)>>,
-    next_seq: u64,
+pub(super) struct State {
+    pub(super) jobs: Keyed<u64, Entry>,
+    pub(super) chains: Keyed<ChainKey, Chain>,
+    pub(super) ready: VecDeque<u64>,
+    pub(super) timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    pub(super) next_seq: u64,
     /// Whether the receiver is down (and when to probe it again).
-    endpoint: Endpoint,
+    pub(super) endpoint: Endpoint,
     /// Events delivered so far: an attempt that fails with none delivered since it began
     /// found the receiver down.
-    successes: u64,
-    closed: bool,
+    pub(super) successes: u64,
+    pub(super) closed: bool,
     /// Requests cut in flight at the shutdown deadline.
-    cut: u64,
+    pub(super) cut: u64,
     /// Rows let go for want of a lease, not yet taken by the relay to hand back.
-    let_go: Vec<i64>,
+    pub(super) let_go: Vec<i64>,
     /// How many times events were let go.
-    let_go_count: u64,
+    pub(super) let_go_count: u64,
     /// Events by sequence number with their birth, trimmed from the front as they
     /// complete: the oldest event held, in O(1).
-    by_age: VecDeque<(u64, SystemTime)>,
+    pub(super) by_age: VecDeque<(u64, SystemTime)>,
     /// The outbox's recorder (see [`Setup::reports`]).
-    reports: Option<mpsc::UnboundedSender<(i64, Report)>>,
+    pub(super) reports: Option<mpsc::UnboundedSender<(i64, Report)>>,
     /// Completed events, dropped by a sender after it let go of the lock: freeing their
     /// bodies and spans need not hold up the other senders.
-    graveyard: Vec<Entry>,
+    pub(super) graveyard: Vec<Entry>,
     /// Rows whose last request was slow (see [`Pace`]); emptied past 4,096.
-    slow_rows: Keyed<ChainKey, ()>,
+    pub(super) slow_rows: Keyed<ChainKey, ()>,
     /// Log lines and callbacks to run once the lock is released (see [`Locked`]).
-    later: Vec<Later>,
+    pub(super) later: Vec<Later>,
 }
 
 impl State {
     /// Adds events in order; returns how many became ready.
-    fn add(&mut self, jobs: Vec<Job>) -> usize {
+    pub(super) fn add(&mut self, jobs: Vec<Job>) -> usize {
         let mut woken = 0;
         for mut job in jobs {
             self.next_seq += 1;
@@ -867,7 +215,7 @@ impl State {
     }
 
     /// Remembers whether the row of `seq`, whose attempt ended, answers slowly.
-    fn note_pace(&mut self, seq: u64, slow: bool) {
+    pub(super) fn note_pace(&mut self, seq: u64, slow: bool) {
         let Some(entry) = self.jobs.get(&seq) else {
             return;
         };
@@ -882,7 +230,7 @@ impl State {
     }
 
     /// Drops completed events from the front of `by_age`.
-    fn trim_by_age(&mut self) {
+    pub(super) fn trim_by_age(&mut self) {
         while let Some((seq, _)) = self.by_age.front() {
             if self.jobs.contains_key(seq) {
                 return;
@@ -931,7 +279,7 @@ impl State {
 
     /// The next ready event to send, marked in flight; superseded events met on the way
     /// are completed.
-    fn take(&mut self, setup: &Setup, attempt: Duration) -> Option<Taken> {
+    pub(super) fn take(&mut self, setup: &Setup, attempt: Duration) -> Option<Taken> {
         if self.endpoint.holds_back(Instant::now()) {
             return None;
         }
@@ -949,7 +297,7 @@ impl State {
                 continue;
             }
             if let Some(lease) = &setup.lease
-                && !lease.covers(attempt)
+                && !lease.admits(attempt)
             {
                 // The relay could not renew its lease: another relay may take these rows
                 // once it ends, and two relays must never send one row at once.
@@ -987,12 +335,12 @@ impl State {
 
     /// Records an attempt's outcome. `successes`: the count of delivered events when the
     /// attempt began.
-    fn finish(
+    pub(super) fn finish(
         &mut self,
         setup: &Setup,
         seq: u64,
         successes: u64,
-        result: Result<super::Delivered, DeliveryError>,
+        result: Result<crate::delivery::Delivered, DeliveryError>,
     ) -> Finished {
         let ctx = &setup.ctx;
         if self.endpoint.probing == Some(seq) {
@@ -1129,7 +477,7 @@ impl State {
 
     /// Dead-letters the events past the policy's maximum age that are not in flight (the
     /// receiver has been down that long): how many events became ready behind them.
-    fn expire(&mut self, setup: &Setup, now: SystemTime) -> usize {
+    pub(super) fn expire(&mut self, setup: &Setup, now: SystemTime) -> usize {
         let max_age = setup.ctx.policy.max_age;
         let mut woken = 0;
         self.trim_by_age();
@@ -1163,7 +511,7 @@ impl State {
     }
 
     /// Moves events whose retry time came to the ready set: how many, and the next time.
-    fn fire_timers(&mut self, now: Instant) -> (usize, Option<Instant>) {
+    pub(super) fn fire_timers(&mut self, now: Instant) -> (usize, Option<Instant>) {
         let mut woken = 0;
         while let Some(Reverse((at, seq))) = self.timers.peek().copied() {
             if at > now {
@@ -1189,7 +537,7 @@ impl State {
 
     /// Gives up on `seq`: counted, told in one line (with the error that ended it, if one
     /// did), handed to the dead-letter handler.
-    fn dead_letter(
+    pub(super) fn dead_letter(
         &mut self,
         setup: &Setup,
         seq: u64,
@@ -1294,7 +642,7 @@ impl State {
 
     /// Lets go of every event that is not in flight (outbox mode: nothing counts pending
     /// events), newest first so that none of them becomes ready meanwhile.
-    fn release_all(&mut self) {
+    pub(super) fn release_all(&mut self) {
         let mut unsent: Vec<u64> = self
             .jobs
             .iter()
@@ -1312,7 +660,7 @@ impl State {
     }
 
     /// A request cut in flight at the shutdown deadline.
-    fn cut(&mut self, setup: &Setup, seq: u64) {
+    pub(super) fn cut(&mut self, setup: &Setup, seq: u64) {
         self.cut += 1;
         if let Some(entry) = self.jobs.get(&seq) {
             let message = format!(
@@ -1333,7 +681,7 @@ impl State {
     }
 
     /// Removes an event without waking what follows it (everything is being torn down).
-    fn forget(&mut self, setup: &Setup, seq: u64, report: Report) {
+    pub(super) fn forget(&mut self, setup: &Setup, seq: u64, report: Report) {
         if self.jobs.contains_key(&seq) {
             self.report(seq, report);
             self.jobs.remove(&seq);
@@ -1380,7 +728,9 @@ mod tests {
             ctx: Arc::new(Context {
                 service: crate::WebhookService::new(config).unwrap(),
                 policy: crate::RetryPolicy::default(),
-                counters: Arc::new(super::super::Counters::new(crate::telemetry::Mode::Direct)),
+                counters: Arc::new(crate::delivery::Counters::new(
+                    crate::telemetry::Mode::Direct,
+                )),
                 dead_letter: None,
                 concurrency: 8,
                 slow_slots: 0,
@@ -1444,7 +794,7 @@ mod tests {
             };
             let finish = |state: &mut State, (seq, successes): (u64, u64), ok: bool, complete: &mut std::collections::HashSet<u64>| {
                 let result = if ok {
-                    Ok(super::super::Delivered { status: 200, elapsed: Duration::ZERO })
+                    Ok(crate::delivery::Delivered { status: 200, elapsed: Duration::ZERO })
                 } else {
                     Err(DeliveryError::Status { status: 400, retry_after: None })
                 };
@@ -1483,47 +833,88 @@ mod tests {
         }
     }
 
-    #[test]
-    fn senders_follow_the_slow_requests_up_to_the_slots() {
-        let pace = Pace::new(8, 2);
-        // Eight run, eight wanted.
-        assert!(!pace.take_sender_slot());
-        assert!(!pace.leave());
-        pace.slow.fetch_add(1, Ordering::AcqRel);
-        assert!(pace.take_sender_slot());
-        assert!(!pace.take_sender_slot());
-        // Three slow requests, two slots: ten senders at most.
-        pace.slow.fetch_add(2, Ordering::AcqRel);
-        assert!(pace.take_sender_slot());
-        assert!(!pace.take_sender_slot());
-        assert_eq!(pace.senders.load(Ordering::Acquire), 10);
-        // Answered: the stand-ins leave, the eight stay.
-        pace.slow.fetch_sub(3, Ordering::AcqRel);
-        assert!(pace.leave());
-        assert!(pace.leave());
-        assert!(!pace.leave());
-        assert_eq!(pace.senders.load(Ordering::Acquire), 8);
+    fn ok() -> Result<crate::delivery::Delivered, DeliveryError> {
+        Ok(crate::delivery::Delivered {
+            status: 200,
+            elapsed: Duration::ZERO,
+        })
     }
 
     #[test]
-    fn slow_is_eight_times_the_usual_answer_within_bounds() {
-        let pace = Pace::new(8, 128);
-        assert_eq!(pace.slow_after(), Duration::from_millis(80));
-        for _ in 0..200 {
-            pace.answered(Duration::from_millis(5));
-        }
-        let after = pace.slow_after();
-        assert!(
-            (Duration::from_millis(39)..=Duration::from_millis(41)).contains(&after),
-            "{after:?}"
+    fn letting_go_hands_back_every_row_not_in_flight_and_keeps_the_one_in_flight() {
+        let setup = setup();
+        let mut state = State::default();
+        let jobs = (0..4u8)
+            .map(|i| Job {
+                token: 100 + i64::from(i),
+                ..job(i % 2, i)
+            })
+            .collect();
+        state.add(jobs);
+        let first = state.take(&setup, Duration::from_secs(5)).expect("ready");
+        state.release_all();
+        let mut let_go = state.let_go.clone();
+        let_go.sort_unstable();
+        assert_eq!(let_go, [101, 102, 103]);
+        assert_eq!(state.let_go_count, 1);
+        assert!(state.take(&setup, Duration::from_secs(5)).is_none());
+        // The one in flight still completes, and nothing is left.
+        state.finish(&setup, first.seq, first.successes, ok());
+        assert!(state.jobs.is_empty() && state.chains.is_empty());
+    }
+
+    #[test]
+    fn a_newer_update_of_its_row_supersedes_a_waiting_update_but_never_a_created() {
+        let setup = setup();
+        let mut state = State::default();
+        let kinds = [EventKind::Created, EventKind::Updated, EventKind::Updated];
+        state.add(
+            kinds
+                .iter()
+                .map(|&kind| Job {
+                    kind,
+                    coalesce: true,
+                    unit: None,
+                    ..job(1, 0)
+                })
+                .collect(),
         );
-        for _ in 0..200 {
-            pace.answered(Duration::from_micros(300));
+        let created = state.take(&setup, Duration::from_secs(5)).expect("created");
+        assert_eq!(created.seq, 1);
+        state.finish(&setup, created.seq, created.successes, ok());
+        // The first update is superseded on the way: the second one goes.
+        let next = state.take(&setup, Duration::from_secs(5)).expect("update");
+        assert_eq!(next.seq, 3);
+    }
+
+    #[test]
+    fn a_receiver_found_down_holds_back_everything_but_one_probe() {
+        let setup = setup();
+        let mut state = State::default();
+        state.add((0..3).map(|row| job(row, row)).collect());
+        let first = state.take(&setup, Duration::from_secs(5)).expect("ready");
+        let refused = Err(DeliveryError::Status {
+            status: 503,
+            retry_after: Some(Duration::ZERO),
+        });
+        assert!(matches!(
+            state.finish(&setup, first.seq, first.successes, refused),
+            Finished::Retrying
+        ));
+        assert!(state.endpoint.down.is_some());
+        // The probe is due at once (Retry-After: 0); it is the only request.
+        let probe = state.take(&setup, Duration::from_secs(5)).expect("probe");
+        assert!(state.take(&setup, Duration::from_secs(5)).is_none());
+        assert_eq!(state.jobs[&first.seq].job.attempts, 0, "no attempt spent");
+        // It gets through: everything held back goes.
+        state.finish(&setup, probe.seq, probe.successes, ok());
+        assert!(state.endpoint.down.is_none());
+        let mut rest = 0;
+        while let Some(t) = state.take(&setup, Duration::from_secs(5)) {
+            state.finish(&setup, t.seq, t.successes, ok());
+            rest += 1;
         }
-        assert_eq!(pace.slow_after(), Pace::FLOOR);
-        for _ in 0..200 {
-            pace.answered(Duration::from_millis(400));
-        }
-        assert_eq!(pace.slow_after(), Pace::CEILING);
+        assert_eq!(rest, 2);
+        assert!(state.jobs.is_empty());
     }
 }
