@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DbErr, Value};
+use sea_orm::{ConnectionTrait, DbErr};
 
+use super::TABLE;
 use super::lease::now_ms;
-use super::{TABLE, stmt};
+use super::sql::statement;
 
 /// One row of the outbox, as [`dead`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,11 +97,9 @@ pub(crate) fn stale_after(older: &str, newer: &str) -> String {
 pub async fn counts<C: ConnectionTrait>(db: &C) -> Result<Counts, DbErr> {
     let backend = db.get_database_backend();
     let rows = db
-        .query_all_raw(stmt(
-            backend,
-            &format!("SELECT status, COUNT(*) AS n FROM {TABLE} GROUP BY status"),
-            vec![],
-        ))
+        .query_all_raw(statement(backend, |_| {
+            format!("SELECT status, COUNT(*) AS n FROM {TABLE} GROUP BY status")
+        }))
         .await?;
     let mut counts = Counts::default();
     for r in rows {
@@ -131,14 +130,12 @@ pub async fn oldest_pending<C: ConnectionTrait>(
     let backend = db.get_database_backend();
     let indexed = super::claim::by_index(backend, "pending");
     let row = db
-        .query_one_raw(stmt(
-            backend,
-            &format!(
+        .query_one_raw(statement(backend, |_| {
+            format!(
                 "SELECT created_at FROM {TABLE}{indexed} WHERE status = 'pending' \
                  ORDER BY id LIMIT 1"
-            ),
-            vec![],
-        ))
+            )
+        }))
         .await?;
     Ok(row
         .map(|r| r.try_get::<i64>("", "created_at"))
@@ -155,11 +152,9 @@ async fn count_status<C: ConnectionTrait>(db: &C, status: &str) -> Result<u64, D
     // One status through its partial index: the delivered rows kept for retention are
     // never counted.
     let row = db
-        .query_one_raw(stmt(
-            db.get_database_backend(),
-            &format!("SELECT COUNT(*) AS n FROM {TABLE} WHERE status = '{status}'"),
-            vec![],
-        ))
+        .query_one_raw(statement(db.get_database_backend(), |_| {
+            format!("SELECT COUNT(*) AS n FROM {TABLE} WHERE status = '{status}'")
+        }))
         .await?;
     Ok(row
         .map(|r| r.try_get::<i64>("", "n"))
@@ -170,11 +165,12 @@ async fn count_status<C: ConnectionTrait>(db: &C, status: &str) -> Result<u64, D
 /// Dead rows of the outbox in `db`, oldest first, with their last error.
 pub async fn dead<C: ConnectionTrait>(db: &C, limit: u64) -> Result<Vec<OutboxRow>, DbErr> {
     let rows = db
-        .query_all_raw(stmt(
-            db.get_database_backend(),
-            &format!("SELECT {ROW_COLUMNS} FROM {TABLE} WHERE status = 'dead' ORDER BY id LIMIT ?"),
-            vec![(limit.min(i64::MAX as u64) as i64).into()],
-        ))
+        .query_all_raw(statement(db.get_database_backend(), |b| {
+            format!(
+                "SELECT {ROW_COLUMNS} FROM {TABLE} WHERE status = 'dead' ORDER BY id LIMIT {}",
+                b.bind(limit.min(i64::MAX as u64) as i64)
+            )
+        }))
         .await?;
     rows.iter().map(outbox_row).collect()
 }
@@ -189,14 +185,14 @@ pub async fn finished_since<C: ConnectionTrait>(
     // Through the finished rows' partial index on delivered_at: the rows kept for
     // retention before `since_ms` are not read.
     let rows = db
-        .query_all_raw(stmt(
-            db.get_database_backend(),
-            &format!(
+        .query_all_raw(statement(db.get_database_backend(), |b| {
+            format!(
                 "SELECT {ROW_COLUMNS} FROM {TABLE} WHERE status IN ('delivered', 'superseded') \
-                 AND delivered_at >= ? ORDER BY delivered_at, id LIMIT ?"
-            ),
-            vec![since_ms.into(), (limit.min(i64::MAX as u64) as i64).into()],
-        ))
+                 AND delivered_at >= {} ORDER BY delivered_at, id LIMIT {}",
+                b.bind(since_ms),
+                b.bind(limit.min(i64::MAX as u64) as i64)
+            )
+        }))
         .await?;
     rows.iter().map(outbox_row).collect()
 }
@@ -204,14 +200,13 @@ pub async fn finished_since<C: ConnectionTrait>(
 /// How many rows were delivered or superseded at or after `since_ms`.
 pub async fn finished_count_since<C: ConnectionTrait>(db: &C, since_ms: i64) -> Result<u64, DbErr> {
     let row = db
-        .query_one_raw(stmt(
-            db.get_database_backend(),
-            &format!(
+        .query_one_raw(statement(db.get_database_backend(), |b| {
+            format!(
                 "SELECT COUNT(*) AS n FROM {TABLE} WHERE status IN ('delivered', 'superseded') \
-                 AND delivered_at >= ?"
-            ),
-            vec![since_ms.into()],
-        ))
+                 AND delivered_at >= {}",
+                b.bind(since_ms)
+            )
+        }))
         .await?;
     Ok(row
         .map(|r| r.try_get::<i64>("", "n"))
@@ -231,26 +226,36 @@ pub async fn finished_count_since<C: ConnectionTrait>(db: &C, since_ms: i64) -> 
 /// it was delivered.) One statement, retried on a deadlock: requeues may run at once.
 pub async fn requeue<C: ConnectionTrait>(db: &C, id: Option<i64>) -> Result<Requeued, DbErr> {
     let backend = db.get_database_backend();
-    let filter = if id.is_some() { " AND id = ?" } else { "" };
-    let newer_on_its_way = format!(
-        "EXISTS (SELECT 1 FROM {TABLE} d WHERE d.ordering_key = {TABLE}.ordering_key \
-         AND d.status = 'pending' AND d.id > {TABLE}.id AND d.claimed_until >= ? AND {})",
-        stale_after(TABLE, "d")
-    );
-    let text = format!(
-        "UPDATE {TABLE} SET \
-           status = CASE WHEN {newer_on_its_way} THEN 'superseded' ELSE 'pending' END, \
-           delivered_at = CASE WHEN {newer_on_its_way} THEN ? ELSE NULL END, \
-           attempts = 0, next_attempt_at = ?, claimed_by = NULL, claimed_until = NULL, \
-           requeued = 1 \
-         WHERE status = 'dead'{filter} RETURNING status"
-    );
+    let statement = |now: i64| {
+        statement(backend, |b| {
+            let mut newer_on_its_way = || {
+                format!(
+                    "EXISTS (SELECT 1 FROM {TABLE} d WHERE d.ordering_key = {TABLE}.ordering_key \
+                     AND d.status = 'pending' AND d.id > {TABLE}.id AND d.claimed_until >= {} \
+                     AND {})",
+                    b.bind(now),
+                    stale_after(TABLE, "d")
+                )
+            };
+            let (superseded, stamped) = (newer_on_its_way(), newer_on_its_way());
+            let (now_then, now_next) = (b.bind(now), b.bind(now));
+            let filter = match id {
+                Some(id) => format!(" AND id = {}", b.bind(id)),
+                None => String::new(),
+            };
+            format!(
+                "UPDATE {TABLE} SET \
+                   status = CASE WHEN {superseded} THEN 'superseded' ELSE 'pending' END, \
+                   delivered_at = CASE WHEN {stamped} THEN {now_then} ELSE NULL END, \
+                   attempts = 0, next_attempt_at = {now_next}, claimed_by = NULL, \
+                   claimed_until = NULL, requeued = 1 \
+                 WHERE status = 'dead'{filter} RETURNING status"
+            )
+        })
+    };
     let mut tries = 0;
     loop {
-        let now = now_ms();
-        let mut values: Vec<Value> = vec![now.into(), now.into(), now.into(), now.into()];
-        values.extend(id.map(Value::from));
-        match db.query_all_raw(stmt(backend, &text, values)).await {
+        match db.query_all_raw(statement(now_ms())).await {
             Ok(rows) => {
                 let mut out = Requeued::default();
                 for r in rows {
@@ -281,14 +286,13 @@ pub async fn purge_delivered<C: ConnectionTrait>(
     let backend = db.get_database_backend();
     let cutoff = now_ms() - older_than.as_millis() as i64;
     let res = db
-        .execute_raw(stmt(
-            backend,
-            &format!(
+        .execute_raw(statement(backend, |b| {
+            format!(
                 "DELETE FROM {TABLE} WHERE status IN ('delivered', 'superseded') \
-                 AND delivered_at < ?"
-            ),
-            vec![cutoff.into()],
-        ))
+                 AND delivered_at < {}",
+                b.bind(cutoff)
+            )
+        }))
         .await?;
     Ok(res.rows_affected())
 }
@@ -325,15 +329,17 @@ mod tests {
         ];
         for (ok, oe, nk, ne, stale) in cases {
             let row = db
-                .query_one_raw(stmt(
-                    db.get_database_backend(),
-                    &format!(
+                .query_one_raw(statement(db.get_database_backend(), |b| {
+                    format!(
                         "SELECT CASE WHEN {} THEN 1 ELSE 0 END AS s FROM \
-                         (SELECT ? AS kind, ? AS event) o, (SELECT ? AS kind, ? AS event) n",
-                        stale_after("o", "n")
-                    ),
-                    vec![ok.into(), oe.into(), nk.into(), ne.into()],
-                ))
+                         (SELECT {} AS kind, {} AS event) o, (SELECT {} AS kind, {} AS event) n",
+                        stale_after("o", "n"),
+                        b.bind(ok),
+                        b.bind(oe),
+                        b.bind(nk),
+                        b.bind(ne)
+                    )
+                }))
                 .await
                 .unwrap()
                 .unwrap();

@@ -30,9 +30,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, UNIX_EPOCH};
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult, Value};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult};
 
-use super::{TABLE, stmt};
+use super::TABLE;
+use super::sql::{Binds, statement};
 use crate::body::WebhookBody;
 use crate::delivery::{ChainKey, EventKind, Job, Webhook};
 use crate::trace::TraceParent;
@@ -591,16 +592,17 @@ pub(crate) fn leased_elsewhere_statement(
     now: i64,
     below: i64,
 ) -> sea_orm::Statement {
-    stmt(
-        backend,
-        &format!(
+    statement(backend, |b| {
+        format!(
             "SELECT claimed_by AS relay, COUNT(*) AS n, MAX(claimed_until) AS until \
-             FROM {TABLE}{} WHERE status = 'pending' AND claimed_until >= ? \
-             AND claimed_until < ? AND claimed_by <> ? GROUP BY claimed_by",
-            by_index(backend, "pending")
-        ),
-        vec![now.into(), below.into(), relay.into()],
-    )
+             FROM {TABLE}{} WHERE status = 'pending' AND claimed_until >= {} \
+             AND claimed_until < {} AND claimed_by <> {} GROUP BY claimed_by",
+            by_index(backend, "pending"),
+            b.bind(now),
+            b.bind(below),
+            b.bind(relay)
+        )
+    })
 }
 
 /// PostgreSQL planner settings for the frontier on a backlog (`SET LOCAL`, this query
@@ -630,54 +632,49 @@ pub fn frontier_statement(
     skip: &[(i64, i64)],
 ) -> sea_orm::Statement {
     let index = by_index(backend, "pending");
-    let select = |bounds: &str| {
-        format!(
+    let mut b = Binds::new(backend);
+    let select = |b: &mut Binds, after: Option<i64>, before: Option<i64>| {
+        let mut text = format!(
             "SELECT id, ordering_key, unit_key, claimed_until, next_attempt_at \
-             FROM {TABLE}{index} WHERE status = 'pending' AND (claimed_by IS NULL OR claimed_by <> ?)\
-             {bounds}"
-        )
-    };
-    let relay = Value::from(relay);
-    let window = Value::from(window as i64);
-    if skip.is_empty() {
-        return stmt(
-            backend,
-            &format!("{} ORDER BY id LIMIT ?", select("")),
-            vec![relay, window],
+             FROM {TABLE}{index} WHERE status = 'pending' AND (claimed_by IS NULL OR claimed_by <> {})",
+            b.bind(relay)
         );
+        if let Some(after) = after {
+            text.push_str(&format!(" AND id > {}", b.bind(after)));
+        }
+        if let Some(before) = before {
+            text.push_str(&format!(" AND id < {}", b.bind(before)));
+        }
+        text
+    };
+    let window = window as i64;
+    if skip.is_empty() {
+        let text = format!(
+            "{} ORDER BY id LIMIT {}",
+            select(&mut b, None, None),
+            b.bind(window)
+        );
+        return b.statement(text);
     }
     // The segments: before the first run, between runs, after the last. SQLite merges the
     // arms of a compound `ORDER BY` straight from the index; PostgreSQL merges them
     // (Merge Append) when each is a limited, ordered subquery, and otherwise sorts them all.
     let mut segments = Vec::with_capacity(skip.len() + 1);
-    let mut values: Vec<Value> = Vec::new();
     let mut after = None;
     for first in skip.iter().map(|&(first, _)| Some(first)).chain([None]) {
-        let mut bounds = String::new();
-        values.push(relay.clone());
-        if let Some(after) = after {
-            bounds.push_str(" AND id > ?");
-            values.push(Value::from(after));
-        }
-        if let Some(first) = first {
-            bounds.push_str(" AND id < ?");
-            values.push(Value::from(first));
-        }
+        let segment = select(&mut b, after, first);
         segments.push(match backend {
-            DbBackend::Sqlite => select(&bounds),
-            _ => {
-                values.push(window.clone());
-                format!("({} ORDER BY id LIMIT ?)", select(&bounds))
-            }
+            DbBackend::Sqlite => segment,
+            _ => format!("({segment} ORDER BY id LIMIT {})", b.bind(window)),
         });
         after = skip.get(segments.len() - 1).map(|&(_, last)| last);
     }
-    values.push(window);
-    stmt(
-        backend,
-        &format!("{} ORDER BY id LIMIT ?", segments.join(" UNION ALL ")),
-        values,
-    )
+    let text = format!(
+        "{} ORDER BY id LIMIT {}",
+        segments.join(" UNION ALL "),
+        b.bind(window)
+    );
+    b.statement(text)
 }
 
 /// Step 2: a loose index scan over the pending rows' keys after `after_key`, `probes` keys
@@ -692,16 +689,15 @@ pub fn skip_scan_statement(
 ) -> sea_orm::Statement {
     let key_index = by_index(backend, "pending_key");
     let unit_index = by_index(backend, "pending_unit");
-    stmt(
-        backend,
-        &format!(
+    statement(backend, |b| {
+        format!(
             "WITH RECURSIVE keys(k, n) AS ( \
                SELECT (SELECT MIN(ordering_key) FROM {TABLE}{key_index} \
-                       WHERE status = 'pending' AND ordering_key > ?), 1 \
+                       WHERE status = 'pending' AND ordering_key > {}), 1 \
                UNION ALL \
                SELECT (SELECT MIN(ordering_key) FROM {TABLE}{key_index} \
                        WHERE status = 'pending' AND ordering_key > keys.k), keys.n + 1 \
-               FROM keys WHERE keys.k IS NOT NULL AND keys.n < ? \
+               FROM keys WHERE keys.k IS NOT NULL AND keys.n < {} \
              ) \
              SELECT keys.k AS k, o.id AS id, o.ordering_key AS ordering_key, \
                     o.unit_key AS unit_key, o.claimed_until AS claimed_until, \
@@ -709,15 +705,17 @@ pub fn skip_scan_statement(
              FROM keys LEFT JOIN {TABLE} o ON o.id = ( \
                  SELECT MIN(h.id) FROM {TABLE} h{key_index} \
                  WHERE h.status = 'pending' AND h.ordering_key = keys.k) \
-               AND o.id > ? \
+               AND o.id > {} \
                AND (o.unit_key IS NULL OR NOT EXISTS ( \
                  SELECT 1 FROM {TABLE} u{unit_index} \
                  WHERE u.unit_key = o.unit_key AND u.status = 'pending' AND u.id < o.id)) \
              WHERE keys.k IS NOT NULL \
-             ORDER BY keys.n"
-        ),
-        vec![after_key.into(), (probes as i64).into(), beyond.into()],
-    )
+             ORDER BY keys.n",
+            b.bind(after_key),
+            b.bind(probes as i64),
+            b.bind(beyond)
+        )
+    })
 }
 
 /// Step 2: a loose index scan over the pending rows' unit keys after `after_unit`, `units`
@@ -728,21 +726,21 @@ pub(crate) fn unit_scan_statement(
     units: usize,
 ) -> sea_orm::Statement {
     let unit_index = by_index(backend, "pending_unit");
-    stmt(
-        backend,
-        &format!(
+    statement(backend, |b| {
+        format!(
             "WITH RECURSIVE units(u, n) AS ( \
                SELECT (SELECT MIN(unit_key) FROM {TABLE}{unit_index} \
-                       WHERE status = 'pending' AND unit_key > ?), 1 \
+                       WHERE status = 'pending' AND unit_key > {}), 1 \
                UNION ALL \
                SELECT (SELECT MIN(unit_key) FROM {TABLE}{unit_index} \
                        WHERE status = 'pending' AND unit_key > units.u), units.n + 1 \
-               FROM units WHERE units.u IS NOT NULL AND units.n < ? \
+               FROM units WHERE units.u IS NOT NULL AND units.n < {} \
              ) \
-             SELECT u FROM units WHERE u IS NOT NULL ORDER BY n"
-        ),
-        vec![after_unit.into(), (units as i64).into()],
-    )
+             SELECT u FROM units WHERE u IS NOT NULL ORDER BY n",
+            b.bind(after_unit),
+            b.bind(units as i64)
+        )
+    })
 }
 
 /// One unit's next rows to read: `rows` of them after row `after`.
@@ -765,32 +763,32 @@ pub(crate) fn unit_runs_statement(
 ) -> sea_orm::Statement {
     let key_index = by_index(backend, "pending_key");
     let unit_index = by_index(backend, "pending_unit");
-    let one = format!(
-        "SELECT * FROM (SELECT o.id AS id, o.ordering_key AS ordering_key, \
-           o.unit_key AS unit_key, o.claimed_until AS claimed_until, \
-           o.next_attempt_at AS next_attempt_at, \
-           (SELECT p.id FROM {TABLE} p{key_index} WHERE p.status = 'pending' \
-              AND p.ordering_key = o.ordering_key AND p.id < o.id \
-              ORDER BY p.ordering_key DESC, p.id DESC LIMIT 1) AS prev_key, \
-           (SELECT q.id FROM {TABLE} q{unit_index} WHERE q.status = 'pending' \
-              AND q.unit_key = o.unit_key AND q.id < o.id \
-              ORDER BY q.unit_key DESC, q.id DESC LIMIT 1) AS prev_unit \
-         FROM {TABLE} o{unit_index} WHERE o.status = 'pending' AND o.unit_key = ? AND o.id > ? \
-           AND (o.claimed_by IS NULL OR o.claimed_by <> ?) ORDER BY o.unit_key, o.id LIMIT ?) AS r"
-    );
-    let mut values: Vec<Value> = Vec::with_capacity(units.len() * 3);
+    let mut b = Binds::new(backend);
     let parts: Vec<String> = units
         .iter()
         .enumerate()
         .map(|(i, run)| {
-            values.push(run.unit.as_str().into());
-            values.push(run.after.into());
-            values.push(relay.into());
-            values.push((run.rows as i64).into());
-            one.replace(" AS r", &format!(" AS r{i}"))
+            format!(
+                "SELECT * FROM (SELECT o.id AS id, o.ordering_key AS ordering_key, \
+                   o.unit_key AS unit_key, o.claimed_until AS claimed_until, \
+                   o.next_attempt_at AS next_attempt_at, \
+                   (SELECT p.id FROM {TABLE} p{key_index} WHERE p.status = 'pending' \
+                      AND p.ordering_key = o.ordering_key AND p.id < o.id \
+                      ORDER BY p.ordering_key DESC, p.id DESC LIMIT 1) AS prev_key, \
+                   (SELECT q.id FROM {TABLE} q{unit_index} WHERE q.status = 'pending' \
+                      AND q.unit_key = o.unit_key AND q.id < o.id \
+                      ORDER BY q.unit_key DESC, q.id DESC LIMIT 1) AS prev_unit \
+                 FROM {TABLE} o{unit_index} WHERE o.status = 'pending' AND o.unit_key = {} \
+                   AND o.id > {} AND (o.claimed_by IS NULL OR o.claimed_by <> {}) \
+                   ORDER BY o.unit_key, o.id LIMIT {}) AS r{i}",
+                b.bind(run.unit.as_str()),
+                b.bind(run.after),
+                b.bind(relay),
+                b.bind(run.rows as i64)
+            )
         })
         .collect();
-    stmt(backend, &parts.join(" UNION ALL "), values)
+    b.statement(parts.join(" UNION ALL "))
 }
 
 /// Pads an id list to a few fixed lengths (repeating the last id), so that the database's
@@ -804,10 +802,6 @@ fn padded(ids: impl Iterator<Item = i64>) -> Vec<i64> {
     ids
 }
 
-fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(", ")
-}
-
 /// Step 3: lease the chosen rows that are still free.
 fn lease_statement(
     backend: DbBackend,
@@ -815,30 +809,25 @@ fn lease_statement(
     chosen: &[Candidate],
 ) -> sea_orm::Statement {
     let ids = padded(chosen.iter().map(|c| c.id));
-    let mut values: Vec<Value> = vec![
-        req.relay.into(),
-        (req.now + req.lease.as_millis() as i64).into(),
-    ];
-    values.extend(ids.iter().map(|id| Value::from(*id)));
-    values.push(req.now.into());
-    values.push(req.now.into());
     // A requeued row is not taken while a newer event of its row is on its way (leased, by
     // any relay, this one included): sent after it, it would leave the apps on old state.
     // Left pending, it is marked superseded when that event is delivered.
-    stmt(
-        backend,
-        &format!(
-            "UPDATE {TABLE} SET claimed_by = ?, claimed_until = ? \
+    statement(backend, |b| {
+        format!(
+            "UPDATE {TABLE} SET claimed_by = {}, claimed_until = {} \
              WHERE id IN ({}) AND status = 'pending' \
-               AND (claimed_until IS NULL OR claimed_until < ?) \
+               AND (claimed_until IS NULL OR claimed_until < {}) \
                AND NOT (requeued = 1 AND EXISTS (SELECT 1 FROM {TABLE} d \
                  WHERE d.status = 'pending' AND d.ordering_key = {TABLE}.ordering_key \
-                 AND d.id > {TABLE}.id AND d.claimed_until >= ?)) \
+                 AND d.id > {TABLE}.id AND d.claimed_until >= {})) \
              RETURNING {JOB_COLUMNS}",
-            placeholders(ids.len())
-        ),
-        values,
-    )
+            b.bind(req.relay),
+            b.bind(req.now + req.lease.as_millis() as i64),
+            b.list(ids),
+            b.bind(req.now),
+            b.bind(req.now)
+        )
+    })
 }
 
 /// The bench's ceiling of any relay: the next `want` pending rows after id `after`, with the
@@ -849,14 +838,13 @@ pub(crate) fn read_pending_statement(
     after: i64,
     want: usize,
 ) -> sea_orm::Statement {
-    stmt(
-        backend,
-        &format!(
+    statement(backend, |b| {
+        format!(
             "SELECT {JOB_COLUMNS} FROM {TABLE} \
-             WHERE status = 'pending' AND id > ? ORDER BY id LIMIT {want}"
-        ),
-        vec![after.into()],
-    )
+             WHERE status = 'pending' AND id > {} ORDER BY id LIMIT {want}",
+            b.bind(after)
+        )
+    })
 }
 
 /// Hands rows back: their lease ends now.
@@ -866,29 +854,25 @@ pub(crate) fn release_statement(
     ids: &[i64],
 ) -> sea_orm::Statement {
     let ids = padded(ids.iter().copied());
-    let mut values: Vec<Value> = ids.iter().map(|id| Value::from(*id)).collect();
-    values.push(relay.into());
-    stmt(
-        backend,
-        &format!(
+    statement(backend, |b| {
+        format!(
             "UPDATE {TABLE} SET claimed_by = NULL, claimed_until = NULL \
-             WHERE id IN ({}) AND claimed_by = ? AND status = 'pending'",
-            placeholders(ids.len())
-        ),
-        values,
-    )
+             WHERE id IN ({}) AND claimed_by = {} AND status = 'pending'",
+            b.list(ids),
+            b.bind(relay)
+        )
+    })
 }
 
 /// Hands back every pending row leased to `relay` (a relay whose process is gone).
 pub(crate) fn release_all_statement(backend: DbBackend, relay: &str) -> sea_orm::Statement {
-    stmt(
-        backend,
-        &format!(
+    statement(backend, |b| {
+        format!(
             "UPDATE {TABLE} SET claimed_by = NULL, claimed_until = NULL \
-             WHERE claimed_by = ? AND status = 'pending'"
-        ),
-        vec![relay.into()],
-    )
+             WHERE claimed_by = {} AND status = 'pending'",
+            b.bind(relay)
+        )
+    })
 }
 
 /// Extends the lease of rows `relay` holds.
@@ -899,18 +883,15 @@ pub(crate) fn renew_statement(
     ids: &[i64],
 ) -> sea_orm::Statement {
     let ids = padded(ids.iter().copied());
-    let mut values: Vec<Value> = vec![until.into()];
-    values.extend(ids.iter().map(|id| Value::from(*id)));
-    values.push(relay.into());
-    stmt(
-        backend,
-        &format!(
-            "UPDATE {TABLE} SET claimed_until = ? WHERE id IN ({}) AND claimed_by = ? \
+    statement(backend, |b| {
+        format!(
+            "UPDATE {TABLE} SET claimed_until = {} WHERE id IN ({}) AND claimed_by = {} \
              AND status = 'pending'",
-            placeholders(ids.len())
-        ),
-        values,
-    )
+            b.bind(until),
+            b.list(ids),
+            b.bind(relay)
+        )
+    })
 }
 
 #[cfg(test)]

@@ -48,6 +48,7 @@ mod holder;
 mod lease;
 pub(crate) mod relay;
 mod schema;
+mod sql;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -68,6 +69,7 @@ use super::scheduler::{Scheduler, Setup};
 use super::{Context, Job, Leftovers};
 use crate::error::StartError;
 use lease::{Lease, now_ms};
+use sql::Binds;
 
 /// The outbox table's name.
 pub const TABLE: &str = "vendora_outbox";
@@ -155,29 +157,6 @@ struct Inner {
     relay: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// `?` placeholders become `$1, $2, …` on PostgreSQL.
-fn sql(backend: DbBackend, text: &str) -> String {
-    if backend != DbBackend::Postgres {
-        return text.to_owned();
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    let mut n = 0;
-    for c in text.chars() {
-        if c == '?' {
-            n += 1;
-            out.push('$');
-            out.push_str(&n.to_string());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn stmt(backend: DbBackend, text: &str, values: Vec<Value>) -> Statement {
-    Statement::from_sql_and_values(backend, sql(backend, text), values)
-}
-
 impl Outbox {
     pub(crate) async fn start(
         options: OutboxOptions,
@@ -256,29 +235,32 @@ impl Outbox {
     ) -> Result<(), DbErr> {
         let backend = db.get_database_backend();
         let now = now_ms();
-        let mut text = format!(
+        let mut b = Binds::new(backend);
+        let rows: Vec<String> = jobs
+            .iter()
+            .map(|job| {
+                let w = &job.webhook;
+                let row: [Value; 10] = [
+                    w.id().into(),
+                    ordering_key.into(),
+                    unit_key.map(str::to_owned).into(),
+                    w.event().into(),
+                    job.kind.as_str().into(),
+                    i16::from(job.coalesce).into(),
+                    w.body().as_str().into(),
+                    now.into(),
+                    now.into(),
+                    w.trace().to_string().into(),
+                ];
+                format!("({})", b.list(row))
+            })
+            .collect();
+        let text = format!(
             "INSERT INTO {TABLE} (event_id, ordering_key, unit_key, event, kind, latest_wins, \
-             body, next_attempt_at, created_at, traceparent) VALUES "
+             body, next_attempt_at, created_at, traceparent) VALUES {}",
+            rows.join(", ")
         );
-        let mut values: Vec<Value> = Vec::with_capacity(jobs.len() * 10);
-        for (i, job) in jobs.iter().enumerate() {
-            if i > 0 {
-                text.push_str(", ");
-            }
-            text.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
-            let w = &job.webhook;
-            values.push(w.id().into());
-            values.push(ordering_key.into());
-            values.push(unit_key.map(str::to_owned).into());
-            values.push(w.event().into());
-            values.push(job.kind.as_str().into());
-            values.push(i16::from(job.coalesce).into());
-            values.push(w.body().as_str().into());
-            values.push(now.into());
-            values.push(now.into());
-            values.push(w.trace().to_string().into());
-        }
-        db.execute_raw(stmt(backend, &text, values)).await?;
+        db.execute_raw(b.statement(text)).await?;
         // Wakes this process's relay now; an uncommitted row is simply not seen yet, and
         // PostgreSQL's trigger wakes every relay at commit.
         self.inner.wake.notify_one();

@@ -9,14 +9,15 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, TransactionTrait, Value};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, TransactionTrait};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::claim::{self, Claimed, Cursor, Held, Request};
 use super::holder::Holder;
 use super::lease::now_ms;
-use super::{Outbox, TABLE, admin, stmt};
+use super::sql::{Binds, statement};
+use super::{Outbox, TABLE, admin};
 use crate::delivery::scheduler::Report;
 
 /// What the recorder tells the relay.
@@ -642,12 +643,13 @@ async fn record(
     mut reports: mpsc::UnboundedReceiver<(i64, Report)>,
     done: mpsc::UnboundedSender<Done>,
 ) {
+    let backend = outbox.inner.backend;
     let mut round = Vec::new();
     while reports.recv_many(&mut round, usize::MAX).await > 0 {
         let mut delivered = Vec::new();
         let mut released = Vec::new();
         let mut finished = Vec::new();
-        let mut writes: Vec<(String, Vec<Value>)> = Vec::new();
+        let mut writes: Vec<Statement> = Vec::new();
         // Where each dead mark is in `writes`, and its row.
         let mut dead_writes: Vec<(usize, i64)> = Vec::new();
         let now = now_ms();
@@ -659,40 +661,41 @@ async fn record(
                     attempts,
                     delay,
                     error,
-                } => writes.push((
+                } => writes.push(statement(backend, |b| {
                     format!(
-                        "UPDATE {TABLE} SET attempts = ?, next_attempt_at = ?, last_error = ? \
-                         WHERE id = ? AND status = 'pending'"
-                    ),
-                    vec![
-                        (attempts as i32).into(),
-                        (now + delay.as_millis() as i64).into(),
-                        error.into(),
-                        id.into(),
-                    ],
-                )),
+                        "UPDATE {TABLE} SET attempts = {}, next_attempt_at = {}, last_error = {} \
+                         WHERE id = {} AND status = 'pending'",
+                        b.bind(attempts as i32),
+                        b.bind(now + delay.as_millis() as i64),
+                        b.bind(error),
+                        b.bind(id)
+                    )
+                })),
                 Report::Dead { attempts, error } => {
                     finished.push(id);
                     dead_writes.push((writes.len(), id));
-                    writes.push((
+                    writes.push(statement(backend, |b| {
                         format!(
-                            "UPDATE {TABLE} SET status = 'dead', attempts = ?, last_error = ?, \
+                            "UPDATE {TABLE} SET status = 'dead', attempts = {}, last_error = {}, \
                              claimed_by = NULL, claimed_until = NULL \
-                             WHERE id = ? AND status = 'pending'"
-                        ),
-                        vec![(attempts as i32).into(), error.into(), id.into()],
-                    ));
+                             WHERE id = {} AND status = 'pending'",
+                            b.bind(attempts as i32),
+                            b.bind(error),
+                            b.bind(id)
+                        )
+                    }));
                 }
                 Report::Superseded => {
                     finished.push(id);
-                    writes.push((
+                    writes.push(statement(backend, |b| {
                         format!(
-                            "UPDATE {TABLE} SET status = 'superseded', delivered_at = ?, \
+                            "UPDATE {TABLE} SET status = 'superseded', delivered_at = {}, \
                              claimed_by = NULL, claimed_until = NULL \
-                             WHERE id = ? AND status = 'pending'"
-                        ),
-                        vec![now.into(), id.into()],
-                    ));
+                             WHERE id = {} AND status = 'pending'",
+                            b.bind(now),
+                            b.bind(id)
+                        )
+                    }));
                 }
             }
         }
@@ -735,11 +738,12 @@ async fn tell_taken_over(outbox: &Outbox, id: i64) {
     let now = inner
         .options
         .db
-        .query_one_raw(stmt(
-            inner.backend,
-            &format!("SELECT event_id, status FROM {TABLE} WHERE id = ?"),
-            vec![id.into()],
-        ))
+        .query_one_raw(statement(inner.backend, |b| {
+            format!(
+                "SELECT event_id, status FROM {TABLE} WHERE id = {}",
+                b.bind(id)
+            )
+        }))
         .await;
     let (event_id, status) = match now {
         Ok(Some(r)) => (
@@ -771,17 +775,14 @@ async fn retry_later(what: &str, attempt: &mut u32, e: DbErr) {
 }
 
 /// Writes `writes` in one transaction; returns the rows each changed.
-async fn write_all(outbox: &Outbox, writes: &[(String, Vec<Value>)]) -> Result<Vec<u64>, DbErr> {
+async fn write_all(outbox: &Outbox, writes: &[Statement]) -> Result<Vec<u64>, DbErr> {
     if writes.is_empty() {
         return Ok(Vec::new());
     }
-    let inner = &outbox.inner;
-    let txn = inner.options.db.begin().await?;
+    let txn = outbox.inner.options.db.begin().await?;
     let mut changed = Vec::with_capacity(writes.len());
-    for (text, values) in writes {
-        let done = txn
-            .execute_raw(stmt(inner.backend, text, values.clone()))
-            .await?;
+    for write in writes {
+        let done = txn.execute_raw(write.clone()).await?;
         changed.push(done.rows_affected());
     }
     txn.commit().await?;
@@ -806,46 +807,45 @@ async fn mark_delivered(db: &sea_orm::DatabaseConnection, ids: &[i64]) -> Result
     let backend = db.get_database_backend();
     let now = now_ms();
     for chunk in ids.chunks(500) {
-        let marks = vec!["?"; chunk.len()].join(", ");
-        let values: Vec<Value> = std::iter::once(Value::from(now))
-            .chain(chunk.iter().map(|id| Value::from(*id)))
-            .collect();
-        let made_stale = |status: &str, index: &str| {
-            format!(
-                "UPDATE {TABLE}{} SET status = 'superseded', delivered_at = ?, \
-                 last_error = COALESCE(last_error, '') || ' (superseded by a newer delivered event of its row)', \
-                 claimed_by = NULL, claimed_until = NULL \
-                 WHERE {status} AND EXISTS (SELECT 1 FROM {TABLE} d \
-                   WHERE d.id IN ({marks}) AND d.ordering_key = {TABLE}.ordering_key \
-                   AND d.id > {TABLE}.id AND {})",
-                claim::by_index(backend, index),
-                admin::stale_after(TABLE, "d")
-            )
+        let made_stale = |status: &str, index: &str, extra: &dyn Fn(&mut Binds) -> String| {
+            statement(backend, |b| {
+                format!(
+                    "UPDATE {TABLE}{} SET status = 'superseded', delivered_at = {}, \
+                     last_error = COALESCE(last_error, '') || ' (superseded by a newer delivered event of its row)', \
+                     claimed_by = NULL, claimed_until = NULL \
+                     WHERE {status} AND EXISTS (SELECT 1 FROM {TABLE} d \
+                       WHERE d.id IN ({}) AND d.ordering_key = {TABLE}.ordering_key \
+                       AND d.id > {TABLE}.id AND {}){}",
+                    claim::by_index(backend, index),
+                    b.bind(now),
+                    b.list(chunk.iter().copied()),
+                    admin::stale_after(TABLE, "d"),
+                    extra(b)
+                )
+            })
         };
-        db.execute_raw(stmt(
-            backend,
-            &made_stale("status = 'dead'", "dead"),
-            values.clone(),
+        db.execute_raw(made_stale("status = 'dead'", "dead", &|_| String::new()))
+            .await?;
+        db.execute_raw(made_stale(
+            "status = 'pending' AND requeued = 1",
+            "requeued",
+            &|b| {
+                format!(
+                    " AND (claimed_until IS NULL OR claimed_until < {})",
+                    b.bind(now)
+                )
+            },
         ))
         .await?;
-        let mut requeued_values = values.clone();
-        requeued_values.push(now.into());
-        db.execute_raw(stmt(
-            backend,
-            &(made_stale("status = 'pending' AND requeued = 1", "requeued")
-                + " AND (claimed_until IS NULL OR claimed_until < ?)"),
-            requeued_values,
-        ))
-        .await?;
-        db.execute_raw(stmt(
-            backend,
-            &format!(
-                "UPDATE {TABLE} SET status = 'delivered', delivered_at = ?, \
+        db.execute_raw(statement(backend, |b| {
+            format!(
+                "UPDATE {TABLE} SET status = 'delivered', delivered_at = {}, \
                  attempts = attempts + 1, last_error = NULL, claimed_by = NULL, \
-                 claimed_until = NULL WHERE id IN ({marks})"
-            ),
-            values,
-        ))
+                 claimed_until = NULL WHERE id IN ({})",
+                b.bind(now),
+                b.list(chunk.iter().copied())
+            )
+        }))
         .await?;
     }
     Ok(())

@@ -6,7 +6,8 @@ use std::collections::HashSet;
 
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, TransactionSession, TransactionTrait};
 
-use super::{CHANNEL, TABLE, stmt};
+use super::sql::statement;
+use super::{CHANNEL, TABLE};
 
 /// Serialises schema changes between instances starting at once on one PostgreSQL
 /// database (`pg_advisory_xact_lock` key: "vendora_outbox" in ASCII, truncated).
@@ -46,11 +47,9 @@ pub async fn create_table<C: ConnectionTrait + TransactionTrait>(db: &C) -> Resu
         // DDL is transactional in PostgreSQL: with the lock, the second instance finds
         // everything the first created. Without it, two `CREATE ... IF NOT EXISTS` can
         // both see nothing and one fails on a unique index of the catalog.
-        txn.execute_raw(stmt(
-            backend,
-            "SELECT pg_advisory_xact_lock(?)",
-            vec![SCHEMA_LOCK.into()],
-        ))
+        txn.execute_raw(statement(backend, |b| {
+            format!("SELECT pg_advisory_xact_lock({})", b.bind(SCHEMA_LOCK))
+        }))
         .await?;
         // `… IF NOT EXISTS` / `IF EXISTS` answer with a NOTICE when there is nothing to do
         // ("index … does not exist, skipping"), which sqlx logs at `info` in the
@@ -168,15 +167,19 @@ async fn is_current<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
             return Ok(false);
         }
     }
-    let q = match backend {
-        DbBackend::Postgres => {
+    let q = statement(backend, |b| match backend {
+        DbBackend::Postgres => format!(
             "SELECT indexname AS name FROM pg_indexes \
-             WHERE schemaname = current_schema() AND tablename = ?"
-        }
-        _ => "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?",
-    };
+             WHERE schemaname = current_schema() AND tablename = {}",
+            b.bind(TABLE)
+        ),
+        _ => format!(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = {}",
+            b.bind(TABLE)
+        ),
+    });
     let names = db
-        .query_all_raw(stmt(backend, q, vec![TABLE.into()]))
+        .query_all_raw(q)
         .await?
         .iter()
         .map(|r| r.try_get::<String>("", "name"))
@@ -198,12 +201,13 @@ fn notify_body() -> String {
 /// Whether the trigger function exists, in the table's schema, with this version's body.
 async fn notify_function_is_current<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
     let source = db
-        .query_one_raw(stmt(
-            db.get_database_backend(),
-            "SELECT prosrc FROM pg_proc \
-             WHERE proname = ? AND pronamespace = current_schema()::regnamespace",
-            vec![format!("{TABLE}_notify").into()],
-        ))
+        .query_one_raw(statement(db.get_database_backend(), |b| {
+            format!(
+                "SELECT prosrc FROM pg_proc \
+                 WHERE proname = {} AND pronamespace = current_schema()::regnamespace",
+                b.bind(format!("{TABLE}_notify"))
+            )
+        }))
         .await?
         .map(|r| r.try_get::<String>("", "prosrc"))
         .transpose()?;
@@ -212,26 +216,31 @@ async fn notify_function_is_current<C: ConnectionTrait>(db: &C) -> Result<bool, 
 
 async fn has_column<C: ConnectionTrait>(db: &C, column: &str) -> Result<bool, DbErr> {
     let backend = db.get_database_backend();
-    let q = match backend {
-        DbBackend::Postgres => {
+    let q = statement(backend, |b| match backend {
+        DbBackend::Postgres => format!(
             "SELECT 1 AS one FROM information_schema.columns \
-             WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?"
-        }
-        _ => "SELECT 1 AS one FROM pragma_table_info(?) WHERE name = ?",
-    };
-    Ok(db
-        .query_one_raw(stmt(backend, q, vec![TABLE.into(), column.into()]))
-        .await?
-        .is_some())
+             WHERE table_schema = current_schema() AND table_name = {} AND column_name = {}",
+            b.bind(TABLE),
+            b.bind(column)
+        ),
+        _ => format!(
+            "SELECT 1 AS one FROM pragma_table_info({}) WHERE name = {}",
+            b.bind(TABLE),
+            b.bind(column)
+        ),
+    });
+    Ok(db.query_one_raw(q).await?.is_some())
 }
 
 async fn trigger_exists<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
     Ok(db
-        .query_one_raw(stmt(
-            db.get_database_backend(),
-            "SELECT 1 AS one FROM pg_trigger WHERE tgname = ? AND tgrelid = to_regclass(?)",
-            vec![format!("{TABLE}_notify").into(), TABLE.into()],
-        ))
+        .query_one_raw(statement(db.get_database_backend(), |b| {
+            format!(
+                "SELECT 1 AS one FROM pg_trigger WHERE tgname = {} AND tgrelid = to_regclass({})",
+                b.bind(format!("{TABLE}_notify")),
+                b.bind(TABLE)
+            )
+        }))
         .await?
         .is_some())
 }
@@ -239,14 +248,15 @@ async fn trigger_exists<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
 /// Whether `db` has the outbox table.
 pub async fn table_exists<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
     let backend = db.get_database_backend();
-    let q = match backend {
-        DbBackend::Postgres => {
-            "SELECT 1 AS one FROM pg_tables WHERE schemaname = current_schema() AND tablename = ?"
-        }
-        _ => "SELECT 1 AS one FROM sqlite_master WHERE type = 'table' AND name = ?",
-    };
-    Ok(db
-        .query_one_raw(stmt(backend, q, vec![TABLE.into()]))
-        .await?
-        .is_some())
+    let q = statement(backend, |b| match backend {
+        DbBackend::Postgres => format!(
+            "SELECT 1 AS one FROM pg_tables WHERE schemaname = current_schema() AND tablename = {}",
+            b.bind(TABLE)
+        ),
+        _ => format!(
+            "SELECT 1 AS one FROM sqlite_master WHERE type = 'table' AND name = {}",
+            b.bind(TABLE)
+        ),
+    });
+    Ok(db.query_one_raw(q).await?.is_some())
 }

@@ -1,0 +1,86 @@
+//! Statements built for their backend: each value is bound where the text names it, by
+//! number (`$1, $2, …` on PostgreSQL, `?1, ?2, …` on SQLite), so that a placeholder names its
+//! value wherever it stands in the text. Nothing rewrites a statement's text afterwards: a
+//! `?` in a string literal or a comment stays what it is.
+
+use sea_orm::{DbBackend, Statement, Value};
+
+/// The values of one statement, bound as its text is written:
+///
+/// ```ignore
+/// let mut b = Binds::new(backend);
+/// let text = format!("UPDATE t SET a = {} WHERE id IN ({})", b.bind(1), b.list([2, 3]));
+/// let statement = b.statement(text);
+/// ```
+pub(crate) struct Binds {
+    backend: DbBackend,
+    values: Vec<Value>,
+}
+
+impl Binds {
+    pub(crate) fn new(backend: DbBackend) -> Self {
+        Binds {
+            backend,
+            values: Vec::new(),
+        }
+    }
+
+    /// Binds `value`; returns its placeholder, to write where it goes.
+    pub(crate) fn bind(&mut self, value: impl Into<Value>) -> String {
+        self.values.push(value.into());
+        match self.backend {
+            DbBackend::Postgres => format!("${}", self.values.len()),
+            DbBackend::Sqlite => format!("?{}", self.values.len()),
+            // Positional: MySQL (which the outbox does not support) binds in text order.
+            _ => "?".to_owned(),
+        }
+    }
+
+    /// Binds each of `values`; returns their placeholders, comma-separated (for `IN (…)`).
+    pub(crate) fn list<V: Into<Value>>(&mut self, values: impl IntoIterator<Item = V>) -> String {
+        let marks: Vec<String> = values.into_iter().map(|v| self.bind(v)).collect();
+        marks.join(", ")
+    }
+
+    /// The statement: `text`, written with this binder's placeholders.
+    pub(crate) fn statement(self, text: impl Into<String>) -> Statement {
+        Statement::from_sql_and_values(self.backend, text.into(), self.values)
+    }
+}
+
+/// A statement with a single value, or none: the common case.
+pub(crate) fn statement(backend: DbBackend, text: impl FnOnce(&mut Binds) -> String) -> Statement {
+    let mut binds = Binds::new(backend);
+    let text = text(&mut binds);
+    binds.statement(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_follow_the_backend_and_the_order_they_are_written_in() {
+        let build = |backend| {
+            statement(backend, |b| {
+                format!(
+                    "UPDATE t SET note = 'why?', a = {} WHERE id IN ({}) AND b = {}",
+                    b.bind(1),
+                    b.list([2, 3]),
+                    b.bind("x")
+                )
+            })
+        };
+        let pg = build(DbBackend::Postgres);
+        assert_eq!(
+            pg.sql,
+            "UPDATE t SET note = 'why?', a = $1 WHERE id IN ($2, $3) AND b = $4"
+        );
+        assert_eq!(pg.values.as_ref().map(|v| v.0.len()), Some(4));
+        let sqlite = build(DbBackend::Sqlite);
+        assert_eq!(
+            sqlite.sql,
+            "UPDATE t SET note = 'why?', a = ?1 WHERE id IN (?2, ?3) AND b = ?4"
+        );
+    }
+}
