@@ -45,10 +45,15 @@
 mod admin;
 pub(crate) mod claim;
 mod holder;
+#[cfg(feature = "internals")]
+pub(crate) mod internals;
 mod lease;
-pub(crate) mod relay;
+mod notice;
+mod record;
+mod relay;
 mod schema;
 mod sql;
+mod wake;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -204,7 +209,7 @@ impl Outbox {
             _alive: alive,
         };
         outbox.refresh_pending().await;
-        let listener = relay::listen(&outbox.inner.options.db).await;
+        let listener = wake::listen(&outbox.inner.options.db).await;
         let task = tokio::spawn(relay::run(outbox.worker(), reports_rx, listener));
         *outbox.relay_task() = Some(task);
         Ok(outbox)

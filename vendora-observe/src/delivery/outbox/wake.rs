@@ -1,0 +1,129 @@
+//! What wakes an idle relay besides its poll: PostgreSQL's `NOTIFY` at a commit, and the
+//! looks again after a wake-up by a write of this process that found nothing yet.
+
+use std::time::Duration;
+
+#[cfg(feature = "postgres")]
+use sea_orm::DbBackend;
+
+#[cfg(feature = "postgres")]
+pub(crate) type Listener = Option<sqlx::postgres::PgListener>;
+#[cfg(not(feature = "postgres"))]
+pub(crate) type Listener = Option<()>;
+
+#[cfg(feature = "postgres")]
+pub(crate) async fn listen(db: &sea_orm::DatabaseConnection) -> Listener {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return None;
+    }
+    let pool = db.get_postgres_connection_pool();
+    match sqlx::postgres::PgListener::connect_with(pool).await {
+        Ok(mut l) => match l.listen(super::CHANNEL).await {
+            Ok(()) => Some(l),
+            Err(e) => {
+                tracing::warn!("outbox: LISTEN failed, polling instead: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!("outbox: no LISTEN connection, polling instead: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "postgres"))]
+pub(crate) async fn listen(_db: &sea_orm::DatabaseConnection) -> Listener {
+    None
+}
+
+/// Waits for a NOTIFY, or forever without a listener.
+pub(super) async fn notified(listener: &mut Listener) {
+    #[cfg(feature = "postgres")]
+    if let Some(l) = listener {
+        if l.recv().await.is_err() {
+            // The listener reconnects by itself on the next recv; do not spin meanwhile.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        return;
+    }
+    let _ = listener;
+    std::future::pending::<()>().await
+}
+
+/// The looks again after a wake-up by a write of this process that found nothing. The hook
+/// writes the outbox row, and wakes the relay, before the write's transaction commits (no
+/// commit hook reaches it): the relay then looks 1, 2, 4 … 64 ms later, until it finds
+/// work, rather than at its next poll (SQLite has no NOTIFY).
+#[derive(Debug, Default)]
+pub(super) struct Recheck {
+    /// When to look again, and how many looks found nothing since the wake-up.
+    next: Option<(tokio::time::Instant, u32)>,
+    /// A wake-up came since the last claim.
+    woken: bool,
+}
+
+impl Recheck {
+    /// The looks after a wake-up, at most: 1 + 2 + … + 64 ms, 127 ms in all.
+    const LOOKS: u32 = 7;
+
+    pub(super) fn woken(&mut self) {
+        self.woken = true;
+    }
+
+    pub(super) fn after_claim(&mut self, found_nothing: bool) {
+        let looks = match (std::mem::take(&mut self.woken), self.next) {
+            _ if !found_nothing => {
+                self.next = None;
+                return;
+            }
+            (true, _) => 0,
+            (false, Some((_, n))) => n + 1,
+            (false, None) => return,
+        };
+        self.next = (looks < Self::LOOKS).then(|| {
+            (
+                tokio::time::Instant::now() + Duration::from_millis(1 << looks),
+                looks,
+            )
+        });
+    }
+
+    pub(super) fn pending(&self) -> bool {
+        self.next.is_some()
+    }
+
+    pub(super) async fn due(&self) {
+        match self.next {
+            Some((at, _)) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_that_finds_nothing_looks_again_1_2_4_to_64_ms_later() {
+        let mut r = Recheck::default();
+        r.after_claim(true);
+        assert!(!r.pending(), "no wake-up, no look again");
+        r.woken();
+        let mut waits = Vec::new();
+        r.after_claim(true);
+        while r.pending() {
+            let before = tokio::time::Instant::now();
+            r.due().await;
+            waits.push(before.elapsed().as_millis());
+            r.after_claim(true);
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64]);
+        r.woken();
+        r.after_claim(true);
+        r.due().await;
+        r.after_claim(false);
+        assert!(!r.pending(), "work found: no more looks");
+    }
+}
