@@ -1317,11 +1317,8 @@ async fn recovery(mode: &Mode, down: Duration) -> RecoveryRow {
         Some(url) => db::connect(url).await.unwrap(),
     };
     prepare(&db).await;
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
-    let builder = Observer::builder(config(&format!("http://{addr}/webhook")));
+    let port = vendora_pos::receiver::Reserved::new().unwrap();
+    let builder = Observer::builder(config(&port.url()));
     let observer = match &mode.outbox {
         None => builder.build().await.unwrap(),
         Some(_) => builder.outbox(db.clone()).build().await.unwrap(),
@@ -1335,9 +1332,7 @@ async fn recovery(mode: &Mode, down: Duration) -> RecoveryRow {
         })
         .await;
     tokio::time::sleep(down).await;
-    let receiver = vendora_pos::receiver::Receiver::start_on(addr, SECRET)
-        .await
-        .unwrap();
+    let receiver = vendora_pos::receiver::Receiver::start_on(port, SECRET).unwrap();
     let back = Instant::now();
     let got = receiver
         .wait_delivered(n as usize, Duration::from_secs(120))

@@ -77,6 +77,28 @@ struct Shared {
     changed: Notify,
 }
 
+/// A port of 127.0.0.1 held for a receiver that comes up later ([`Receiver::start_on`]):
+/// bound but not listening, so connections are refused meanwhile (a receiver that is down)
+/// and no other test is given the port, as it could be once a probe listener is dropped.
+pub struct Reserved(tokio::net::TcpSocket);
+
+impl Reserved {
+    pub fn new() -> std::io::Result<Reserved> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        Ok(Reserved(socket))
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.0.local_addr().expect("bound")
+    }
+
+    /// The URL a receiver started on this port answers at.
+    pub fn url(&self) -> String {
+        format!("http://{}/webhook", self.addr())
+    }
+}
+
 /// A running receiver; stops when dropped.
 pub struct Receiver {
     addr: SocketAddr,
@@ -97,10 +119,9 @@ impl Receiver {
         Self::serve(listener, secret)
     }
 
-    /// Starts on a given address (to come back on the same port after a stop).
-    pub async fn start_on(addr: SocketAddr, secret: &str) -> std::io::Result<Receiver> {
-        let listener = TcpListener::bind(addr).await?;
-        Self::serve(listener, secret)
+    /// Starts on a port held until now (see [`Reserved`]).
+    pub fn start_on(port: Reserved, secret: &str) -> std::io::Result<Receiver> {
+        Self::serve(port.0.listen(1024)?, secret)
     }
 
     fn serve(listener: TcpListener, secret: &str) -> std::io::Result<Receiver> {

@@ -2,7 +2,7 @@
 //! `cargo run --example pos` runs) in-process, in both modes, against its own receiver.
 
 use vendora_pos::demo::Demo;
-use vendora_pos::receiver::{Receiver, Reply};
+use vendora_pos::receiver::{Receiver, Reply, Reserved};
 
 const SECRET: &str = "demo-test-secret";
 
@@ -46,13 +46,11 @@ async fn the_pos_demo_delivers_its_twelve_events_in_both_modes() {
         let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
     }
 
-    let addr = {
-        let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        probe.local_addr().unwrap()
-    };
+    let port = Reserved::new().unwrap();
+    let addr = port.addr();
     let late = tokio::spawn(async move {
         tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
-        let receiver = Receiver::start_on(addr, SECRET).await.unwrap();
+        let receiver = Receiver::start_on(port, SECRET).unwrap();
         receiver.queue_replies([
             Reply::Status(503, None),
             Reply::Status(503, None),

@@ -10,7 +10,7 @@ use common::{SECRET, WAIT, fast_retries, product_am};
 use sea_orm::{ActiveModelTrait, DatabaseConnection, IntoActiveModel, Set};
 use vendora_observe::{Observer, Overflow, WebhookConfig};
 use vendora_pos::db;
-use vendora_pos::receiver::{Blackhole, Receiver, Reply};
+use vendora_pos::receiver::{Blackhole, Receiver, Reply, Reserved};
 
 async fn memory_db() -> DatabaseConnection {
     let db = db::connect("sqlite::memory:").await.unwrap();
@@ -21,11 +21,9 @@ async fn memory_db() -> DatabaseConnection {
 #[tokio::test(flavor = "multi_thread")]
 async fn receiver_down_then_up_gets_every_event_in_per_row_order() {
     let db = memory_db().await;
-    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = probe.local_addr().unwrap();
-    drop(probe);
+    let port = Reserved::new().unwrap();
     let retry = common::retries_through_an_outage();
-    let observer = common::observer_for(&format!("http://{addr}/webhook"), retry).await;
+    let observer = common::observer_for(&port.url(), retry).await;
     // 100 rows x (created + 4 x (updated + stock:updated)) = 900 events.
     observer
         .scope(async {
@@ -39,7 +37,7 @@ async fn receiver_down_then_up_gets_every_event_in_per_row_order() {
             }
         })
         .await;
-    let receiver = Receiver::start_on(addr, SECRET).await.unwrap();
+    let receiver = Receiver::start_on(port, SECRET).unwrap();
     receiver.wait_delivered(900, Duration::from_secs(60)).await;
     assert!(observer.flush(WAIT).await);
     common::assert_complete_and_ordered(&receiver.delivered(), 900);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{SECRET, WAIT, fast_retries, product_am};
 use sea_orm::{ActiveModelTrait, DatabaseConnection, IntoActiveModel, Set};
 use vendora_observe::{Observer, RetryPolicy};
-use vendora_pos::receiver::{Receiver, Reply};
+use vendora_pos::receiver::{Receiver, Reply, Reserved};
 use vendora_pos::{db, scenario};
 
 /// The delivered requests, first delivery of each X-Webhook-Id only, in arrival order.
@@ -39,18 +39,12 @@ fn patient() -> RetryPolicy {
         .probe_interval(Duration::from_millis(100))
 }
 
-/// An address where nothing listens yet, to bring a receiver up on later.
-async fn reserved_addr() -> std::net::SocketAddr {
-    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    probe.local_addr().unwrap()
-}
-
 /// Runs the POS scenario in one task through `observer` while the receiver is down, then
 /// brings it up answering 503 to every other request; the app must see exactly the
 /// scenario's events in the scenario's order.
 async fn scenario_through_faults(
     db: &DatabaseConnection,
-    addr: std::net::SocketAddr,
+    port: Reserved,
     observer: &Observer,
     also_flush: &[&Observer],
 ) {
@@ -58,7 +52,7 @@ async fn scenario_through_faults(
         .scope(scenario::run(db, false, async |_| {}))
         .await
         .unwrap();
-    let receiver = Receiver::start_on(addr, SECRET).await.unwrap();
+    let receiver = Receiver::start_on(port, SECRET).unwrap();
     receiver.queue_replies((0..40).map(|i| {
         if i % 2 == 0 {
             Reply::Status(503, None)
@@ -85,25 +79,25 @@ async fn scenario_through_faults(
 async fn direct_one_task_arrives_in_write_order_through_an_outage_and_retries() {
     let db = db::connect("sqlite::memory:").await.unwrap();
     db::create_pos_tables(&db).await.unwrap();
-    let addr = reserved_addr().await;
-    let observer = common::observer_for(&format!("http://{addr}/webhook"), patient()).await;
-    scenario_through_faults(&db, addr, &observer, &[]).await;
+    let port = Reserved::new().unwrap();
+    let observer = common::observer_for(&port.url(), patient()).await;
+    scenario_through_faults(&db, port, &observer, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn outbox_one_task_arrives_in_write_order_through_an_outage_and_retries() {
     let (db, _) = common::sqlite_file().await;
-    let addr = reserved_addr().await;
-    let observer = common::outbox_observer(&db, &format!("http://{addr}/webhook"), patient()).await;
-    scenario_through_faults(&db, addr, &observer, &[]).await;
+    let port = Reserved::new().unwrap();
+    let observer = common::outbox_observer(&db, &port.url(), patient()).await;
+    scenario_through_faults(&db, port, &observer, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
 async fn postgres_three_relays_keep_one_task_in_write_order() {
     let (db, url) = common::postgres().await;
-    let addr = reserved_addr().await;
-    let hook = format!("http://{addr}/webhook");
+    let port = Reserved::new().unwrap();
+    let hook = port.url();
     let writer = common::outbox_observer(&db, &hook, patient()).await;
     let mut others = Vec::new();
     for _ in 0..2 {
@@ -111,7 +105,7 @@ async fn postgres_three_relays_keep_one_task_in_write_order() {
         others.push(common::outbox_observer(&conn, &hook, patient()).await);
     }
     let others: Vec<&Observer> = others.iter().collect();
-    scenario_through_faults(&db, addr, &writer, &others).await;
+    scenario_through_faults(&db, port, &writer, &others).await;
 }
 
 /// Task A's first event is answered slowly; task B's events, on other rows, arrive

@@ -14,7 +14,7 @@ use sea_orm::{ActiveModelTrait, DatabaseConnection, IntoActiveModel, Set, Transa
 use vendora_observe::Observer;
 use vendora_observe::trace::TraceParent;
 use vendora_pos::entities::product;
-use vendora_pos::receiver::{Receiver, Reply};
+use vendora_pos::receiver::{Receiver, Reply, Reserved};
 
 async fn rollback_case(db: DatabaseConnection) {
     let receiver = Receiver::start(SECRET).await.unwrap();
@@ -74,16 +74,14 @@ async fn write_rows(observer: &Observer, db: &DatabaseConnection, rows: i32, upd
 
 async fn down_then_up_case(db: DatabaseConnection) {
     // Reserve a port, leave it closed while writing.
-    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = probe.local_addr().unwrap();
-    drop(probe);
-    let url = format!("http://{addr}/webhook");
+    let port = Reserved::new().unwrap();
+    let url = port.url();
     let retry = common::retries_through_an_outage();
     let observer = outbox_observer(&db, &url, retry).await;
     // 100 rows x (created + 5 x (updated + stock:updated)) = 1,100 events.
     write_rows(&observer, &db, 100, 5).await;
     assert!(observer.stats().sent == 0);
-    let receiver = Receiver::start_on(addr, SECRET).await.unwrap();
+    let receiver = Receiver::start_on(port, SECRET).unwrap();
     let delivered = receiver
         .wait_delivered(1100, Duration::from_secs(120))
         .await;
@@ -578,7 +576,6 @@ async fn postgres_claim_does_not_visit_delivered_rows() {
 #[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
 async fn postgres_claim_reads_what_it_returns_in_the_middle_of_a_drain() {
     use sea_orm::ConnectionTrait;
-    use vendora_observe::__private::outbox_plan::{frontier_settings, frontier_statement, runs_of};
     let (db, _) = postgres().await;
     vendora_observe::outbox::create_table(&db).await.unwrap();
     db.execute_unprepared(
@@ -614,33 +611,75 @@ async fn postgres_claim_reads_what_it_returns_in_the_middle_of_a_drain() {
         .collect::<Vec<_>>()
     };
     let deadline = std::time::Instant::now() + WAIT;
-    let mut last = Vec::new();
+    // Measured while the rows held stand still: a measurement during which the relay
+    // claimed (an outcome recorded late) is taken again.
     loop {
-        let now = held().await;
-        if now.len() >= 4_000 && now == last {
-            break;
+        let mut last = Vec::new();
+        loop {
+            let now = held().await;
+            if now.len() >= 4_000 && now == last {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the relay still claims, or holds few rows: {}",
+                now.len()
+            );
+            last = now;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the relay still claims, or holds few rows: {}",
-            now.len()
-        );
-        last = now;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let measured = measure_frontier(&db, &last).await;
+        if held().await != last {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the rows held never stood still through a measurement"
+            );
+            continue;
+        }
+        for (window, skipping, walking, skipped_runs, scattered, plan) in measured {
+            println!(
+                "window {window}: {} rows held, {skipped_runs} runs skipped; the frontier \
+                 visits {skipping} index entries, {walking} walking past them",
+                last.len(),
+            );
+            // The frontier returns `window` rows; it visits those, and of the held rows
+            // only those outside the skipped runs (scattered among rows delivered already,
+            // at the front of the drain).
+            assert!(
+                skipping <= window as u64 + scattered,
+                "window {window}: the frontier visited {skipping} entries with {} rows held, \
+                 {scattered} outside the runs: {plan:#?}",
+                last.len()
+            );
+            // The measure is real: walking past the held rows visits them.
+            assert!(walking >= last.len() as u64, "{walking}");
+        }
+        break;
     }
-    let relay = last[0].0.clone();
-    assert!(
-        last.iter().all(|(r, _)| *r == relay),
-        "one relay holds them"
-    );
-    let runs = runs_of(last.iter().map(|(_, id)| *id));
+    observer.shutdown(Duration::ZERO).await;
+}
+
+/// For windows of 512 and 4,096, the index entries the frontier visits with the relay's
+/// `held` rows (relay, id) skipped and walking past them, by PostgreSQL's own counts:
+/// `(window, skipping, walking, runs skipped, held rows outside the runs, plan)`.
+async fn measure_frontier(
+    db: &DatabaseConnection,
+    held: &[(String, i64)],
+) -> Vec<(usize, u64, u64, usize, u64, Vec<String>)> {
+    use vendora_observe::__private::outbox_plan::{frontier_settings, frontier_statement, runs_of};
+    let relay = &held[0].0;
+    assert!(held.iter().all(|(r, _)| r == relay), "one relay holds them");
+    let runs = runs_of(held.iter().map(|(_, id)| *id));
     let settings = frontier_settings(sea_orm::DbBackend::Postgres, true);
+    let skipped: i64 = runs.iter().map(|(first, last)| last - first + 1).sum();
+    let scattered = held.len() as u64 - skipped as u64;
+    let mut out = Vec::new();
     for window in [512, 4_096] {
         let mut read = Vec::new();
         for skip in [&runs[..], &[]] {
-            let statement = frontier_statement(sea_orm::DbBackend::Postgres, &relay, window, skip);
+            let statement = frontier_statement(sea_orm::DbBackend::Postgres, relay, window, skip);
             let plan = explain_with(
-                &db,
+                db,
                 "EXPLAIN (ANALYZE, COSTS OFF)",
                 "QUERY PLAN",
                 statement,
@@ -670,27 +709,16 @@ async fn postgres_claim_reads_what_it_returns_in_the_middle_of_a_drain() {
         let [(skipping, plan), (walking, _)] = &read[..] else {
             unreachable!()
         };
-        println!(
-            "window {window}: {} rows held, {} runs skipped; the frontier visits {skipping} \
-             index entries, {walking} walking past them",
-            last.len(),
-            runs.len()
-        );
-        // The frontier returns `window` rows; it visits those, and of the held rows only
-        // those outside the skipped runs (scattered among rows delivered already, at the
-        // front of the drain).
-        let skipped: i64 = runs.iter().map(|(first, last)| last - first + 1).sum();
-        let scattered = last.len() as u64 - skipped as u64;
-        assert!(
-            *skipping <= window as u64 + scattered,
-            "window {window}: the frontier visited {skipping} entries with {} rows held, \
-             {scattered} outside the runs: {plan:#?}",
-            last.len()
-        );
-        // The measure is real: walking past the held rows visits them.
-        assert!(*walking >= last.len() as u64, "{walking}");
+        out.push((
+            window,
+            *skipping,
+            *walking,
+            runs.len(),
+            scattered,
+            plan.clone(),
+        ));
     }
-    observer.shutdown(Duration::ZERO).await;
+    out
 }
 
 /// A relay killed (SIGKILL) while it holds leased rows: a relay that starts on the same

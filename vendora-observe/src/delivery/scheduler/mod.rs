@@ -330,7 +330,7 @@ type Later = Box<dyn FnOnce() + Send>;
 
 /// The scheduler's state, locked. Released on drop, after which the work queued meanwhile
 /// ([`State::later`]) runs, outside the lock.
-struct Locked<'a>(Option<MutexGuard<'a, State>>);
+struct Locked<'a>(Option<MutexGuard<'a, State>>, &'a Shared);
 
 impl std::ops::Deref for Locked<'_> {
     type Target = State;
@@ -351,16 +351,22 @@ impl Drop for Locked<'_> {
             return;
         };
         let later = std::mem::take(&mut state.later);
+        let released = std::mem::take(&mut state.released);
         drop(state);
         for work in later {
             work();
         }
+        // After the callbacks: `flush` returns once each dead letter was handed over.
+        self.1.setup.ctx.counters.release(released);
     }
 }
 
 impl Shared {
     fn lock(&self) -> Locked<'_> {
-        Locked(Some(self.state.lock().unwrap_or_else(|p| p.into_inner())))
+        Locked(
+            Some(self.state.lock().unwrap_or_else(|p| p.into_inner())),
+            self,
+        )
     }
 
     fn aborting(&self) -> bool {

@@ -12,9 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{Later, Report, Setup};
-use crate::delivery::{
-    ChainKey, Context, DeadLetter, Decision, DeliveryError, EventKind, Job, decide,
-};
+use crate::delivery::{ChainKey, DeadLetter, Decision, DeliveryError, EventKind, Job, decide};
 use crate::trace::TraceParent;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,8 +154,12 @@ pub(super) struct State {
     pub(super) graveyard: Vec<Entry>,
     /// Rows whose last request was slow (see [`Pace`]); emptied past 4,096.
     pub(super) slow_rows: Keyed<ChainKey, ()>,
-    /// Log lines and callbacks to run once the lock is released (see [`Locked`]).
+    /// Log lines and callbacks to run once the lock is released (see `Locked`).
     pub(super) later: Vec<Later>,
+    /// Direct mode: events completed under this lock, released from the pending count
+    /// once it is let go and [`State::later`] ran, so that whoever waits for the count
+    /// (`flush`) finds each dead letter handed to the callback.
+    pub(super) released: u64,
 }
 
 impl State {
@@ -604,11 +606,11 @@ impl State {
     /// Returns how many became ready.
     fn complete(&mut self, setup: &Setup, seq: u64, report: Report) -> usize {
         self.report(seq, report);
-        self.remove(setup.track_pending.then_some(&setup.ctx), seq)
+        self.remove(setup.track_pending, seq)
     }
 
     /// Removes `seq` from its chains; returns how many events behind it became ready.
-    fn remove(&mut self, pending: Option<&Context>, seq: u64) -> usize {
+    fn remove(&mut self, track_pending: bool, seq: u64) -> usize {
         let Some(entry) = self.jobs.remove(&seq) else {
             return 0;
         };
@@ -630,8 +632,8 @@ impl State {
             }
         }
         self.graveyard.push(entry);
-        if let Some(ctx) = pending {
-            ctx.counters.release(1);
+        if track_pending {
+            self.released += 1;
         }
         self.trim_by_age();
         next.into_iter()
@@ -652,7 +654,7 @@ impl State {
         unsent.sort_unstable_by(|a, b| b.cmp(a));
         for seq in unsent {
             self.let_go.push(self.jobs[&seq].job.token);
-            self.remove(None, seq);
+            self.remove(false, seq);
         }
         self.let_go_count += 1;
         self.ready.clear();
@@ -686,7 +688,7 @@ impl State {
             self.report(seq, report);
             self.jobs.remove(&seq);
             if setup.track_pending {
-                setup.ctx.counters.release(1);
+                self.released += 1;
             }
             self.trim_by_age();
         }
@@ -696,6 +698,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::Context;
     use proptest::prelude::*;
 
     /// What the property test does to the scheduler's state, as a sender would.

@@ -27,144 +27,30 @@
 //!    still free (a compare-and-set, so two relays never hold one row). Should another
 //!    relay have won a row meanwhile, the rows of its chains behind it are handed back.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, UNIX_EPOCH};
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult};
 
-use super::TABLE;
-use super::sql::{Binds, statement};
+mod held;
+mod statements;
+
+pub(crate) use held::Held;
+#[cfg(feature = "internals")]
+pub use held::runs_of;
+#[cfg(feature = "internals")]
+pub use statements::IN_INDEX_ORDER;
+#[cfg(feature = "internals")]
+pub(crate) use statements::read_pending_statement;
+use statements::{Run, lease_statement, unit_runs_statement, unit_scan_statement};
+pub(crate) use statements::{
+    by_index, leased_elsewhere_statement, release_all_statement, release_statement, renew_statement,
+};
+pub use statements::{frontier_settings, frontier_statement, skip_scan_statement};
+
 use crate::body::WebhookBody;
 use crate::delivery::{ChainKey, EventKind, Job, Webhook};
 use crate::trace::TraceParent;
-
-/// What a relay holds: rows it claimed and has not yet recorded an outcome for.
-#[derive(Debug, Default)]
-pub(crate) struct Held {
-    /// By id: the frontier skips runs of consecutive ids (see `Held::runs`).
-    rows: BTreeMap<i64, (ChainKey, Option<ChainKey>)>,
-    per_chain: HashMap<ChainKey, usize>,
-    /// The newest row held of each chain: the next rows of the chain lie after it.
-    newest: HashMap<ChainKey, i64>,
-    /// Rows this relay held and recorded finished (delivered, dead, superseded), from its
-    /// oldest row held on: no longer pending, so a run of rows held may span them (rows
-    /// delivered at once interleave with those a slow chain keeps in hand).
-    gone: BTreeSet<i64>,
-}
-
-/// Finished rows [`Held`] keeps at most; past it, the older half is forgotten (runs
-/// across them are broken, which only costs reads).
-const MAX_GONE: usize = 1 << 16;
-
-impl Held {
-    pub(crate) fn len(&self) -> usize {
-        self.rows.len()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.rows.is_empty()
-    }
-
-    pub(crate) fn ids(&self) -> Vec<i64> {
-        self.rows.keys().copied().collect()
-    }
-
-    pub(crate) fn contains(&self, id: i64) -> bool {
-        self.rows.contains_key(&id)
-    }
-
-    fn chain_count(&self, key: ChainKey) -> usize {
-        self.per_chain.get(&key).copied().unwrap_or(0)
-    }
-
-    /// The newest row held of `key`, if any.
-    fn newest(&self, key: ChainKey) -> Option<i64> {
-        self.newest.get(&key).copied()
-    }
-
-    /// The longest runs of consecutive ids held (`first..=last`, at most
-    /// [`MAX_SKIPPED_RUNS`], each of [`MIN_SKIPPED_RUN`] ids or more), in id order. No other
-    /// row can lie within one (ids are unique), so the frontier may skip them instead of
-    /// walking past them in the index: during a drain a relay holds thousands of the oldest
-    /// pending rows, and the frontier is the first pending rows it does not hold.
-    pub(crate) fn runs(&self) -> Vec<(i64, i64)> {
-        let Some(&last) = self.rows.keys().next_back() else {
-            return Vec::new();
-        };
-        // Held and finished ids merged in order, the finished ones up to the newest held
-        // (beyond it they would only make runs of rows the index no longer lists).
-        let mut held = self.rows.keys().copied().peekable();
-        let mut gone = self.gone.range(..last).copied().peekable();
-        runs_of(std::iter::from_fn(move || {
-            match (held.peek(), gone.peek()) {
-                (Some(h), Some(g)) if g < h => gone.next(),
-                (Some(_), _) => held.next(),
-                (None, _) => gone.next(),
-            }
-        }))
-    }
-
-    /// `id`'s outcome is recorded and it is no longer pending.
-    pub(crate) fn finish(&mut self, id: i64) {
-        self.remove(id);
-        let Some(&oldest) = self.rows.keys().next() else {
-            self.gone.clear();
-            return;
-        };
-        if id > oldest {
-            self.gone.insert(id);
-        }
-        if self.gone.first().is_some_and(|g| *g < oldest) {
-            self.gone = self.gone.split_off(&oldest);
-        }
-        if self.gone.len() > MAX_GONE {
-            let middle = *self.gone.iter().nth(MAX_GONE / 2).expect("more than half");
-            self.gone = self.gone.split_off(&middle);
-        }
-    }
-
-    pub(crate) fn insert(&mut self, id: i64, row: ChainKey, unit: Option<ChainKey>) {
-        if self.rows.insert(id, (row, unit)).is_none() {
-            for key in std::iter::once(row).chain(unit) {
-                *self.per_chain.entry(key).or_default() += 1;
-                let newest = self.newest.entry(key).or_insert(id);
-                *newest = (*newest).max(id);
-            }
-        }
-    }
-
-    pub(crate) fn remove(&mut self, id: i64) {
-        if let Some((row, unit)) = self.rows.remove(&id) {
-            for key in std::iter::once(row).chain(unit) {
-                if let Some(n) = self.per_chain.get_mut(&key) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.per_chain.remove(&key);
-                        self.newest.remove(&key);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// `Held::runs` of the ids held, in increasing order.
-pub fn runs_of(ids: impl Iterator<Item = i64>) -> Vec<(i64, i64)> {
-    let mut runs: Vec<(i64, i64)> = Vec::new();
-    for id in ids {
-        match runs.last_mut() {
-            Some((_, last)) if *last + 1 == id => *last = id,
-            _ => runs.push((id, id)),
-        }
-    }
-    runs.retain(|(first, last)| last - first + 1 >= MIN_SKIPPED_RUN);
-    if runs.len() > MAX_SKIPPED_RUNS {
-        runs.sort_by_key(|(first, last)| std::cmp::Reverse(last - first));
-        runs.truncate(MAX_SKIPPED_RUNS);
-        runs.sort_unstable();
-    }
-    runs
-}
 
 /// A pending row as the claim sees it before leasing it.
 #[derive(Debug, Clone)]
@@ -238,11 +124,6 @@ pub(crate) struct Cursor {
 
 /// The most pending rows one frontier reads.
 const MAX_WINDOW: usize = 4096;
-
-/// The runs of held rows one frontier skips at most (each is one more index probe), and
-/// the shortest run worth skipping.
-const MAX_SKIPPED_RUNS: usize = 15;
-const MIN_SKIPPED_RUN: i64 = 8;
 
 /// Units of work whose runs one claim reads at most.
 const UNITS_PER_CLAIM: usize = 16;
@@ -539,7 +420,7 @@ impl<'a> Choice<'a> {
 }
 
 /// The columns [`job_from_row`] reads.
-const JOB_COLUMNS: &str = "id, event_id, ordering_key, unit_key, event, kind, latest_wins, body, \
+pub(crate) const JOB_COLUMNS: &str = "id, event_id, ordering_key, unit_key, event, kind, latest_wins, body, \
                            attempts, created_at, traceparent";
 
 pub(crate) fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
@@ -574,328 +455,10 @@ pub(crate) fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
     })
 }
 
-pub(crate) fn by_index(backend: DbBackend, index: &str) -> String {
-    // SQLite plans from `sqlite_stat1`, which, when taken mid-burst, says most rows are
-    // pending: it then scans the whole table. The pending rows' indexes are always right.
-    match backend {
-        DbBackend::Sqlite => format!(" INDEXED BY {TABLE}_{index}"),
-        _ => String::new(),
-    }
-}
-
-/// The pending rows leased to relays other than `relay` whose lease has not ended and ends
-/// before `below`, by relay: how many (`n`) and when the last lease ends (`until`). Read
-/// only to say so, rarely.
-pub(crate) fn leased_elsewhere_statement(
-    backend: DbBackend,
-    relay: &str,
-    now: i64,
-    below: i64,
-) -> sea_orm::Statement {
-    statement(backend, |b| {
-        format!(
-            "SELECT claimed_by AS relay, COUNT(*) AS n, MAX(claimed_until) AS until \
-             FROM {TABLE}{} WHERE status = 'pending' AND claimed_until >= {} \
-             AND claimed_until < {} AND claimed_by <> {} GROUP BY claimed_by",
-            by_index(backend, "pending"),
-            b.bind(now),
-            b.bind(below),
-            b.bind(relay)
-        )
-    })
-}
-
-/// PostgreSQL planner settings for the frontier on a backlog (`SET LOCAL`, this query
-/// alone): its rows come in the order of their own index, never from a sort. Without
-/// statistics (a table not analyzed yet; a role that does not own the table cannot
-/// `ANALYZE` it, so only autovacuum does) PostgreSQL takes `status = 'pending'` to match
-/// 0.5% of the rows, plans a bitmap scan of every pending row and a top-N sort, and reads
-/// 20,000 rows to return 512.
-pub const IN_INDEX_ORDER: &str = "SET LOCAL enable_sort = off";
-
-/// The planner settings the frontier runs with: [`IN_INDEX_ORDER`] on PostgreSQL once a
-/// frontier came back full (`backlog`).
-pub fn frontier_settings(backend: DbBackend, backlog: bool) -> Option<&'static str> {
-    (backend == DbBackend::Postgres && backlog).then_some(IN_INDEX_ORDER)
-}
-
-/// Step 1: the oldest `window` pending rows not held by `relay`, run with
-/// [`frontier_settings`]. The runs of rows the relay holds (`skip`, `first..=last` in id
-/// order, from `Held::runs`) are skipped rather than walked past: the index is read in
-/// the segments between them, merged in id order, each segment read only as far as the
-/// merge needs (PostgreSQL plans a Merge Append of limited index scans, SQLite a merge of
-/// co-routines), so a relay holding the 8,000 oldest rows reads what it returns.
-pub fn frontier_statement(
-    backend: DbBackend,
-    relay: &str,
-    window: usize,
-    skip: &[(i64, i64)],
-) -> sea_orm::Statement {
-    let index = by_index(backend, "pending");
-    let mut b = Binds::new(backend);
-    let select = |b: &mut Binds, after: Option<i64>, before: Option<i64>| {
-        let mut text = format!(
-            "SELECT id, ordering_key, unit_key, claimed_until, next_attempt_at \
-             FROM {TABLE}{index} WHERE status = 'pending' AND (claimed_by IS NULL OR claimed_by <> {})",
-            b.bind(relay)
-        );
-        if let Some(after) = after {
-            text.push_str(&format!(" AND id > {}", b.bind(after)));
-        }
-        if let Some(before) = before {
-            text.push_str(&format!(" AND id < {}", b.bind(before)));
-        }
-        text
-    };
-    let window = window as i64;
-    if skip.is_empty() {
-        let text = format!(
-            "{} ORDER BY id LIMIT {}",
-            select(&mut b, None, None),
-            b.bind(window)
-        );
-        return b.statement(text);
-    }
-    // The segments: before the first run, between runs, after the last. SQLite merges the
-    // arms of a compound `ORDER BY` straight from the index; PostgreSQL merges them
-    // (Merge Append) when each is a limited, ordered subquery, and otherwise sorts them all.
-    let mut segments = Vec::with_capacity(skip.len() + 1);
-    let mut after = None;
-    for first in skip.iter().map(|&(first, _)| Some(first)).chain([None]) {
-        let segment = select(&mut b, after, first);
-        segments.push(match backend {
-            DbBackend::Sqlite => segment,
-            _ => format!("({segment} ORDER BY id LIMIT {})", b.bind(window)),
-        });
-        after = skip.get(segments.len() - 1).map(|&(_, last)| last);
-    }
-    let text = format!(
-        "{} ORDER BY id LIMIT {}",
-        segments.join(" UNION ALL "),
-        b.bind(window)
-    );
-    b.statement(text)
-}
-
-/// Step 2: a loose index scan over the pending rows' keys after `after_key`, `probes` keys
-/// at most; for each key, its oldest pending row when that row lies beyond the frontier
-/// (`id > beyond`) and heads its unit of work too. Rows come with `k`, the key visited
-/// (`id` is NULL where the key's head did not qualify).
-pub fn skip_scan_statement(
-    backend: DbBackend,
-    after_key: &str,
-    probes: usize,
-    beyond: i64,
-) -> sea_orm::Statement {
-    let key_index = by_index(backend, "pending_key");
-    let unit_index = by_index(backend, "pending_unit");
-    statement(backend, |b| {
-        format!(
-            "WITH RECURSIVE keys(k, n) AS ( \
-               SELECT (SELECT MIN(ordering_key) FROM {TABLE}{key_index} \
-                       WHERE status = 'pending' AND ordering_key > {}), 1 \
-               UNION ALL \
-               SELECT (SELECT MIN(ordering_key) FROM {TABLE}{key_index} \
-                       WHERE status = 'pending' AND ordering_key > keys.k), keys.n + 1 \
-               FROM keys WHERE keys.k IS NOT NULL AND keys.n < {} \
-             ) \
-             SELECT keys.k AS k, o.id AS id, o.ordering_key AS ordering_key, \
-                    o.unit_key AS unit_key, o.claimed_until AS claimed_until, \
-                    o.next_attempt_at AS next_attempt_at \
-             FROM keys LEFT JOIN {TABLE} o ON o.id = ( \
-                 SELECT MIN(h.id) FROM {TABLE} h{key_index} \
-                 WHERE h.status = 'pending' AND h.ordering_key = keys.k) \
-               AND o.id > {} \
-               AND (o.unit_key IS NULL OR NOT EXISTS ( \
-                 SELECT 1 FROM {TABLE} u{unit_index} \
-                 WHERE u.unit_key = o.unit_key AND u.status = 'pending' AND u.id < o.id)) \
-             WHERE keys.k IS NOT NULL \
-             ORDER BY keys.n",
-            b.bind(after_key),
-            b.bind(probes as i64),
-            b.bind(beyond)
-        )
-    })
-}
-
-/// Step 2: a loose index scan over the pending rows' unit keys after `after_unit`, `units`
-/// of them at most.
-pub(crate) fn unit_scan_statement(
-    backend: DbBackend,
-    after_unit: &str,
-    units: usize,
-) -> sea_orm::Statement {
-    let unit_index = by_index(backend, "pending_unit");
-    statement(backend, |b| {
-        format!(
-            "WITH RECURSIVE units(u, n) AS ( \
-               SELECT (SELECT MIN(unit_key) FROM {TABLE}{unit_index} \
-                       WHERE status = 'pending' AND unit_key > {}), 1 \
-               UNION ALL \
-               SELECT (SELECT MIN(unit_key) FROM {TABLE}{unit_index} \
-                       WHERE status = 'pending' AND unit_key > units.u), units.n + 1 \
-               FROM units WHERE units.u IS NOT NULL AND units.n < {} \
-             ) \
-             SELECT u FROM units WHERE u IS NOT NULL ORDER BY n",
-            b.bind(after_unit),
-            b.bind(units as i64)
-        )
-    })
-}
-
-/// One unit's next rows to read: `rows` of them after row `after`.
-#[derive(Debug, Clone)]
-pub(crate) struct Run {
-    /// The unit key.
-    pub(crate) unit: String,
-    /// Rows to read at most.
-    pub(crate) rows: usize,
-    /// Read rows after this id.
-    pub(crate) after: i64,
-}
-
-/// Step 2: the next pending rows of each unit not held by `relay`, each with the pending
-/// rows just before it on its row (`prev_key`) and on its unit (`prev_unit`).
-pub(crate) fn unit_runs_statement(
-    backend: DbBackend,
-    relay: &str,
-    units: &[Run],
-) -> sea_orm::Statement {
-    let key_index = by_index(backend, "pending_key");
-    let unit_index = by_index(backend, "pending_unit");
-    let mut b = Binds::new(backend);
-    let parts: Vec<String> = units
-        .iter()
-        .enumerate()
-        .map(|(i, run)| {
-            format!(
-                "SELECT * FROM (SELECT o.id AS id, o.ordering_key AS ordering_key, \
-                   o.unit_key AS unit_key, o.claimed_until AS claimed_until, \
-                   o.next_attempt_at AS next_attempt_at, \
-                   (SELECT p.id FROM {TABLE} p{key_index} WHERE p.status = 'pending' \
-                      AND p.ordering_key = o.ordering_key AND p.id < o.id \
-                      ORDER BY p.ordering_key DESC, p.id DESC LIMIT 1) AS prev_key, \
-                   (SELECT q.id FROM {TABLE} q{unit_index} WHERE q.status = 'pending' \
-                      AND q.unit_key = o.unit_key AND q.id < o.id \
-                      ORDER BY q.unit_key DESC, q.id DESC LIMIT 1) AS prev_unit \
-                 FROM {TABLE} o{unit_index} WHERE o.status = 'pending' AND o.unit_key = {} \
-                   AND o.id > {} AND (o.claimed_by IS NULL OR o.claimed_by <> {}) \
-                   ORDER BY o.unit_key, o.id LIMIT {}) AS r{i}",
-                b.bind(run.unit.as_str()),
-                b.bind(run.after),
-                b.bind(relay),
-                b.bind(run.rows as i64)
-            )
-        })
-        .collect();
-    b.statement(parts.join(" UNION ALL "))
-}
-
-/// Pads an id list to a few fixed lengths (repeating the last id), so that the database's
-/// statement cache sees a handful of statements, not one per length.
-fn padded(ids: impl Iterator<Item = i64>) -> Vec<i64> {
-    let mut ids: Vec<i64> = ids.collect();
-    let len = ids.len().next_power_of_two().max(8);
-    if let Some(&last) = ids.last() {
-        ids.resize(len, last);
-    }
-    ids
-}
-
-/// Step 3: lease the chosen rows that are still free.
-fn lease_statement(
-    backend: DbBackend,
-    req: &Request<'_>,
-    chosen: &[Candidate],
-) -> sea_orm::Statement {
-    let ids = padded(chosen.iter().map(|c| c.id));
-    // A requeued row is not taken while a newer event of its row is on its way (leased, by
-    // any relay, this one included): sent after it, it would leave the apps on old state.
-    // Left pending, it is marked superseded when that event is delivered.
-    statement(backend, |b| {
-        format!(
-            "UPDATE {TABLE} SET claimed_by = {}, claimed_until = {} \
-             WHERE id IN ({}) AND status = 'pending' \
-               AND (claimed_until IS NULL OR claimed_until < {}) \
-               AND NOT (requeued = 1 AND EXISTS (SELECT 1 FROM {TABLE} d \
-                 WHERE d.status = 'pending' AND d.ordering_key = {TABLE}.ordering_key \
-                 AND d.id > {TABLE}.id AND d.claimed_until >= {})) \
-             RETURNING {JOB_COLUMNS}",
-            b.bind(req.relay),
-            b.bind(req.now + req.lease.as_millis() as i64),
-            b.list(ids),
-            b.bind(req.now),
-            b.bind(req.now)
-        )
-    })
-}
-
-/// The bench's ceiling of any relay: the next `want` pending rows after id `after`, with the
-/// columns a lease returns, read without a lease.
-#[cfg(feature = "internals")]
-pub(crate) fn read_pending_statement(
-    backend: DbBackend,
-    after: i64,
-    want: usize,
-) -> sea_orm::Statement {
-    statement(backend, |b| {
-        format!(
-            "SELECT {JOB_COLUMNS} FROM {TABLE} \
-             WHERE status = 'pending' AND id > {} ORDER BY id LIMIT {want}",
-            b.bind(after)
-        )
-    })
-}
-
-/// Hands rows back: their lease ends now.
-pub(crate) fn release_statement(
-    backend: DbBackend,
-    relay: &str,
-    ids: &[i64],
-) -> sea_orm::Statement {
-    let ids = padded(ids.iter().copied());
-    statement(backend, |b| {
-        format!(
-            "UPDATE {TABLE} SET claimed_by = NULL, claimed_until = NULL \
-             WHERE id IN ({}) AND claimed_by = {} AND status = 'pending'",
-            b.list(ids),
-            b.bind(relay)
-        )
-    })
-}
-
-/// Hands back every pending row leased to `relay` (a relay whose process is gone).
-pub(crate) fn release_all_statement(backend: DbBackend, relay: &str) -> sea_orm::Statement {
-    statement(backend, |b| {
-        format!(
-            "UPDATE {TABLE} SET claimed_by = NULL, claimed_until = NULL \
-             WHERE claimed_by = {} AND status = 'pending'",
-            b.bind(relay)
-        )
-    })
-}
-
-/// Extends the lease of rows `relay` holds.
-pub(crate) fn renew_statement(
-    backend: DbBackend,
-    relay: &str,
-    until: i64,
-    ids: &[i64],
-) -> sea_orm::Statement {
-    let ids = padded(ids.iter().copied());
-    statement(backend, |b| {
-        format!(
-            "UPDATE {TABLE} SET claimed_until = {} WHERE id IN ({}) AND claimed_by = {} \
-             AND status = 'pending'",
-            b.bind(until),
-            b.list(ids),
-            b.bind(relay)
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use super::held::MAX_SKIPPED_RUNS;
+    use super::statements::padded;
     use super::*;
 
     fn cand(id: i64, row: &str, unit: Option<&str>) -> Candidate {
