@@ -156,8 +156,8 @@ async fn dead_events_then_requeue_end_on_the_final_state(db: DatabaseConnection)
         .await;
     // 5 rows x (created + 2 x (updated + stock:updated))
     common::eventually(Duration::from_secs(30), "every event dead", || {
-        let outbox = outbox.clone();
-        async move { outbox.dead(100).await.unwrap().len() == 25 }
+        let db = db.clone();
+        async move { vendora_observe::outbox::dead(&db, 100).await.unwrap().len() == 25 }
     })
     .await;
     receiver.set_reply(Reply::Ok);

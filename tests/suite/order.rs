@@ -347,10 +347,9 @@ async fn blocked_backlog_holds_no_other_row(db: DatabaseConnection) {
     }
     let got = receiver.wait_delivered(20, WAIT).await;
     assert!(got.iter().all(|r| r.event() == "product:created"));
-    let outbox = observer.outbox().unwrap().clone();
     common::eventually(WAIT, "the 20 deliveries recorded", || {
-        let outbox = outbox.clone();
-        async move { outbox.pending().await.unwrap() == 3_000 }
+        let db = db.clone();
+        async move { vendora_observe::outbox::pending(&db).await.unwrap() == 3_000 }
     })
     .await;
     assert!(

@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use clap::{Parser, Subcommand};
 use vendora_observe::trace::TraceParent;
-use vendora_observe::{DeliveryError, WebhookConfig, WebhookService, outbox};
+use vendora_observe::{DeliveryError, ErrorChain, WebhookConfig, WebhookService, outbox};
 use vendora_observe_server::http::{self as server, Limits};
 use vendora_observe_server::live::Outcome;
 use vendora_observe_server::live::{self, Feed, Seen, Transport};
@@ -139,7 +139,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", ErrorChain(&*e));
             ExitCode::FAILURE
         }
     }
@@ -173,9 +173,10 @@ async fn send(event: &str, json: &str) -> Result<ExitCode, Error> {
                 _ => "",
             };
             eprintln!(
-                "error: {} after {:.1} ms: {e}{hint}",
+                "error: {} after {:.1} ms: {}{hint}",
                 service.endpoint_for_logs(),
-                started.elapsed().as_secs_f64() * 1000.0
+                started.elapsed().as_secs_f64() * 1000.0,
+                ErrorChain(&e)
             );
             Ok(ExitCode::FAILURE)
         }
@@ -596,7 +597,7 @@ async fn tail(db: &sea_orm::DatabaseConnection, count: Option<u64>) -> Result<()
             let error = r
                 .last_error
                 .as_deref()
-                .filter(|_| r.status == "dead")
+                .filter(|_| r.status == outbox::OutboxStatus::Dead)
                 .map(|e| format!("  {}", escaped(e)))
                 .unwrap_or_default();
             println!(

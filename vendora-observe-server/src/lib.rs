@@ -97,7 +97,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The address cannot be listened on.
-    #[error("cannot listen on {address} ({source}); set HOST and PORT")]
+    #[error("cannot listen on {address}; set HOST and PORT")]
     Listen {
         /// `HOST:PORT`.
         address: String,
@@ -337,7 +337,7 @@ pub async fn main() -> std::process::ExitCode {
     match run_from_env().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", vendora_observe::ErrorChain(&e));
             std::process::ExitCode::from(2)
         }
     }

@@ -55,6 +55,7 @@ pub enum Outcome {
 /// What a receiver did with one webhook, as the live page shows it.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
+#[non_exhaustive]
 pub struct Seen {
     /// When the twin handled it, in milliseconds since the Unix epoch.
     pub at: u64,

@@ -34,7 +34,7 @@ pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 pub enum BodyError {
     /// The data's `Serialize` impl failed, or produced something JSON cannot hold
     /// (a map with non-string keys, a 128-bit integer out of range, …).
-    #[error("the data of event {event:?} cannot be serialised to JSON: {source}")]
+    #[error("the data of event {event:?} cannot be serialised to JSON")]
     Serialize {
         /// The event being built.
         event: String,

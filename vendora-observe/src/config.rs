@@ -60,21 +60,24 @@ impl fmt::Display for Secret {
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A setting that cannot be used. The message names the setting, the bad value (with any
-/// password or query value masked, never a secret) and the fix; `Debug` prints the same
-/// message, so `?` in `main` shows it too.
-#[derive(thiserror::Error, Clone, PartialEq, Eq)]
+/// password or query value masked, never a secret) and the fix; what the parser or the
+/// file system said is the [`source`](std::error::Error::source) alone
+/// ([`ErrorChain`](crate::ErrorChain) prints both). `Debug` shows the variant, its fields
+/// and the message, so `?` in `main` says what to set too.
+#[derive(thiserror::Error, Clone)]
 #[non_exhaustive]
 pub enum ConfigError {
     /// The URL does not parse.
     #[error(
-        "{ENV_URL} is not a valid URL: {value:?} ({reason}); set it to the WebSocket server's \
-         webhook endpoint, e.g. {ENV_URL}={DEFAULT_URL}"
+        "{ENV_URL} is not a valid URL: {value:?}; set it to the WebSocket server's webhook \
+         endpoint, e.g. {ENV_URL}={DEFAULT_URL}"
     )]
     InvalidUrl {
         /// The value given, masked.
         value: String,
         /// Why it does not parse.
-        reason: String,
+        #[source]
+        source: url::ParseError,
     },
     /// The URL parses but is not `http` or `https`.
     #[error(
@@ -127,18 +130,47 @@ pub enum ConfigError {
         value: String,
     },
     /// `.env` exists but cannot be read.
-    #[error(
-        ".env exists but cannot be read ({reason}); fix its syntax (KEY=value lines) or remove it"
-    )]
+    #[error(".env exists but cannot be read; fix its syntax (KEY=value lines) or remove it")]
     DotEnv {
-        /// What went wrong.
-        reason: String,
+        /// What went wrong: an I/O error, or the line that does not parse.
+        #[source]
+        source: std::sync::Arc<dotenvy::Error>,
     },
 }
 
 impl fmt::Debug for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
+        let message = self.to_string();
+        let mut d;
+        match self {
+            ConfigError::InvalidUrl { value, source } => {
+                d = f.debug_struct("InvalidUrl");
+                d.field("value", value).field("source", source);
+            }
+            ConfigError::UnsupportedScheme { value } => {
+                d = f.debug_struct("UnsupportedScheme");
+                d.field("value", value);
+            }
+            ConfigError::MissingSecret => d = f.debug_struct("MissingSecret"),
+            ConfigError::ZeroTimeout => d = f.debug_struct("ZeroTimeout"),
+            ConfigError::TimeoutTooLong { timeout } => {
+                d = f.debug_struct("TimeoutTooLong");
+                d.field("timeout", timeout);
+            }
+            ConfigError::InvalidTimeout { value } => {
+                d = f.debug_struct("InvalidTimeout");
+                d.field("value", value);
+            }
+            ConfigError::InvalidSwitch { name, value } => {
+                d = f.debug_struct("InvalidSwitch");
+                d.field("name", name).field("value", value);
+            }
+            ConfigError::DotEnv { source } => {
+                d = f.debug_struct("DotEnv");
+                d.field("source", source);
+            }
+        }
+        d.field("message", &message).finish()
     }
 }
 
@@ -342,13 +374,13 @@ fn read_dotenv(
         Ok(iter) => iter
             .map(|item| {
                 item.map_err(|e| ConfigError::DotEnv {
-                    reason: e.to_string(),
+                    source: std::sync::Arc::new(e),
                 })
             })
             .collect(),
         Err(e) if e.not_found() => Ok(Default::default()),
         Err(e) => Err(ConfigError::DotEnv {
-            reason: e.to_string(),
+            source: std::sync::Arc::new(e),
         }),
     }
 }
@@ -429,9 +461,9 @@ impl WebhookConfigBuilder {
     /// Validates every setting.
     pub fn build(self) -> Result<WebhookConfig, ConfigError> {
         let raw = self.url.unwrap_or_else(|| DEFAULT_URL.to_owned());
-        let url = Url::parse(raw.trim()).map_err(|e| ConfigError::InvalidUrl {
+        let url = Url::parse(raw.trim()).map_err(|source| ConfigError::InvalidUrl {
             value: mask_url(&raw),
-            reason: e.to_string(),
+            source,
         })?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(ConfigError::UnsupportedScheme {
@@ -501,7 +533,7 @@ mod tests {
     #[test]
     fn an_empty_secret_is_refused() {
         let err = from(&[(ENV_SECRET, "  ")]).unwrap_err();
-        assert_eq!(err, ConfigError::MissingSecret);
+        assert!(matches!(err, ConfigError::MissingSecret), "{err:?}");
     }
 
     #[test]
@@ -549,7 +581,7 @@ mod tests {
             .timeout(Duration::ZERO)
             .build()
             .unwrap_err();
-        assert_eq!(err, ConfigError::ZeroTimeout);
+        assert!(matches!(err, ConfigError::ZeroTimeout), "{err:?}");
     }
 
     #[test]
@@ -638,9 +670,41 @@ mod tests {
     }
 
     #[test]
-    fn debug_of_an_error_is_its_message() {
+    fn debug_shows_the_variant_its_fields_and_the_message() {
+        // `?` in `main` prints this: what to set is in it.
         let err = from(&[]).unwrap_err();
-        assert_eq!(format!("{err:?}"), err.to_string());
+        let debug = format!("{err:?}");
+        assert!(debug.starts_with("MissingSecret { message: "), "{debug}");
+        assert!(debug.contains("WEBHOOK_SECRET is not set"), "{debug}");
+        let err = WebhookConfig::builder()
+            .url("http://")
+            .secret("s")
+            .build()
+            .unwrap_err();
+        let debug = format!("{err:?}");
+        assert!(
+            debug.starts_with("InvalidUrl { value: \"http://\", source: EmptyHost, message: "),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn the_cause_is_the_source_once_not_also_in_the_message() {
+        let err = WebhookConfig::builder()
+            .url("not a url")
+            .secret("s")
+            .build()
+            .unwrap_err();
+        let source = std::error::Error::source(&err).expect("the parser's error");
+        assert_eq!(source.to_string(), "relative URL without a base");
+        assert!(!err.to_string().contains("relative URL"), "{err}");
+        assert_eq!(
+            crate::ErrorChain(&err)
+                .to_string()
+                .matches("relative URL")
+                .count(),
+            1
+        );
     }
 
     #[test]
@@ -659,6 +723,22 @@ mod tests {
                 .starts_with(".env exists but cannot be read"),
             "{err}"
         );
+        // The parser's error as data, the line it stopped at included.
+        let ConfigError::DotEnv { source } = &err else {
+            panic!("{err:?}")
+        };
+        assert!(
+            matches!(**source, dotenvy::Error::LineParse(ref line, _) if line == "NOT A LINE"),
+            "{source:?}"
+        );
+        // A .env that cannot be read (a directory): the I/O error, as data.
+        let unreadable = dir.join("unreadable");
+        std::fs::create_dir_all(unreadable.join(".env")).unwrap();
+        let err = read_dotenv(&unreadable.join(".env")).unwrap_err();
+        let ConfigError::DotEnv { source } = &err else {
+            panic!("{err:?}")
+        };
+        assert!(matches!(**source, dotenvy::Error::Io(_)), "{source:?}");
         assert!(read_dotenv(&dir.join("missing")).unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -92,7 +92,7 @@ pub use delivery::{
     DeadLetter, Delivered, DeliveryError, Order, Overflow, RetryPolicy, Stats, Webhook,
     WebhookService,
 };
-pub use error::StartError;
+pub use error::{ErrorChain, StartError};
 pub use hooks::{ActiveModelHooks, is_quiet, quietly};
 pub use observer::{Observer, ObserverBuilder, ShutdownReport};
 pub use signature::{sign, verify};

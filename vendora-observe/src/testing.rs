@@ -28,6 +28,7 @@ use crate::body::WebhookBody;
 
 /// One captured event.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecordedEvent {
     /// The entity's event prefix (`product`).
     pub entity: &'static str,

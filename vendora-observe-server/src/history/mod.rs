@@ -30,6 +30,7 @@ pub(crate) use redis::{RedisHistory, RedisLink};
 
 /// How long and how much history is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Retention {
     /// Events older than this are dropped (default 10 minutes).
     pub max_age: Duration,

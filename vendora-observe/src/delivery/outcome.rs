@@ -18,7 +18,8 @@ pub struct Delivered {
 }
 
 /// Why one attempt did not deliver. The message says what happened and, where it can,
-/// what to do; the underlying error is the [`source`](std::error::Error::source).
+/// what to do; the underlying error is the [`source`](std::error::Error::source) alone
+/// ([`ErrorChain`](crate::ErrorChain) prints both).
 #[derive(thiserror::Error, Debug)]
 #[non_exhaustive]
 pub enum DeliveryError {
@@ -26,11 +27,9 @@ pub enum DeliveryError {
     #[error(transparent)]
     Body(#[from] BodyError),
     /// No connection could be made (receiver down, port closed, DNS failure).
-    #[error("cannot connect to the receiver: {reason}")]
+    #[error("cannot connect to the receiver")]
     Connect {
-        /// The error and its causes, as text.
-        reason: String,
-        /// The error.
+        /// What the system said.
         #[source]
         source: Cause,
     },
@@ -61,11 +60,9 @@ pub enum DeliveryError {
         location: Option<String>,
     },
     /// The connection broke during the exchange.
-    #[error("the exchange with the receiver failed: {reason}")]
+    #[error("the exchange with the receiver failed")]
     Transport {
-        /// The error and its causes, as text.
-        reason: String,
-        /// The error.
+        /// What the connection said.
         #[source]
         source: Cause,
     },

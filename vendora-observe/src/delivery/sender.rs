@@ -23,7 +23,7 @@ use super::transport::Transport;
 use crate::trace::TraceParent;
 
 use crate::config::{WebhookConfig, mask_url};
-use crate::error::{Cause, StartError};
+use crate::error::{Cause, ErrorChain, StartError};
 use crate::signature;
 
 /// `User-Agent` of every request.
@@ -215,9 +215,10 @@ impl WebhookService {
     pub(crate) fn log_down(&self, error: &DeliveryError, waiting: usize, probe: Duration) {
         let url = self.endpoint_for_logs();
         let message = format!(
-            "webhook receiver {url} is down ({error}); the {waiting} event(s) waiting are held \
+            "webhook receiver {url} is down ({}); the {waiting} event(s) waiting are held \
              and go out in order once it answers, probed every {} ms at most (no event spends \
              an attempt meanwhile)",
+            ErrorChain(error),
             probe.as_millis()
         );
         tracing::warn!(
@@ -239,6 +240,7 @@ impl WebhookService {
         let id = id.unwrap_or("-");
         let kind = error.kind();
         let status = error.status();
+        let error = ErrorChain(error);
         if status == Some(401) {
             tracing::error!(event, id, url, kind, status, "webhook rejected: {error}");
             fallback(

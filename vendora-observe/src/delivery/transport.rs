@@ -179,7 +179,6 @@ impl From<NoAnswer> for DeliveryError {
                     "the receiver closed the connection before answering",
                 );
                 DeliveryError::Transport {
-                    reason: error_chain(&e),
                     source: Box::new(e),
                 }
             }
@@ -440,14 +439,12 @@ fn resend(e: &reqwest::Error, started: Instant, timeout: Duration) -> bool {
 
 fn connect_error(e: std::io::Error) -> DeliveryError {
     DeliveryError::Connect {
-        reason: error_chain(&e),
         source: Box::new(e),
     }
 }
 
 fn transport(e: hyper::Error) -> DeliveryError {
     DeliveryError::Transport {
-        reason: error_chain(&e),
         source: Box::new(e),
     }
 }
@@ -459,32 +456,34 @@ fn classify(e: reqwest::Error, timeout: Duration) -> DeliveryError {
         DeliveryError::Timeout { after: timeout }
     } else if e.is_connect() {
         DeliveryError::Connect {
-            reason: error_chain(&e),
             source: Box::new(e),
         }
     } else {
         DeliveryError::Transport {
-            reason: error_chain(&e),
             source: Box::new(e),
         }
     }
-}
-
-/// A top-level message is often generic ("error sending request"): the causes say more.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connect_error_says_what_happened_and_keeps_the_cause_once() {
+        let e = connect_error(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        ));
+        assert_eq!(e.to_string(), "cannot connect to the receiver");
+        let cause = std::error::Error::source(&e).expect("the system's error");
+        assert_eq!(cause.to_string(), "Connection refused (os error 111)");
+        assert_eq!(
+            crate::ErrorChain(&e).to_string(),
+            "cannot connect to the receiver: Connection refused (os error 111)"
+        );
+        assert!(format!("{e:?}").starts_with("Connect { source: "), "{e:?}");
+    }
 
     #[test]
     fn credentials_in_the_url_become_basic_auth() {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DbErr};
+use sea_orm::{ConnectionTrait, DbErr, TransactionSession, TransactionTrait};
 
 use super::TABLE;
 use super::lease::now_ms;
@@ -23,8 +23,8 @@ pub struct OutboxRow {
     pub event: String,
     /// The exact body.
     pub body: String,
-    /// `pending`, `delivered`, `dead` or `superseded`.
-    pub status: String,
+    /// Where it stands.
+    pub status: OutboxStatus,
     /// Attempts made.
     pub attempts: i32,
     /// The last failure, if any.
@@ -33,6 +33,56 @@ pub struct OutboxRow {
     pub created_at: i64,
     /// When it was delivered (or superseded), in milliseconds since the Unix epoch.
     pub delivered_at: Option<i64>,
+}
+
+/// Where an outbox row stands (its `status` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OutboxStatus {
+    /// Waiting for delivery (or retrying).
+    Pending,
+    /// Delivered, kept until the retention passes.
+    Delivered,
+    /// Given up on; see [`requeue`].
+    Dead,
+    /// Not sent: a newer event of its row made it stale.
+    Superseded,
+}
+
+impl OutboxStatus {
+    /// The value of the `status` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxStatus::Pending => "pending",
+            OutboxStatus::Delivered => "delivered",
+            OutboxStatus::Dead => "dead",
+            OutboxStatus::Superseded => "superseded",
+        }
+    }
+}
+
+impl std::fmt::Display for OutboxStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::str::FromStr for OutboxStatus {
+    type Err = DbErr;
+
+    fn from_str(s: &str) -> Result<Self, DbErr> {
+        Ok(match s {
+            "pending" => OutboxStatus::Pending,
+            "delivered" => OutboxStatus::Delivered,
+            "dead" => OutboxStatus::Dead,
+            "superseded" => OutboxStatus::Superseded,
+            other => {
+                return Err(DbErr::Type(format!(
+                    "{TABLE}.status is {other:?}, not one of pending, delivered, dead, superseded"
+                )));
+            }
+        })
+    }
 }
 
 const ROW_COLUMNS: &str = "id, event_id, ordering_key, event, body, status, attempts, last_error, created_at, \
@@ -45,7 +95,7 @@ fn outbox_row(r: &sea_orm::QueryResult) -> Result<OutboxRow, DbErr> {
         ordering_key: r.try_get("", "ordering_key")?,
         event: r.try_get("", "event")?,
         body: r.try_get("", "body")?,
-        status: r.try_get("", "status")?,
+        status: r.try_get::<String>("", "status")?.parse()?,
         attempts: r.try_get("", "attempts")?,
         last_error: r.try_get("", "last_error")?,
         created_at: r.try_get("", "created_at")?,
@@ -103,14 +153,13 @@ pub async fn counts<C: ConnectionTrait>(db: &C) -> Result<Counts, DbErr> {
         .await?;
     let mut counts = Counts::default();
     for r in rows {
-        let status: String = r.try_get("", "status")?;
+        let status: OutboxStatus = r.try_get::<String>("", "status")?.parse()?;
         let n = r.try_get::<i64>("", "n")? as u64;
-        match status.as_str() {
-            "pending" => counts.pending = n,
-            "delivered" => counts.delivered = n,
-            "dead" => counts.dead = n,
-            "superseded" => counts.superseded = n,
-            _ => {}
+        match status {
+            OutboxStatus::Pending => counts.pending = n,
+            OutboxStatus::Delivered => counts.delivered = n,
+            OutboxStatus::Dead => counts.dead = n,
+            OutboxStatus::Superseded => counts.superseded = n,
         }
     }
     Ok(counts)
@@ -224,7 +273,10 @@ pub async fn finished_count_since<C: ConnectionTrait>(db: &C, since_ms: i64) -> 
 /// claim it; a newer event of its row delivered before it is sent marks it `superseded`
 /// wherever it stands. (Dead rows made stale by a delivered newer event were marked so when
 /// it was delivered.) One statement, retried on a deadlock: requeues may run at once.
-pub async fn requeue<C: ConnectionTrait>(db: &C, id: Option<i64>) -> Result<Requeued, DbErr> {
+pub async fn requeue<C: ConnectionTrait + TransactionTrait>(
+    db: &C,
+    id: Option<i64>,
+) -> Result<Requeued, DbErr> {
     let backend = db.get_database_backend();
     let statement = |now: i64| {
         statement(backend, |b| {
@@ -255,7 +307,7 @@ pub async fn requeue<C: ConnectionTrait>(db: &C, id: Option<i64>) -> Result<Requ
     };
     let mut tries = 0;
     loop {
-        match db.query_all_raw(statement(now_ms())).await {
+        match requeue_once(db, statement(now_ms())).await {
             Ok(rows) => {
                 let mut out = Requeued::default();
                 for r in rows {
@@ -275,6 +327,26 @@ pub async fn requeue<C: ConnectionTrait>(db: &C, id: Option<i64>) -> Result<Requ
             Err(e) => return Err(e),
         }
     }
+}
+
+/// One requeue statement: on PostgreSQL in a transaction that first takes the requeue
+/// lock, so that it sees every lease that began before it (see `claim::REQUEUE_LOCK`).
+async fn requeue_once<C: ConnectionTrait + TransactionTrait>(
+    db: &C,
+    statement: sea_orm::Statement,
+) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return db.query_all_raw(statement).await;
+    }
+    let txn = db.begin().await?;
+    txn.execute_unprepared(&format!(
+        "SELECT pg_advisory_xact_lock({})",
+        super::claim::REQUEUE_LOCK
+    ))
+    .await?;
+    let rows = txn.query_all_raw(statement).await?;
+    txn.commit().await?;
+    Ok(rows)
 }
 
 /// Deletes delivered (and superseded) rows of the outbox in `db` older than `older_than`;

@@ -65,8 +65,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use admin::{
-    Counts, OutboxRow, Requeued, counts, dead, dead_count, finished_count_since, finished_since,
-    oldest_pending, pending, purge_delivered, requeue,
+    Counts, OutboxRow, OutboxStatus, Requeued, counts, dead, dead_count, finished_count_since,
+    finished_since, oldest_pending, pending, purge_delivered, requeue,
 };
 pub use schema::{create_table, table_exists};
 
@@ -272,13 +272,8 @@ impl Outbox {
         Ok(())
     }
 
-    /// Rows not yet delivered nor given up on.
-    pub async fn pending(&self) -> Result<u64, DbErr> {
-        pending(&self.inner.options.db).await
-    }
-
     async fn refresh_pending(&self) -> u64 {
-        match self.pending().await {
+        match pending(&self.inner.options.db).await {
             Ok(n) => {
                 self.inner.ctx.counters.set_pending(n);
                 n
@@ -303,24 +298,15 @@ impl Outbox {
         (pending, oldest)
     }
 
-    /// Dead rows (given up on after their last attempt), oldest first, with their last
-    /// error.
-    pub async fn dead(&self, limit: u64) -> Result<Vec<OutboxRow>, DbErr> {
-        dead(&self.inner.options.db, limit).await
-    }
-
     /// Puts dead rows back in the queue (all of them with `None`), attempts reset, except
-    /// those a newer event of their row has made stale (see [`requeue`]). They keep their
-    /// `X-Webhook-Id`, so receivers can still dedupe.
+    /// those a newer event of their row has made stale, as [`requeue`] does, and wakes this
+    /// observer's relay at once to send them. They keep their `X-Webhook-Id`, so receivers
+    /// can still dedupe. (Counts, dead rows and purges are the free functions of this
+    /// module, which need no relay: [`pending`], [`dead`], [`purge_delivered`].)
     pub async fn requeue(&self, id: Option<i64>) -> Result<Requeued, DbErr> {
         let n = requeue(&self.inner.options.db, id).await?;
         self.inner.wake.notify_one();
         Ok(n)
-    }
-
-    /// Deletes delivered rows older than `older_than`; returns how many.
-    pub async fn purge_delivered(&self, older_than: Duration) -> Result<u64, DbErr> {
-        purge_delivered(&self.inner.options.db, older_than).await
     }
 
     pub(crate) async fn flush(&self, deadline: Instant) -> bool {

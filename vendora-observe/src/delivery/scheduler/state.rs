@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::{Later, Report, Setup};
 use crate::delivery::{ChainKey, DeadLetter, Decision, DeliveryError, EventKind, Job, decide};
+use crate::error::ErrorChain;
 use crate::trace::TraceParent;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -402,10 +403,11 @@ impl State {
                 event = webhook.event(),
                 id = webhook.id(),
                 attempts,
-                "webhook attempt failed: {error}"
+                "webhook attempt failed: {}",
+                ErrorChain(&*error)
             );
         }
-        let described = format!("{}: {error}", error.kind());
+        let described = format!("{}: {}", error.kind(), ErrorChain(&*error));
         match decision {
             Decision::Retry(delay) => {
                 ctx.counters.retried(webhook.event());
@@ -472,7 +474,7 @@ impl State {
                 service.log_down(&error, waiting, probe);
             }));
         } else {
-            tracing::debug!("webhook receiver still down: {error}");
+            tracing::debug!("webhook receiver still down: {}", ErrorChain(&*error));
         }
         Finished::Retrying
     }
@@ -556,8 +558,12 @@ impl State {
         };
         let (event, id, attempts) = (job.webhook.event(), job.webhook.id(), job.attempts);
         let url = ctx.service.endpoint_for_logs().to_string();
+        let chain;
         let why: &dyn std::fmt::Display = match cause {
-            Some(error) => error,
+            Some(error) => {
+                chain = ErrorChain(error);
+                &chain
+            }
             None => &last_error,
         };
         let after = match attempts {

@@ -30,7 +30,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, UNIX_EPOCH};
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult, TransactionTrait};
 
 mod held;
 mod statements;
@@ -289,8 +289,7 @@ pub(crate) async fn claim(
             pending_seen,
         });
     }
-    let rows = db
-        .query_all_raw(lease_statement(backend, &req, &chosen))
+    let rows = lease(db, lease_statement(backend, &req, &chosen))
         .await
         .map_err(leased)?;
     let mut jobs = rows
@@ -417,6 +416,32 @@ impl<'a> Choice<'a> {
             self.blocked.extend(c.chains());
         }
     }
+}
+
+/// The advisory lock (PostgreSQL) that orders leases and requeues: a lease holds it shared,
+/// a requeue alone ([`super::admin::requeue`]), each taken before the statement reads. A
+/// requeue then sees every lease that began before it, and a lease every requeue that
+/// committed before it: no newer event of a row is leased by one relay while a requeue puts
+/// an older one in front of it for another (both would go out, the older one last).
+pub(crate) const REQUEUE_LOCK: i64 = 0x0076_656e_646f_7271;
+
+/// Runs a lease statement: on PostgreSQL in a transaction that first takes
+/// [`REQUEUE_LOCK`] shared (SQLite runs one writer at a time, which orders them already).
+async fn lease(
+    db: &DatabaseConnection,
+    statement: sea_orm::Statement,
+) -> Result<Vec<QueryResult>, DbErr> {
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return db.query_all_raw(statement).await;
+    }
+    let txn = db.begin().await?;
+    txn.execute_unprepared(&format!(
+        "SELECT pg_advisory_xact_lock_shared({REQUEUE_LOCK})"
+    ))
+    .await?;
+    let rows = txn.query_all_raw(statement).await?;
+    txn.commit().await?;
+    Ok(rows)
 }
 
 /// The columns [`job_from_row`] reads.
@@ -567,6 +592,58 @@ mod tests {
     /// The frontier that skips the held runs returns exactly what the frontier that walks
     /// past them does, over random tables (statuses, leases of this relay and another,
     /// held sets with and without runs), for several windows.
+    /// A requeue that committed after the frontier was read put an older row of the same
+    /// row in front: the lease does not take the newer one over it, unless the relay holds
+    /// the older one.
+    #[tokio::test]
+    async fn a_row_is_not_leased_over_an_older_requeued_row_of_another_relay_or_none() {
+        use sea_orm::Database;
+        let db = Database::connect("sqlite::memory:").await.unwrap();
+        super::super::create_table(&db).await.unwrap();
+        db.execute_unprepared(
+            "INSERT INTO vendora_outbox (id, event_id, ordering_key, event, body, status, \
+             next_attempt_at, created_at, requeued) VALUES \
+             (1, 'old', 'p:1', 'product:updated', '{}', 'pending', 0, 0, 1), \
+             (2, 'new', 'p:1', 'product:updated', '{}', 'pending', 0, 0, 0), \
+             (3, 'other', 'p:2', 'product:updated', '{}', 'pending', 0, 0, 0)",
+        )
+        .await
+        .unwrap();
+        let req = Request {
+            relay: "me",
+            now: 1_000,
+            lease: Duration::from_secs(60),
+            want: 8,
+            per_chain: 8,
+        };
+        let leased = |ids: &'static [i64]| {
+            let db = db.clone();
+            let chosen: Vec<Candidate> = ids.iter().map(|&id| cand(id, "p", None)).collect();
+            let statement = lease_statement(db.get_database_backend(), &req, &chosen);
+            async move {
+                let mut got: Vec<i64> = lease(&db, statement)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.try_get::<i64>("", "id").unwrap())
+                    .collect();
+                got.sort_unstable();
+                got
+            }
+        };
+        // The frontier missed the requeued row: the newer one stays, the other row goes.
+        assert_eq!(leased(&[2, 3]).await, [3]);
+        // Both chosen: both leased, in one claim.
+        assert_eq!(leased(&[1, 2]).await, [1, 2]);
+        // Once the relay holds the requeued row, the newer one follows it too.
+        db.execute_unprepared(
+            "UPDATE vendora_outbox SET claimed_by = NULL, claimed_until = NULL WHERE id = 2",
+        )
+        .await
+        .unwrap();
+        assert_eq!(leased(&[2]).await, [2]);
+    }
+
     #[tokio::test]
     async fn skipping_held_runs_returns_the_same_frontier() {
         use sea_orm::Database;

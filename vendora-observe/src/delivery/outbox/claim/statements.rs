@@ -243,7 +243,11 @@ pub(super) fn lease_statement(
     let ids = padded(chosen.iter().map(|c| c.id));
     // A requeued row is not taken while a newer event of its row is on its way (leased, by
     // any relay, this one included): sent after it, it would leave the apps on old state.
-    // Left pending, it is marked superseded when that event is delivered.
+    // Left pending, it is marked superseded when that event is delivered. Nor is a row taken
+    // while an older requeued row of its row is pending and neither this relay's nor taken
+    // by this statement: a requeue that committed after the frontier was read put it in
+    // front (see `REQUEUE_LOCK`). (Should that older row be refused here, the claim hands
+    // back what it took behind it.)
     statement(backend, |b| {
         format!(
             "UPDATE {TABLE} SET claimed_by = {}, claimed_until = {} \
@@ -252,11 +256,20 @@ pub(super) fn lease_statement(
                AND NOT (requeued = 1 AND EXISTS (SELECT 1 FROM {TABLE} d \
                  WHERE d.status = 'pending' AND d.ordering_key = {TABLE}.ordering_key \
                  AND d.id > {TABLE}.id AND d.claimed_until >= {})) \
+               AND NOT EXISTS (SELECT 1 FROM {TABLE} r{} \
+                 WHERE r.status = 'pending' AND r.requeued = 1 \
+                 AND r.ordering_key = {TABLE}.ordering_key AND r.id < {TABLE}.id \
+                 AND r.id NOT IN ({}) \
+                 AND (r.claimed_by IS NULL OR r.claimed_by <> {} OR r.claimed_until < {})) \
              RETURNING {JOB_COLUMNS}",
             b.bind(req.relay),
             b.bind(req.now + req.lease.as_millis() as i64),
-            b.list(ids),
+            b.list(ids.iter().copied()),
             b.bind(req.now),
+            b.bind(req.now),
+            by_index(backend, "requeued"),
+            b.list(ids.iter().copied()),
+            b.bind(req.relay),
             b.bind(req.now)
         )
     })
