@@ -583,3 +583,44 @@ async fn serve_stops_accepting_finishes_the_request_in_flight_then_returns() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("done"), "{answer}");
 }
+
+/// `--help` needs no setting and names every one the server reads (taken from its source,
+/// so a setting added without a line in the help fails here); an unknown argument is refused
+/// with a pointer to it.
+#[test]
+fn help_lists_every_setting_the_server_reads() {
+    let run = |arg: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_server-under-test"))
+            .arg(arg)
+            .env_clear()
+            .current_dir(std::env::temp_dir())
+            .output()
+            .unwrap()
+    };
+    let out = run("--help");
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8(out.stdout).unwrap();
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/vendora-observe-server/src/config.rs"
+    ))
+    .unwrap();
+    let mut read = std::collections::BTreeSet::new();
+    for call in ["var(\"", "switch(\"", "path(\"", "list(\""] {
+        for rest in source.split(call).skip(1) {
+            let name = rest.split('"').next().unwrap();
+            if name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+                read.insert(name.to_owned());
+            }
+        }
+    }
+    assert!(read.len() >= 12, "settings found in the source: {read:?}");
+    let missing: Vec<_> = read.iter().filter(|n| !help.contains(n.as_str())).collect();
+    assert!(missing.is_empty(), "not in --help: {missing:?}\n{help}");
+    let out = run("--port");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("see vendora-observe-server --help"),
+        "{out:?}"
+    );
+}

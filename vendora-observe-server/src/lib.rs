@@ -322,11 +322,59 @@ pub async fn run_from_env() -> Result<(), StartError> {
     Ok(())
 }
 
-/// The program: a `tracing` subscriber on standard output (`RUST_LOG`, default `info`),
-/// then [`run_from_env`]; a wrong setting is printed with its fix, and the process exits
-/// with status 2.
+/// What `vendora-observe-server --help` prints: every setting, with its default.
+const HELP: &str = "\
+vendora-observe-server: verifies signed webhooks and delivers them over socket.io v4 to the
+apps allowed to see them. Configured from the environment (and .env); Ctrl-C or SIGTERM
+stops it gracefully. The backend posts to http://HOST:PORT/webhook.
+
+Usage: vendora-observe-server [--help | --version]
+
+Settings:
+  HOST, PORT                        where to listen (127.0.0.1, 3001)
+  WEBHOOK_SECRET                    the backend's secret (required)
+  WEBHOOK_PREVIOUS_SECRETS          secrets being rotated out, comma-separated
+  WEBHOOK_REQUIRE_STANDARD_HEADERS  refuse webhooks without the Standard Webhooks headers (true)
+  APP_TOKENS                        app tokens and their rooms: till-7=store:1|store:2,…
+                                    (a bare token hears every room)
+  APP_TOKENS_FILE                   the same, in a file read again when it changes
+  APP_TOKEN_SECRET                  the secret of tokens the backend mints (several while rotating)
+  APP_REVOCATIONS_FILE              revoked subjects, a line each, read again when it changes
+  APP_AUTH=off                      any app hears every event: development only
+  ADMIN_TOKEN                       the live page's credential (none: the page is closed)
+  ALLOWED_ORIGINS                   origins browsers may connect from
+  TRUSTED_PROXIES                   proxies whose X-Forwarded-For names the client
+  REDIS_URL, REDIS_CA_CERT          several servers behind one URL (none: history in memory)
+  HISTORY_MAX_AGE_SECS              history kept for apps that reconnect (600)
+  HISTORY_MAX_BYTES                 the same, in bytes (64 MiB)
+  APP_BUFFER                        events an app may have waiting before it is dropped (256)
+  RUST_LOG                          log filter (info)
+";
+
+/// The program: `--help` and `--version`; otherwise a `tracing` subscriber on standard
+/// output (`RUST_LOG`, default `info`), then [`run_from_env`]; a wrong setting is printed
+/// with its fix, and the process exits with status 2.
 #[doc(hidden)]
 pub async fn main() -> std::process::ExitCode {
+    if let Some(arg) = std::env::args().nth(1) {
+        return match arg.as_str() {
+            "-h" | "--help" => {
+                print!("{HELP}");
+                std::process::ExitCode::SUCCESS
+            }
+            "-V" | "--version" => {
+                println!("vendora-observe-server {}", env!("CARGO_PKG_VERSION"));
+                std::process::ExitCode::SUCCESS
+            }
+            other => {
+                eprintln!(
+                    "error: unknown argument {other:?}: the server takes its settings from the \
+                     environment; see vendora-observe-server --help"
+                );
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
