@@ -17,9 +17,11 @@
 //! This module holds what both sources share: the event ([`Webhook`]), the retry and
 //! dead-letter decision (made once, in `decide`), the counters and the dead-letter type.
 
+mod counters;
 pub(crate) mod direct;
 pub mod outbox;
 mod outcome;
+mod retry;
 pub(crate) mod scheduler;
 pub(crate) mod sender;
 mod transport;
@@ -27,15 +29,16 @@ mod transport;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use serde::Serialize;
-use tokio::sync::Notify;
 
 use crate::body::{BodyError, WebhookBody};
-use crate::telemetry::{self, Count, Mode};
 use crate::trace::TraceParent;
+pub(crate) use counters::Counters;
+pub use counters::Stats;
+pub use retry::RetryPolicy;
+pub(crate) use retry::{Decision, decide};
 pub use sender::{Delivered, DeliveryError, WebhookService};
 
 /// One event ready to send: a unique id (kept across retries), its body, and the trace it
@@ -190,158 +193,6 @@ impl ChainKey {
     }
 }
 
-/// How failed deliveries are retried, in both delivery modes.
-///
-/// Two kinds of failure are told apart:
-///
-/// - **The receiver is unreachable or failing** (a connection refused or cut, a timeout, a
-///   5xx, 408 or 429) and nothing it was sent has succeeded since the attempt began: that is
-///   a state of the endpoint, not of the event. Sending stops, but for one *probe* (the next
-///   event in order) every [`probe_interval`](Self::probe_interval) at most (doubling from
-///   `base_delay` up to it, or the receiver's `Retry-After`); the moment a probe succeeds,
-///   the whole backlog flows, in order. No event spends an attempt meanwhile, so an outage
-///   dead-letters nothing: an event is given up on only past [`max_age`](Self::max_age).
-/// - **The event itself fails** while others get through (a 5xx for this body only), or is
-///   refused (a 4xx other than 408 and 429: not retried): its attempts count, retried with
-///   exponential backoff and full jitter — the delay before retry *n* is drawn from
-///   `0..=min(max_delay, base_delay * 2^(n-1))`, or the receiver's `Retry-After` on 429 and
-///   503, up to `max_retry_after` — and dead-lettered after `max_attempts`.
-///
-/// The default: 10 attempts of the event's own over at most ~2 minutes (delays of at most
-/// 0.25, 0.5, 1, 2, 4, 8, 16, 30, 30 s), a probe every 0.5 s at most while the receiver is
-/// down, a maximum age of 24 hours.
-///
-/// ```
-/// # use std::time::Duration;
-/// # use vendora_observe::RetryPolicy;
-/// let policy = RetryPolicy::default();
-/// assert!(policy.delay(1, None) <= Duration::from_millis(250));
-/// assert!(policy.delay(20, None) <= Duration::from_secs(30));
-/// assert_eq!(policy.delay(1, Some(Duration::from_secs(3))), Duration::from_secs(3));
-///
-/// let patient = RetryPolicy::default()
-///     .max_attempts(20)
-///     .max_age(Duration::from_secs(3600));
-/// assert_eq!((patient.max_attempts, patient.max_age), (20, Duration::from_secs(3600)));
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included, that fail for the event itself; after the last
-    /// the event is dead-lettered.
-    pub max_attempts: u32,
-    /// The ceiling of the first retry's delay.
-    pub base_delay: Duration,
-    /// The largest backoff delay.
-    pub max_delay: Duration,
-    /// The largest `Retry-After` that is honoured; a longer one is cut to this.
-    pub max_retry_after: Duration,
-    /// While the receiver is down, the longest time between two probes.
-    pub probe_interval: Duration,
-    /// An event not delivered this long after its write is dead-lettered, however the
-    /// receiver fares.
-    pub max_age: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            max_attempts: 10,
-            base_delay: Duration::from_millis(250),
-            max_delay: Duration::from_secs(30),
-            max_retry_after: Duration::from_secs(300),
-            probe_interval: Duration::from_millis(500),
-            max_age: Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// A policy that never retries an event's own failure: one attempt, then dead-letter.
-    /// (A receiver that is down is still waited for, up to [`max_age`](Self::max_age).)
-    pub fn no_retries() -> Self {
-        RetryPolicy {
-            max_attempts: 1,
-            ..Self::default()
-        }
-    }
-
-    /// Sets [`max_attempts`](Self::max_attempts) (at least 1).
-    #[must_use]
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = n.max(1);
-        self
-    }
-
-    /// Sets [`base_delay`](Self::base_delay).
-    #[must_use]
-    pub fn base_delay(mut self, delay: Duration) -> Self {
-        self.base_delay = delay;
-        self
-    }
-
-    /// Sets [`max_delay`](Self::max_delay).
-    #[must_use]
-    pub fn max_delay(mut self, delay: Duration) -> Self {
-        self.max_delay = delay;
-        self
-    }
-
-    /// Sets [`max_retry_after`](Self::max_retry_after).
-    #[must_use]
-    pub fn max_retry_after(mut self, delay: Duration) -> Self {
-        self.max_retry_after = delay;
-        self
-    }
-
-    /// Sets [`probe_interval`](Self::probe_interval).
-    #[must_use]
-    pub fn probe_interval(mut self, interval: Duration) -> Self {
-        self.probe_interval = interval;
-        self
-    }
-
-    /// Sets [`max_age`](Self::max_age).
-    #[must_use]
-    pub fn max_age(mut self, age: Duration) -> Self {
-        self.max_age = age;
-        self
-    }
-
-    /// The delay before the next attempt, after `failed_attempts` failures.
-    pub fn delay(&self, failed_attempts: u32, retry_after: Option<Duration>) -> Duration {
-        if let Some(after) = retry_after {
-            return after.min(self.max_retry_after);
-        }
-        let exp = failed_attempts.saturating_sub(1).min(30);
-        let ceiling = self
-            .base_delay
-            .saturating_mul(1u32 << exp)
-            .min(self.max_delay);
-        let nanos = ceiling.as_nanos().min(u128::from(u64::MAX)) as u64;
-        Duration::from_nanos(fastrand::u64(0..=nanos))
-    }
-}
-
-/// What becomes of an event after a failed attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Decision {
-    /// Try again after this delay.
-    Retry(Duration),
-    /// Give up: dead-letter it.
-    Dead,
-}
-
-/// The retry / dead-letter decision, for both modes: retryable failures are retried until
-/// the policy's last attempt, with its backoff or the receiver's `Retry-After`.
-pub(crate) fn decide(policy: &RetryPolicy, attempts: u32, error: &DeliveryError) -> Decision {
-    if error.is_retryable() && attempts < policy.max_attempts {
-        Decision::Retry(policy.delay(attempts, error.retry_after()))
-    } else {
-        Decision::Dead
-    }
-}
-
 /// An event that could not be delivered after its last attempt.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -371,177 +222,6 @@ pub enum Overflow {
     /// The hook waits until the queue has room: no event is shed, but a write can wait on
     /// a slow receiver.
     Wait,
-}
-
-/// Counters of an observer, read with [`Observer::stats`](crate::Observer::stats).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Events the hooks handed over (in outbox mode: rows written, including any in a
-    /// transaction that was then rolled back).
-    pub emitted: u64,
-    /// Events delivered (answered 2xx).
-    pub sent: u64,
-    /// Retries scheduled after a failed attempt.
-    pub retried: u64,
-    /// Attempts that failed (each retry's failure counts).
-    pub failed: u64,
-    /// Events given up on (dead-lettered): after their last attempt, or left at shutdown.
-    pub dead: u64,
-    /// Events not sent because a newer event of their row superseded them (latest-wins
-    /// coalescing, or a requeued dead event that a delivered newer one made stale).
-    pub superseded: u64,
-    /// Events accepted and not yet delivered, dead-lettered or superseded. In outbox mode,
-    /// the table's pending rows, whichever process wrote them: counted by the relay at each
-    /// look for work while idle (every `poll_interval`, or when woken) and every second
-    /// while it holds rows, and by [`Observer::flush`](crate::Observer::flush).
-    pub pending: u64,
-    /// Events refused because the queue was full ([`Overflow::Shed`]) or closed.
-    pub shed: u64,
-}
-
-/// An observer's counters: [`Stats`], and the same counts through the `metrics` facade
-/// (feature `metrics`, see [`crate::telemetry`]).
-pub(crate) struct Counters {
-    mode: Mode,
-    emitted: AtomicU64,
-    sent: AtomicU64,
-    retried: AtomicU64,
-    failed: AtomicU64,
-    dead: AtomicU64,
-    superseded: AtomicU64,
-    pending: AtomicU64,
-    shed: AtomicU64,
-    /// Signalled when `pending` drops to zero.
-    idle: Notify,
-    /// Signalled whenever pending events leave (room for [`Overflow::Wait`]), while
-    /// `space_waiters` says that a write waits for it.
-    pub(crate) space: Notify,
-    space_waiters: AtomicUsize,
-}
-
-/// A write counted as waiting for room (see [`Counters::waiting_for_space`]), until dropped.
-pub(crate) struct SpaceWaiter<'a>(&'a Counters);
-
-impl Drop for SpaceWaiter<'_> {
-    fn drop(&mut self) {
-        self.0.space_waiters.fetch_sub(1, AtomicOrdering::SeqCst);
-    }
-}
-
-impl Counters {
-    pub(crate) fn new(mode: Mode) -> Counters {
-        Counters {
-            mode,
-            emitted: AtomicU64::new(0),
-            sent: AtomicU64::new(0),
-            retried: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            dead: AtomicU64::new(0),
-            superseded: AtomicU64::new(0),
-            pending: AtomicU64::new(0),
-            shed: AtomicU64::new(0),
-            idle: Notify::new(),
-            space: Notify::new(),
-            space_waiters: AtomicUsize::new(0),
-        }
-    }
-    pub(crate) fn try_reserve(&self, n: u64, capacity: usize) -> bool {
-        self.pending
-            .fetch_update(AtomicOrdering::SeqCst, AtomicOrdering::SeqCst, |p| {
-                (p + n <= capacity as u64).then_some(p + n)
-            })
-            .is_ok()
-    }
-    pub(crate) fn release(&self, n: u64) {
-        if n == 0 {
-            return;
-        }
-        if self.pending.fetch_sub(n, AtomicOrdering::SeqCst) == n {
-            self.idle.notify_waiters();
-        }
-        // A waiter registers before it counts itself and looks at `pending` after (both
-        // SeqCst, as here): either it sees the room, or this sees it.
-        if self.space_waiters.load(AtomicOrdering::SeqCst) > 0 {
-            self.space.notify_waiters();
-        }
-    }
-    /// Counts the caller as waiting for room until the guard is dropped (also when its
-    /// future is). Register on `space` first, then count, then look at `pending` once more.
-    pub(crate) fn waiting_for_space(&self) -> SpaceWaiter<'_> {
-        self.space_waiters.fetch_add(1, AtomicOrdering::SeqCst);
-        SpaceWaiter(self)
-    }
-    pub(crate) fn set_pending(&self, n: u64) {
-        if self.pending.swap(n, AtomicOrdering::AcqRel) != 0 && n == 0 {
-            self.idle.notify_waiters();
-        }
-    }
-    pub(crate) fn pending(&self) -> u64 {
-        self.pending.load(AtomicOrdering::Acquire)
-    }
-    fn count(&self, counter: &AtomicU64, which: Count, event: &str, n: u64) {
-        counter.fetch_add(n, AtomicOrdering::Relaxed);
-        telemetry::count(which, self.mode, event, n);
-    }
-    pub(crate) fn emitted(&self, jobs: &[Job]) {
-        for job in jobs {
-            self.count(&self.emitted, Count::Emitted, job.webhook.event(), 1);
-        }
-    }
-    pub(crate) fn sent(&self, event: &str, born: SystemTime) {
-        self.count(&self.sent, Count::Sent, event, 1);
-        telemetry::delivered(self.mode, event, born);
-    }
-    pub(crate) fn retried(&self, event: &str) {
-        self.count(&self.retried, Count::Retried, event, 1);
-    }
-    pub(crate) fn failed(&self, event: &str) {
-        self.count(&self.failed, Count::Failed, event, 1);
-    }
-    pub(crate) fn dead(&self, event: &str) {
-        self.count(&self.dead, Count::Dead, event, 1);
-    }
-    pub(crate) fn superseded(&self, event: &str) {
-        self.count(&self.superseded, Count::Superseded, event, 1);
-    }
-    pub(crate) fn shed(&self, jobs: &[Job]) {
-        for job in jobs {
-            self.count(&self.shed, Count::Shed, job.webhook.event(), 1);
-        }
-    }
-    pub(crate) fn mode(&self) -> Mode {
-        self.mode
-    }
-    pub(crate) fn snapshot(&self) -> Stats {
-        Stats {
-            emitted: self.emitted.load(AtomicOrdering::Relaxed),
-            sent: self.sent.load(AtomicOrdering::Relaxed),
-            retried: self.retried.load(AtomicOrdering::Relaxed),
-            failed: self.failed.load(AtomicOrdering::Relaxed),
-            dead: self.dead.load(AtomicOrdering::Relaxed),
-            superseded: self.superseded.load(AtomicOrdering::Relaxed),
-            pending: self.pending.load(AtomicOrdering::Acquire),
-            shed: self.shed.load(AtomicOrdering::Relaxed),
-        }
-    }
-    /// Waits until nothing is pending, or `deadline` passes.
-    pub(crate) async fn wait_idle(&self, deadline: Instant) -> bool {
-        loop {
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if self.pending() == 0 {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline.into(), idle)
-                .await
-                .is_err()
-            {
-                return self.pending() == 0;
-            }
-        }
-    }
 }
 
 /// What a source hands the scheduler: its settings and shared parts.
@@ -579,25 +259,6 @@ pub(crate) struct Leftovers {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_retryable_failures_before_the_last_attempt_are_retried() {
-        let policy = RetryPolicy::default().max_attempts(3);
-        let unavailable = DeliveryError::Status {
-            status: 503,
-            retry_after: Some(Duration::from_secs(2)),
-        };
-        assert_eq!(
-            decide(&policy, 1, &unavailable),
-            Decision::Retry(Duration::from_secs(2))
-        );
-        assert_eq!(decide(&policy, 3, &unavailable), Decision::Dead);
-        let unauthorized = DeliveryError::Status {
-            status: 401,
-            retry_after: None,
-        };
-        assert_eq!(decide(&policy, 1, &unauthorized), Decision::Dead);
-    }
 
     #[test]
     fn chain_keys_are_stable_and_tagged() {

@@ -55,7 +55,6 @@ mod schema;
 mod sql;
 mod wake;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -155,7 +154,7 @@ struct Inner {
     relay_id: String,
     wake: Notify,
     progress: Notify,
-    stopping: AtomicBool,
+    stopping: CancellationToken,
     /// Cancelled when the relay must stop without a `shutdown`: every user handle was
     /// dropped, or another observer was installed in place of this one.
     retired: CancellationToken,
@@ -199,7 +198,7 @@ impl Outbox {
             relay_id: holder::new_relay_id(),
             wake: Notify::new(),
             progress: Notify::new(),
-            stopping: AtomicBool::new(false),
+            stopping: CancellationToken::new(),
             retired: CancellationToken::new(),
             relay: Mutex::new(None),
         });
@@ -350,7 +349,7 @@ impl Outbox {
     /// flight then, and waits for the relay to write the outcomes and hand the rest back
     /// (until the deadline, [`OUTCOMES_GRACE`] at least).
     async fn stop(&self, deadline: Instant) -> (Leftovers, u64) {
-        self.inner.stopping.store(true, Ordering::Release);
+        self.inner.stopping.cancel();
         self.inner.wake.notify_one();
         let leftovers = self
             .inner

@@ -215,7 +215,7 @@ impl Relay {
         let options = &inner.options;
         // Rows let go while a claim runs may lie before what it took: then it gives back.
         let let_go_before = inner.scheduler.let_go_count();
-        let stopping = inner.stopping.load(std::sync::atomic::Ordering::Acquire);
+        let stopping = inner.stopping.is_cancelled();
         let room = max_held(self.size).saturating_sub(self.held.len());
         if stopping || self.idle || room == 0 {
             return None;

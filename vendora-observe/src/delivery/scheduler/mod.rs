@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -99,8 +100,7 @@ struct Shared {
     /// Signalled when rows were let go for want of a lease (the relay hands them back).
     let_go: Notify,
     /// Set at the shutdown deadline: senders cut what they send and stop.
-    abort: AtomicBool,
-    aborted: Notify,
+    abort: CancellationToken,
     /// Whether the events lost to a stopped runtime were reported (once).
     reported_exit: AtomicBool,
 }
@@ -122,8 +122,7 @@ impl Scheduler {
             timers_changed: Notify::new(),
             drained: Notify::new(),
             let_go: Notify::new(),
-            abort: AtomicBool::new(false),
-            aborted: Notify::new(),
+            abort: CancellationToken::new(),
             reported_exit: AtomicBool::new(false),
         });
         for _ in 0..concurrency {
@@ -223,8 +222,7 @@ impl Scheduler {
                 break;
             }
         }
-        self.shared.abort.store(true, Ordering::Release);
-        self.shared.aborted.notify_waiters();
+        self.shared.abort.cancel();
         self.shared.work.notify_waiters();
         self.shared.timers_changed.notify_one();
         self.shared.tasks.close();
@@ -370,7 +368,7 @@ impl Shared {
     }
 
     fn aborting(&self) -> bool {
-        self.abort.load(Ordering::Acquire)
+        self.abort.is_cancelled()
     }
 
     /// A request in flight counts as slow from now: a sender stands in for it while the
@@ -394,9 +392,8 @@ async fn sender(shared: Arc<Shared>) {
     let setup = &shared.setup;
     let timeout = setup.ctx.service.config().timeout();
     // Registered once: the abort comes once, and ends the task.
-    let aborted = shared.aborted.notified();
+    let aborted = shared.abort.cancelled();
     tokio::pin!(aborted);
-    aborted.as_mut().enable();
     let mut last: Option<Attempted> = None;
     let mut graveyard = Vec::new();
     loop {
