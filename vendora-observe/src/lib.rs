@@ -438,7 +438,8 @@ pub mod __private {
         pub use crate::delivery::outbox::claim::{
             IN_INDEX_ORDER, frontier_settings, frontier_statement, runs_of, skip_scan_statement,
         };
-        pub use crate::delivery::outbox::internals::{drain_without_sending, send_without_writing};
+        pub use crate::delivery::outbox::internals::drain_without_sending;
+        pub use crate::observer::send_without_writing;
     }
     pub use serde;
     pub use serde_json;

@@ -446,3 +446,30 @@ pub(crate) fn warn_not_installed(event: &str) {
         );
     }
 }
+
+/// The ceiling of any relay, for the bench: reads the pending rows once, by an id cursor,
+/// `want` at a time with their bodies, and hands them to `observer` (direct mode) to send,
+/// writing nothing, neither lease nor mark. Returns the rows read; `observer` then sends
+/// them (wait at the receiver, or [`Observer::flush`]).
+#[cfg(feature = "internals")]
+pub async fn send_without_writing(
+    db: &sea_orm::DatabaseConnection,
+    observer: &Observer,
+    want: usize,
+) -> Result<u64, sea_orm::DbErr> {
+    let Sink::Direct(queue) = &observer.inner.sink else {
+        return Err(sea_orm::DbErr::Custom(
+            "send_without_writing needs a direct-mode observer".into(),
+        ));
+    };
+    let (mut after, mut total) = (0i64, 0u64);
+    loop {
+        let jobs = crate::delivery::outbox::internals::read_pending(db, after, want).await?;
+        let Some(last) = jobs.last() else {
+            return Ok(total);
+        };
+        after = last.token;
+        total += jobs.len() as u64;
+        queue.enqueue(jobs).await;
+    }
+}

@@ -46,36 +46,18 @@ pub async fn drain_without_sending(
     }
 }
 
-/// The ceiling of any relay, for the bench: reads the pending rows once, by an id cursor,
-/// `want` at a time with their bodies, and hands them to `observer` (direct mode) to send,
-/// writing nothing, neither lease nor mark. Returns the rows read; `observer` then sends
-/// them (wait at the receiver, or [`Observer::flush`](crate::Observer::flush)).
-#[cfg(feature = "internals")]
-pub async fn send_without_writing(
+/// The pending rows after id `after`, `want` of them at most, with their bodies, as jobs,
+/// read without a lease: the ceiling of any relay, for the bench
+/// ([`crate::Observer`]'s `send_without_writing` hands them to a direct-mode observer).
+pub(crate) async fn read_pending(
     db: &sea_orm::DatabaseConnection,
-    observer: &crate::Observer,
+    after: i64,
     want: usize,
-) -> Result<u64, DbErr> {
-    let crate::observer::Sink::Direct(queue) = &observer.inner.sink else {
-        return Err(DbErr::Custom(
-            "send_without_writing needs a direct-mode observer".into(),
-        ));
-    };
+) -> Result<Vec<crate::delivery::Job>, DbErr> {
     let backend = db.get_database_backend();
-    let (mut after, mut total) = (0i64, 0u64);
-    loop {
-        let rows = db
-            .query_all_raw(claim::read_pending_statement(backend, after, want))
-            .await?;
-        let jobs = rows
-            .iter()
-            .map(claim::job_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        let Some(last) = jobs.last() else {
-            return Ok(total);
-        };
-        after = last.token;
-        total += jobs.len() as u64;
-        queue.enqueue(jobs).await;
-    }
+    db.query_all_raw(claim::read_pending_statement(backend, after, want))
+        .await?
+        .iter()
+        .map(claim::job_from_row)
+        .collect()
 }
