@@ -177,7 +177,7 @@ pub async fn oldest_pending<C: ConnectionTrait>(
 ) -> Result<Option<std::time::SystemTime>, DbErr> {
     // The oldest by id through the pending rows' partial index: one index entry read.
     let backend = db.get_database_backend();
-    let indexed = super::claim::by_index(backend, "pending");
+    let indexed = super::sql::by_index(backend, "pending");
     let row = db
         .query_one_raw(statement(backend, |_| {
             format!(
@@ -330,7 +330,7 @@ pub async fn requeue<C: ConnectionTrait + TransactionTrait>(
 }
 
 /// One requeue statement: on PostgreSQL in a transaction that first takes the requeue
-/// lock, so that it sees every lease that began before it (see `claim::REQUEUE_LOCK`).
+/// lock, so that it sees every lease that began before it (see `lease::REQUEUE_LOCK`).
 async fn requeue_once<C: ConnectionTrait + TransactionTrait>(
     db: &C,
     statement: sea_orm::Statement,
@@ -341,7 +341,7 @@ async fn requeue_once<C: ConnectionTrait + TransactionTrait>(
     let txn = db.begin().await?;
     txn.execute_unprepared(&format!(
         "SELECT pg_advisory_xact_lock({})",
-        super::claim::REQUEUE_LOCK
+        super::lease::REQUEUE_LOCK
     ))
     .await?;
     let rows = txn.query_all_raw(statement).await?;

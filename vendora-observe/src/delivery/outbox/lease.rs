@@ -37,3 +37,10 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or_default()
         .as_millis() as i64
 }
+
+/// The advisory lock (PostgreSQL) that orders leases and requeues: a lease holds it shared,
+/// a requeue alone (`outbox::requeue`), each taken before the statement reads. A
+/// requeue then sees every lease that began before it, and a lease every requeue that
+/// committed before it: no newer event of a row is leased by one relay while a requeue puts
+/// an older one in front of it for another (both would go out, the older one last).
+pub(crate) const REQUEUE_LOCK: i64 = 0x0076_656e_646f_7271;

@@ -7,8 +7,8 @@ use sea_orm::{ConnectionTrait, DbErr, Statement, TransactionTrait};
 use tokio::sync::mpsc;
 
 use super::lease::now_ms;
-use super::sql::{Binds, statement};
-use super::{Outbox, TABLE, admin, claim};
+use super::sql::{Binds, by_index, statement};
+use super::{Outbox, TABLE, admin};
 use crate::delivery::scheduler::Report;
 
 /// What the recorder tells the relay.
@@ -205,7 +205,7 @@ pub(super) async fn mark_delivered(
                      WHERE {status} AND EXISTS (SELECT 1 FROM {TABLE} d \
                        WHERE d.id IN ({}) AND d.ordering_key = {TABLE}.ordering_key \
                        AND d.id > {TABLE}.id AND {}){}",
-                    claim::by_index(backend, index),
+                    by_index(backend, index),
                     b.bind(now),
                     b.list(chunk.iter().copied()),
                     admin::stale_after(TABLE, "d"),

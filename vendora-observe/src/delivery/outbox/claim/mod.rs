@@ -43,10 +43,10 @@ pub use statements::IN_INDEX_ORDER;
 #[cfg(feature = "internals")]
 pub(crate) use statements::read_pending_statement;
 use statements::{Run, lease_statement, unit_runs_statement, unit_scan_statement};
-pub(crate) use statements::{
-    by_index, leased_elsewhere_statement, release_all_statement, release_statement, renew_statement,
-};
 pub use statements::{frontier_settings, frontier_statement, skip_scan_statement};
+pub(crate) use statements::{
+    leased_elsewhere_statement, release_all_statement, release_statement, renew_statement,
+};
 
 use crate::body::WebhookBody;
 use crate::delivery::{ChainKey, EventKind, Job, Webhook};
@@ -418,15 +418,8 @@ impl<'a> Choice<'a> {
     }
 }
 
-/// The advisory lock (PostgreSQL) that orders leases and requeues: a lease holds it shared,
-/// a requeue alone ([`super::admin::requeue`]), each taken before the statement reads. A
-/// requeue then sees every lease that began before it, and a lease every requeue that
-/// committed before it: no newer event of a row is leased by one relay while a requeue puts
-/// an older one in front of it for another (both would go out, the older one last).
-pub(crate) const REQUEUE_LOCK: i64 = 0x0076_656e_646f_7271;
-
 /// Runs a lease statement: on PostgreSQL in a transaction that first takes
-/// [`REQUEUE_LOCK`] shared (SQLite runs one writer at a time, which orders them already).
+/// [`REQUEUE_LOCK`](super::lease::REQUEUE_LOCK) shared (SQLite runs one writer at a time, which orders them already).
 async fn lease(
     db: &DatabaseConnection,
     statement: sea_orm::Statement,
@@ -436,7 +429,8 @@ async fn lease(
     }
     let txn = db.begin().await?;
     txn.execute_unprepared(&format!(
-        "SELECT pg_advisory_xact_lock_shared({REQUEUE_LOCK})"
+        "SELECT pg_advisory_xact_lock_shared({})",
+        super::lease::REQUEUE_LOCK
     ))
     .await?;
     let rows = txn.query_all_raw(statement).await?;

@@ -3,17 +3,8 @@
 use sea_orm::DbBackend;
 
 use super::super::TABLE;
-use super::super::sql::{Binds, statement};
+use super::super::sql::{Binds, by_index, statement};
 use super::{Candidate, JOB_COLUMNS, Request};
-
-pub(crate) fn by_index(backend: DbBackend, index: &str) -> String {
-    // SQLite plans from `sqlite_stat1`, which, when taken mid-burst, says most rows are
-    // pending: it then scans the whole table. The pending rows' indexes are always right.
-    match backend {
-        DbBackend::Sqlite => format!(" INDEXED BY {TABLE}_{index}"),
-        _ => String::new(),
-    }
-}
 
 /// The pending rows leased to relays other than `relay` whose lease has not ended and ends
 /// before `below`, by relay: how many (`n`) and when the last lease ends (`until`). Read
