@@ -9,7 +9,7 @@ use super::TABLE;
 
 /// The values of one statement, bound as its text is written:
 ///
-/// ```ignore
+/// ```text
 /// let mut b = Binds::new(backend);
 /// let text = format!("UPDATE t SET a = {} WHERE id IN ({})", b.bind(1), b.list([2, 3]));
 /// let statement = b.statement(text);
