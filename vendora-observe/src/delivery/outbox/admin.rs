@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DbErr, TransactionSession, TransactionTrait};
+use sea_orm::{ConnectionTrait, DbErr, TransactionTrait};
 
 use super::TABLE;
-use super::lease::now_ms;
+use super::lease::{RequeueLock, now_ms, under_requeue_lock};
 use super::sql::statement;
 
 /// One row of the outbox, as [`dead`] lists it.
@@ -307,7 +307,7 @@ pub async fn requeue<C: ConnectionTrait + TransactionTrait>(
     };
     let mut tries = 0;
     loop {
-        match requeue_once(db, statement(now_ms())).await {
+        match under_requeue_lock(db, RequeueLock::Alone, statement(now_ms())).await {
             Ok(rows) => {
                 let mut out = Requeued::default();
                 for r in rows {
@@ -327,26 +327,6 @@ pub async fn requeue<C: ConnectionTrait + TransactionTrait>(
             Err(e) => return Err(e),
         }
     }
-}
-
-/// One requeue statement: on PostgreSQL in a transaction that first takes the requeue
-/// lock, so that it sees every lease that began before it (see `lease::REQUEUE_LOCK`).
-async fn requeue_once<C: ConnectionTrait + TransactionTrait>(
-    db: &C,
-    statement: sea_orm::Statement,
-) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
-    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
-        return db.query_all_raw(statement).await;
-    }
-    let txn = db.begin().await?;
-    txn.execute_unprepared(&format!(
-        "SELECT pg_advisory_xact_lock({})",
-        super::lease::REQUEUE_LOCK
-    ))
-    .await?;
-    let rows = txn.query_all_raw(statement).await?;
-    txn.commit().await?;
-    Ok(rows)
 }
 
 /// Deletes delivered (and superseded) rows of the outbox in `db` older than `older_than`;

@@ -300,16 +300,7 @@ impl Relay {
             for id in &ids {
                 self.held.remove(*id);
             }
-            let inner = &self.outbox.inner;
-            let _ = inner
-                .options
-                .db
-                .execute_raw(claim::release_statement(
-                    inner.backend,
-                    &self.relay_id,
-                    &ids,
-                ))
-                .await;
+            let _ = self.hand_back(&ids).await;
         }
     }
 
@@ -394,17 +385,22 @@ impl Relay {
         });
     }
 
-    /// Hands rows back: their lease ends now. On failure the relay takes a new identity
-    /// (the rows wait for their lease): false.
-    async fn release(&mut self, ids: &[i64]) -> bool {
+    /// Hands rows back: their lease ends now.
+    async fn hand_back(&self, ids: &[i64]) -> Result<(), sea_orm::DbErr> {
         let inner = &self.outbox.inner;
-        match inner
+        inner
             .options
             .db
             .execute_raw(claim::release_statement(inner.backend, &self.relay_id, ids))
             .await
-        {
-            Ok(_) => true,
+            .map(drop)
+    }
+
+    /// Hands rows back; on failure the relay takes a new identity (the rows wait for their
+    /// lease): false.
+    async fn release(&mut self, ids: &[i64]) -> bool {
+        match self.hand_back(ids).await {
+            Ok(()) => true,
             Err(e) => {
                 tracing::debug!(
                     "outbox: handing rows back failed ({e}); they wait for their lease"
@@ -457,21 +453,15 @@ impl Relay {
 
     /// The loop ended (every outcome written): nothing of the relay's outlives it, and what
     /// it still holds goes back.
-    async fn finish(self) {
-        for task in [self.analyzing, self.counting].into_iter().flatten() {
+    async fn finish(mut self) {
+        for task in [self.analyzing.take(), self.counting.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = task.await;
         }
         if !self.held.is_empty() {
-            let inner = &self.outbox.inner;
-            let _ = inner
-                .options
-                .db
-                .execute_raw(claim::release_statement(
-                    inner.backend,
-                    &self.relay_id,
-                    &self.held.ids(),
-                ))
-                .await;
+            let _ = self.hand_back(&self.held.ids()).await;
         }
     }
 }

@@ -30,7 +30,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, UNIX_EPOCH};
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult};
+
+use super::lease::{RequeueLock, under_requeue_lock};
 
 mod held;
 mod statements;
@@ -289,7 +291,8 @@ pub(crate) async fn claim(
             pending_seen,
         });
     }
-    let rows = lease(db, lease_statement(backend, &req, &chosen))
+    let statement = lease_statement(backend, &req, &chosen);
+    let rows = under_requeue_lock(db, RequeueLock::Shared, statement)
         .await
         .map_err(leased)?;
     let mut jobs = rows
@@ -416,26 +419,6 @@ impl<'a> Choice<'a> {
             self.blocked.extend(c.chains());
         }
     }
-}
-
-/// Runs a lease statement: on PostgreSQL in a transaction that first takes
-/// [`REQUEUE_LOCK`](super::lease::REQUEUE_LOCK) shared (SQLite runs one writer at a time, which orders them already).
-async fn lease(
-    db: &DatabaseConnection,
-    statement: sea_orm::Statement,
-) -> Result<Vec<QueryResult>, DbErr> {
-    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
-        return db.query_all_raw(statement).await;
-    }
-    let txn = db.begin().await?;
-    txn.execute_unprepared(&format!(
-        "SELECT pg_advisory_xact_lock_shared({})",
-        super::lease::REQUEUE_LOCK
-    ))
-    .await?;
-    let rows = txn.query_all_raw(statement).await?;
-    txn.commit().await?;
-    Ok(rows)
 }
 
 /// The columns [`job_from_row`] reads.
@@ -615,7 +598,7 @@ mod tests {
             let chosen: Vec<Candidate> = ids.iter().map(|&id| cand(id, "p", None)).collect();
             let statement = lease_statement(db.get_database_backend(), &req, &chosen);
             async move {
-                let mut got: Vec<i64> = lease(&db, statement)
+                let mut got: Vec<i64> = under_requeue_lock(&db, RequeueLock::Shared, statement)
                     .await
                     .unwrap()
                     .iter()
