@@ -635,13 +635,22 @@ pub fn redis_with(args: &[&str]) -> Redis {
 
 /// The WebSocket server (vendora-observe-server's program, built here as
 /// `server-under-test`) as a process, configured by `env` (WEBHOOK_SECRET, APP_TOKENS, …) on
-/// a free port, in an empty working directory (no stray `.env`). Returns it once it
+/// a port the system picks as it binds (`PORT=0`: no other process can take it between a
+/// probe and the bind), in an empty working directory (no stray `.env`). Returns it once it
 /// listens, with its base URL.
 pub fn server(env: &[(&str, &str)]) -> (Peer, String) {
-    server_on(free_port(), env)
+    server_on(0, env)
 }
 
-/// [`server`] on a given port (a restart on the same address).
+/// The port of a base URL such as `http://127.0.0.1:40123`.
+pub fn port_of(base: &str) -> u16 {
+    base.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no port in {base}"))
+}
+
+/// [`server`] on a given port (a restart on the address a first start was given).
 pub fn server_on(port: u16, env: &[(&str, &str)]) -> (Peer, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_server-under-test"));
     cmd.env_clear()

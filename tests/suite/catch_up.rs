@@ -136,8 +136,8 @@ async fn events_sent_during_a_catch_up_arrive_after_it_without_gap_or_duplicate(
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs node and npm: run with --include-ignored (bash .ci/run)"]
 async fn a_server_restarted_without_redis_makes_its_apps_refetch() {
-    let port = common::free_port();
-    let (server, base) = common::server_on(port, &env());
+    let (server, base) = common::server(&env());
+    let port = common::port_of(&base);
     let url = format!("{base}/webhook");
     let app = App::start(&base, &[("TOKEN", TOKEN)]);
     let first = app.ready();

@@ -123,10 +123,9 @@ fn usage_errors_read_like_cargo() {
 
 #[test]
 fn send_to_listen_verifies_and_prints_and_a_wrong_secret_gets_the_hint() {
-    let port = free_port();
     let mut listener = KillOnDrop(
         Command::new(BIN)
-            .args(["listen", "--port", &port])
+            .args(["listen", "--port", "0"])
             .env("WEBHOOK_SECRET", "shared")
             .stdout(Stdio::piped())
             .spawn()
@@ -134,10 +133,7 @@ fn send_to_listen_verifies_and_prints_and_a_wrong_secret_gets_the_hint() {
     );
     let rx = lines(listener.0.stdout.take().unwrap());
     let first = rx.recv_timeout(Duration::from_secs(20)).unwrap();
-    assert!(
-        first.starts_with("listening on http://127.0.0.1:"),
-        "{first}"
-    );
+    let port = listening_port(&first);
     let page = rx.recv_timeout(Duration::from_secs(20)).unwrap();
     assert!(page.starts_with("live page: http://127.0.0.1:"), "{page}");
     let url = format!("http://127.0.0.1:{port}/webhook");
@@ -246,10 +242,9 @@ fn declare_huge_body(port: &str) -> u16 {
 /// summed up, not printed line by line.
 #[test]
 fn listen_says_what_its_limits_refused() {
-    let port = free_port();
     let mut listener = KillOnDrop(
         Command::new(BIN)
-            .args(["listen", "--port", &port])
+            .args(["listen", "--port", "0"])
             .env("WEBHOOK_SECRET", "shared")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -258,8 +253,7 @@ fn listen_says_what_its_limits_refused() {
     );
     let out = lines(listener.0.stdout.take().unwrap());
     let err = lines(listener.0.stderr.take().unwrap());
-    let first = out.recv_timeout(Duration::from_secs(20)).unwrap();
-    assert!(first.starts_with("listening on "), "{first}");
+    let port = listening_port(&out.recv_timeout(Duration::from_secs(20)).unwrap());
 
     for _ in 0..5 {
         assert_eq!(declare_huge_body(&port), 413);
@@ -277,10 +271,16 @@ fn listen_says_what_its_limits_refused() {
     );
 }
 
-/// A port free on 127.0.0.1 a moment ago, for a child to listen on.
-fn free_port() -> String {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    probe.local_addr().unwrap().port().to_string()
+/// The port in `listen`'s first line, `listening on http://127.0.0.1:PORT (Ctrl-C to stop)`.
+/// The tests start it with `--port 0`, so the system picks the port as it binds: a port
+/// probed free and handed over could be taken by another test's process in between.
+fn listening_port(first: &str) -> String {
+    first
+        .strip_prefix("listening on http://127.0.0.1:")
+        .and_then(|rest| rest.split_whitespace().next())
+        .filter(|p| p.parse::<u16>().is_ok())
+        .unwrap_or_else(|| panic!("not the first line of listen: {first}"))
+        .to_owned()
 }
 
 /// The lines a child writes to `pipe`, as they come (read on a thread of their own).
@@ -616,12 +616,8 @@ fn get_with(port: &str, path: &str, headers: &str, until: &str) -> (u16, String)
 /// `listen` with the secret `shared` on a free port, once it listens: the process, its port
 /// and the line that gives the live page's address.
 fn listen_with_page() -> (Child, String, String) {
-    let port = free_port();
-    let listen = Child::spawn(
-        &["listen", "--port", &port],
-        &[("WEBHOOK_SECRET", "shared")],
-    );
-    assert!(listen.line().starts_with("listening on "));
+    let listen = Child::spawn(&["listen", "--port", "0"], &[("WEBHOOK_SECRET", "shared")]);
+    let port = listening_port(&listen.line());
     let page = listen.line();
     (listen, port, page)
 }
