@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DbErr, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, TransactionTrait};
 use tokio::sync::mpsc;
 
 use super::lease::now_ms;
@@ -186,15 +186,21 @@ async fn write_all(outbox: &Outbox, writes: &[Statement]) -> Result<Vec<u64>, Db
 /// - requeued rows still pending and not leased (a requeue committed while a newer event of
 ///   their row was on its way): a probe of the requeued rows' partial index.
 ///
-/// The stale rows are marked first, each step committing on its own: a requeue between the
-/// steps finds them already superseded (the deliveries happened), and a crash between them
-/// leaves the deliveries pending, sent again with the same ids.
+/// The stale rows are marked first. On PostgreSQL each step commits on its own: a requeue
+/// between the steps finds them already superseded (the deliveries happened), a crash
+/// between them leaves the deliveries pending, sent again with the same ids, and no
+/// transaction holds the stale rows' locks while it waits for others (a requeue locking
+/// them in another order would deadlock with it). On SQLite, which runs one writer at a
+/// time, the steps are one transaction: nothing runs between them anyway, and it is one
+/// commit instead of three (each waits for the disk, and for the write lock behind the
+/// application's own commits).
 pub(super) async fn mark_delivered(
     db: &sea_orm::DatabaseConnection,
     ids: &[i64],
 ) -> Result<(), DbErr> {
     let backend = db.get_database_backend();
     let now = now_ms();
+    let mut steps = Vec::new();
     for chunk in ids.chunks(500) {
         let made_stale = |status: &str, index: &str, extra: &dyn Fn(&mut Binds) -> String| {
             statement(backend, |b| {
@@ -213,9 +219,8 @@ pub(super) async fn mark_delivered(
                 )
             })
         };
-        db.execute_raw(made_stale("status = 'dead'", "dead", &|_| String::new()))
-            .await?;
-        db.execute_raw(made_stale(
+        steps.push(made_stale("status = 'dead'", "dead", &|_| String::new()));
+        steps.push(made_stale(
             "status = 'pending' AND requeued = 1",
             "requeued",
             &|b| {
@@ -224,9 +229,8 @@ pub(super) async fn mark_delivered(
                     b.bind(now)
                 )
             },
-        ))
-        .await?;
-        db.execute_raw(statement(backend, |b| {
+        ));
+        steps.push(statement(backend, |b| {
             format!(
                 "UPDATE {TABLE} SET status = 'delivered', delivered_at = {}, \
                  attempts = attempts + 1, last_error = NULL, claimed_by = NULL, \
@@ -234,8 +238,18 @@ pub(super) async fn mark_delivered(
                 b.bind(now),
                 b.list(chunk.iter().copied())
             )
-        }))
-        .await?;
+        }));
     }
-    Ok(())
+    if backend == DbBackend::Sqlite {
+        let txn = db.begin().await?;
+        for step in steps {
+            txn.execute_raw(step).await?;
+        }
+        txn.commit().await
+    } else {
+        for step in steps {
+            db.execute_raw(step).await?;
+        }
+        Ok(())
+    }
 }
