@@ -308,6 +308,66 @@ async fn outbox_64_slow_rows_hold_only_their_own_chains() {
     slow_rows_hold_only_their_own_chains(observer, db, receiver, 64).await;
 }
 
+/// Slow rows that keep being written fill the relay with their backlogs: here 3 rows
+/// answered after two minutes, 13 events each, against a relay that holds 16 rows (claims
+/// of 4), so the first two rows' backlogs fill it. Other rows are still claimed and
+/// delivered, at once, in the few rows a full relay still claims for chains that hold
+/// little. (Without them, none went out before a slow answer.)
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_slow_rows_backlogs_that_fill_the_relay_hold_no_other_row() {
+    let (db, _) = common::sqlite_file().await;
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    receiver.reply_when("slow-row", Reply::Delay(Duration::from_secs(120)));
+    let mut options = vendora_observe::OutboxOptions::new(db.clone());
+    options.batch = 4;
+    options.max_batch = 4;
+    options.lease = Duration::from_secs(120);
+    let observer = Observer::builder(common::patient_config(&receiver.url()))
+        .outbox_options(options)
+        .build()
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let db = db.clone();
+        tokio::spawn(observer.scope(async move {
+            let row = product_am(&format!("slow-row {i}"), 0)
+                .insert(&db)
+                .await
+                .unwrap();
+            for stock in 1..=12 {
+                let mut am = row.clone().into_active_model();
+                am.stock = Set(stock);
+                am.update(&db).await.unwrap();
+            }
+        }))
+        .await
+        .unwrap();
+    }
+    common::eventually(
+        WAIT,
+        "the slow rows' first requests at the receiver",
+        || async { receiver.arrivals_with("slow-row") >= 3 },
+    )
+    .await;
+    for i in 0..20 {
+        let db = db.clone();
+        tokio::spawn(observer.scope(async move {
+            product_am(&format!("free {i}"), 1)
+                .insert(&db)
+                .await
+                .unwrap();
+        }))
+        .await
+        .unwrap();
+    }
+    let got = receiver.wait_delivered(20, WAIT).await;
+    assert!(
+        got.iter().all(|r| r.body_str().contains("free ")),
+        "a slow row's event was answered within the test"
+    );
+    observer.shutdown(Duration::ZERO).await;
+}
+
 /// A chain whose head another relay holds, with a backlog longer than a claim's frontier
 /// (3,000 rows written before everything else): rows of other chains are still claimed
 /// and delivered, found by the claim's skip scan.

@@ -36,10 +36,21 @@ const PENDING_RECOUNT: Duration = Duration::from_secs(1);
 /// How often an idle relay deletes the delivered rows past their retention.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// Rows a relay holds at most (claimed, not yet recorded), in batches of `batch`.
+/// Rows a relay holds at most (claimed, not yet recorded), in batches of `batch`; a
+/// chain holds half of them at most (a hot row's pipeline). A relay that holds this many
+/// still claims `batch` rows more, for chains that hold at most one row (see
+/// [`LIGHT_CHAIN`]).
 pub(super) fn max_held(batch: usize) -> usize {
     4 * batch
 }
+
+/// Rows a chain may hold after a claim beyond [`max_held`]: its head and the row after
+/// it. Chains whose heads wait on slow answers while their rows keep being written fill
+/// the relay with their backlogs (64 rows updated every 100 ms and answered after 2 s
+/// filled it within seconds, and the other rows' events waited up to a minute): without
+/// these rows more, no other row would be claimed until one of them was answered. A
+/// chain that holds more than its head already has a row waiting to go next.
+const LIGHT_CHAIN: usize = 2;
 
 /// The largest claim such that a relay holding four of them, with bodies the size of
 /// `jobs`', stays within `budget` bytes; never below `batch`.
@@ -216,17 +227,24 @@ impl Relay {
         // Rows let go while a claim runs may lie before what it took: then it gives back.
         let let_go_before = inner.scheduler.let_go_count();
         let stopping = inner.stopping.is_cancelled();
-        let room = max_held(self.size).saturating_sub(self.held.len());
-        if stopping || self.idle || room == 0 {
+        let cap = max_held(self.size);
+        let room = cap.saturating_sub(self.held.len());
+        // Full: a few rows more, of chains that hold little (see `LIGHT_CHAIN`).
+        let reserve = (cap + self.batch).saturating_sub(self.held.len().max(cap));
+        let (want, per_chain) = match (room, reserve) {
+            (0, 0) => return None,
+            (0, reserve) => (reserve.min(self.batch), LIGHT_CHAIN),
+            (room, _) => (room.min(self.size), cap / 2),
+        };
+        if stopping || self.idle {
             return None;
         }
-        let want = room.min(self.size);
         let req = Request {
             relay: &self.relay_id,
             now: now_ms(),
             lease: options.lease,
             want,
-            per_chain: max_held(self.size) / 2,
+            per_chain,
         };
         let claimed = match claim::claim(&options.db, &self.held, &mut self.cursor, req).await {
             Ok(claimed) => claimed,
@@ -263,7 +281,7 @@ impl Relay {
         // The rows taken back are free now: claim them in the next turn, with no wait (a
         // running relay waited for its heartbeat).
         self.claim_now = took_back;
-        if !self.idle {
+        if !self.idle && room > 0 {
             self.size = (self.size * 2).min(self.max_batch);
         }
         if !jobs.is_empty() {

@@ -459,7 +459,7 @@ pub(crate) fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
 
 #[cfg(test)]
 mod tests {
-    use super::held::MAX_SKIPPED_RUNS;
+    use super::held::{MAX_SKIPPED_RUNS, runs_of};
     use super::statements::padded;
     use super::*;
 
