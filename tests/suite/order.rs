@@ -311,7 +311,7 @@ async fn outbox_64_slow_rows_hold_only_their_own_chains() {
 /// Slow rows that keep being written fill the relay with their backlogs: here 3 rows
 /// answered after two minutes, 13 events each, against a relay that holds 16 rows (claims
 /// of 4), so the first two rows' backlogs fill it. Other rows are still claimed and
-/// delivered, at once, in the few rows a full relay still claims for chains that hold
+/// delivered, at once, in the last rows a relay may hold, kept for chains that hold
 /// little. (Without them, none went out before a slow answer.)
 #[tokio::test(flavor = "multi_thread")]
 async fn outbox_slow_rows_backlogs_that_fill_the_relay_hold_no_other_row() {

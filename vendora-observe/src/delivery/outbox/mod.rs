@@ -95,8 +95,9 @@ pub struct OutboxOptions {
     /// come back full (a backlog), each claim takes twice as many rows as the one before,
     /// up to [`max_batch`](Self::max_batch) and [`max_held_bytes`](Self::max_held_bytes);
     /// once the relay has nothing left, it starts again from `batch`. A relay holds
-    /// four claims' worth of rows, a chain half of them at most, and `batch` rows more for
-    /// chains that hold at most one row (so that slow rows' backlogs never take all of it).
+    /// four claims' worth of rows at most, a chain half of them at most, and the last
+    /// `batch` of them go only to chains holding at most one row (so that slow rows'
+    /// backlogs never take all of it).
     pub batch: usize,
     /// The most rows one claim takes (default 2,048). Larger claims drain a backlog faster
     /// (fewer statements per row) and let one relay hold more rows (4 × `max_batch`, each

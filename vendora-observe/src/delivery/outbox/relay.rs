@@ -37,19 +37,18 @@ const PENDING_RECOUNT: Duration = Duration::from_secs(1);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Rows a relay holds at most (claimed, not yet recorded), in batches of `batch`; a
-/// chain holds half of them at most (a hot row's pipeline). A relay that holds this many
-/// still claims `batch` rows more, for chains that hold at most one row (see
-/// [`LIGHT_CHAIN`]).
+/// chain holds half of them at most (a hot row's pipeline), and the last `batch` of them
+/// go only to chains that hold at most one row (see [`LIGHT_CHAIN`]).
 pub(super) fn max_held(batch: usize) -> usize {
     4 * batch
 }
 
-/// Rows a chain may hold after a claim beyond [`max_held`]: its head and the row after
-/// it. Chains whose heads wait on slow answers while their rows keep being written fill
-/// the relay with their backlogs (64 rows updated every 100 ms and answered after 2 s
-/// filled it within seconds, and the other rows' events waited up to a minute): without
-/// these rows more, no other row would be claimed until one of them was answered. A
-/// chain that holds more than its head already has a row waiting to go next.
+/// Rows a chain may hold after a claim of the last `batch` rows of [`max_held`]: its
+/// head and the row after it. Chains whose heads wait on slow answers while their rows
+/// keep being written fill the relay with their backlogs (64 rows updated every 100 ms
+/// and answered after 2 s filled it within seconds, and other rows' events waited up to a
+/// minute): without these last rows, no other row would be claimed until one of them was
+/// answered. A chain that holds more than its head already has a row waiting to go next.
 const LIGHT_CHAIN: usize = 2;
 
 /// The largest claim such that a relay holding four of them, with bodies the size of
@@ -228,13 +227,19 @@ impl Relay {
         let let_go_before = inner.scheduler.let_go_count();
         let stopping = inner.stopping.is_cancelled();
         let cap = max_held(self.size);
-        let room = cap.saturating_sub(self.held.len());
-        // Full: a few rows more, of chains that hold little (see `LIGHT_CHAIN`).
-        let reserve = (cap + self.batch).saturating_sub(self.held.len().max(cap));
-        let (want, per_chain) = match (room, reserve) {
-            (0, 0) => return None,
-            (0, reserve) => (reserve.min(self.batch), LIGHT_CHAIN),
-            (room, _) => (room.min(self.size), cap / 2),
+        // `batch` of the rows it may hold are kept for chains that hold little.
+        let room = cap
+            .saturating_sub(self.batch)
+            .saturating_sub(self.held.len());
+        let reserve = cap.saturating_sub(self.held.len());
+        let (want, per_chain) = if room > 0 {
+            (room.min(self.size), cap / 2)
+        } else if reserve > 0 && self.freed < REFILL {
+            // Full but for the last rows, and its rows are not being recorded (a draining
+            // relay refills as they are): those rows, for chains that hold little.
+            (reserve.min(self.batch), LIGHT_CHAIN)
+        } else {
+            return None;
         };
         if stopping || self.idle {
             return None;
