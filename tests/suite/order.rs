@@ -308,6 +308,23 @@ async fn outbox_64_slow_rows_hold_only_their_own_chains() {
     slow_rows_hold_only_their_own_chains(observer, db, receiver, 64).await;
 }
 
+/// Inserts each `(name, stock)` product in a Tokio task of its own (a unit of work of its
+/// own: no chain links the rows), one after the other.
+async fn insert_each_in_a_task_of_its_own(
+    observer: &Observer,
+    db: &DatabaseConnection,
+    rows: impl Iterator<Item = (String, i32)>,
+) {
+    for (name, stock) in rows {
+        let db = db.clone();
+        tokio::spawn(observer.scope(async move {
+            product_am(&name, stock).insert(&db).await.unwrap();
+        }))
+        .await
+        .unwrap();
+    }
+}
+
 /// Slow rows that keep being written fill the relay with their backlogs: here 3 rows
 /// answered after two minutes, 13 events each, against a relay that holds 16 rows (claims
 /// of 4), so the first two rows' backlogs fill it. Other rows are still claimed and
@@ -349,17 +366,8 @@ async fn outbox_slow_rows_backlogs_that_fill_the_relay_hold_no_other_row() {
         || async { receiver.arrivals_with("slow-row") >= 3 },
     )
     .await;
-    for i in 0..20 {
-        let db = db.clone();
-        tokio::spawn(observer.scope(async move {
-            product_am(&format!("free {i}"), 1)
-                .insert(&db)
-                .await
-                .unwrap();
-        }))
-        .await
-        .unwrap();
-    }
+    insert_each_in_a_task_of_its_own(&observer, &db, (0..20).map(|i| (format!("free {i}"), 1)))
+        .await;
     let got = receiver.wait_delivered(20, WAIT).await;
     assert!(
         got.iter().all(|r| r.body_str().contains("free ")),
@@ -394,17 +402,8 @@ async fn blocked_backlog_holds_no_other_row(db: DatabaseConnection) {
     sea_orm::TransactionSession::commit(txn).await.unwrap();
     let receiver = Receiver::start(SECRET).await.unwrap();
     let observer = common::outbox_observer(&db, &receiver.url(), fast_retries()).await;
-    for i in 0..20 {
-        let db = db.clone();
-        tokio::spawn(observer.scope(async move {
-            product_am(&format!("other{i}"), i)
-                .insert(&db)
-                .await
-                .unwrap();
-        }))
-        .await
-        .unwrap();
-    }
+    insert_each_in_a_task_of_its_own(&observer, &db, (0..20).map(|i| (format!("other{i}"), i)))
+        .await;
     let got = receiver.wait_delivered(20, WAIT).await;
     assert!(got.iter().all(|r| r.event() == "product:created"));
     common::eventually(WAIT, "the 20 deliveries recorded", || {
