@@ -62,6 +62,7 @@ async fn an_outage_costs_probes_not_attempts(mode: &str) {
     let receiver = Receiver::start(SECRET).await.unwrap();
     receiver.set_reply(Reply::Status(503, None));
     let observer = observer(mode, &db, &receiver.url(), retry()).await;
+    let outage = std::time::Instant::now();
     observer
         .scope(async {
             for r in 0..50 {
@@ -75,8 +76,9 @@ async fn an_outage_costs_probes_not_attempts(mode: &str) {
         .await;
     // The outage's length, not a wait for something to happen.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let during = receiver.requests().len();
+    let during = receiver.requests();
     receiver.set_reply(Reply::Ok);
+    let outage = outage.elapsed();
     let total = 50 * 3; // created, updated, stock:updated
     receiver.wait_delivered(total, WAIT).await;
     assert!(observer.flush(WAIT).await);
@@ -87,12 +89,33 @@ async fn an_outage_costs_probes_not_attempts(mode: &str) {
         "{mode}: {stats:?}"
     );
     common::assert_complete_and_ordered(&receiver.delivered(), total);
-    // 3 s at one probe per 100 ms at most is about 30 (a few more while the interval
-    // doubles up to it, and on a loaded machine where 3 s of sleep take longer); the
-    // concurrent senders that found the receiver down first add 8. Spending attempts, the
-    // 50 events waiting would have made 150 at the least (and died after 3 each).
-    eprintln!("{mode}: {during} requests reached the receiver during the 3 s outage");
-    assert!(during < 100, "{mode}: {during} requests during the outage");
+    // Once the receiver is known down, one request goes at a time, each at least the
+    // probe interval after the last one failed (the interval doubles up to it from 10 ms):
+    // only the senders that found it down at once (8) and that ramp (10, 20, 40, 80 ms)
+    // come closer together. Spending attempts, the 50 events waiting would have made 150
+    // requests at the least, most of them at once, and died after 3 each. Time on a loaded
+    // machine (the writes before the sleep can take seconds) adds probes, never closer ones.
+    let close = during
+        .windows(2)
+        .filter(|w| w[1].received_at - w[0].received_at < Duration::from_millis(90))
+        .count();
+    eprintln!(
+        "{mode}: {} requests reached the receiver during the {:.1} s outage, {close} of them \
+         within 90 ms of the one before",
+        during.len(),
+        outage.as_secs_f64()
+    );
+    assert!(
+        close <= 16,
+        "{mode}: {close} of {} requests during the outage came within 90 ms of the one before",
+        during.len()
+    );
+    let bound = 16 + (outage.as_millis() / 100) as usize;
+    assert!(
+        during.len() <= bound,
+        "{mode}: {} requests in a {outage:?} outage (at most {bound})",
+        during.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
