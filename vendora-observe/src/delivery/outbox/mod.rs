@@ -271,7 +271,8 @@ impl Outbox {
         );
         db.execute_raw(b.statement(text)).await?;
         // Wakes this process's relay now; an uncommitted row is simply not seen yet, and
-        // PostgreSQL's trigger wakes every relay at commit.
+        // PostgreSQL's trigger wakes every relay at commit (a relay listening for it waits
+        // for it rather than look before the commit).
         self.inner.wake.notify_one();
         Ok(())
     }
@@ -421,39 +422,10 @@ async fn query_planned_each_time(
     query: Statement,
     settings: Option<&str>,
 ) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
-    use sqlx::Arguments;
     if db.get_database_backend() != DbBackend::Postgres {
         return db.query_all_raw(query).await;
     }
-    let mut args = sqlx::postgres::PgArguments::default();
-    for value in query.values.iter().flat_map(|v| v.0.iter()) {
-        let bound = match value {
-            Value::BigInt(v) => args.add(*v),
-            Value::String(v) => args.add(v.as_deref()),
-            other => {
-                return Err(DbErr::Custom(format!(
-                    "unexpected claim parameter {other:?}"
-                )));
-            }
-        };
-        bound.map_err(|e| DbErr::Custom(e.to_string()))?;
-    }
-    let error = |e: sqlx::Error| DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into()));
-    let query = sqlx::query_with(sqlx::AssertSqlSafe(query.sql), args).persistent(false);
-    let pool = db.get_postgres_connection_pool();
-    let rows = match settings {
-        None => query.fetch_all(pool).await.map_err(error)?,
-        Some(settings) => {
-            let mut txn = pool
-                .begin_with(sqlx::AssertSqlSafe(format!("BEGIN; {settings}")))
-                .await
-                .map_err(error)?;
-            let rows = query.fetch_all(&mut *txn).await.map_err(error)?;
-            txn.commit().await.map_err(error)?;
-            rows
-        }
-    };
-    Ok(rows.into_iter().map(Into::into).collect())
+    postgres_query(db, query, settings, false).await
 }
 
 #[cfg(not(feature = "postgres"))]
@@ -463,6 +435,49 @@ async fn query_planned_each_time(
     _settings: Option<&str>,
 ) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
     db.query_all_raw(query).await
+}
+
+/// Runs `query` on PostgreSQL through its sqlx pool: after `first` (statements that open
+/// its transaction, sent with `BEGIN` in one round trip, committed after it) when given;
+/// as a prepared statement kept for the next runs when `persistent`, else an unnamed one,
+/// planned at each run.
+#[cfg(feature = "postgres")]
+async fn postgres_query(
+    db: &DatabaseConnection,
+    query: Statement,
+    first: Option<&str>,
+    persistent: bool,
+) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
+    use sqlx::Arguments;
+    let mut args = sqlx::postgres::PgArguments::default();
+    for value in query.values.iter().flat_map(|v| v.0.iter()) {
+        let bound = match value {
+            Value::BigInt(v) => args.add(*v),
+            Value::String(v) => args.add(v.as_deref()),
+            other => {
+                return Err(DbErr::Custom(format!(
+                    "unexpected outbox statement parameter {other:?}"
+                )));
+            }
+        };
+        bound.map_err(|e| DbErr::Custom(e.to_string()))?;
+    }
+    let error = |e: sqlx::Error| DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into()));
+    let query = sqlx::query_with(sqlx::AssertSqlSafe(query.sql), args).persistent(persistent);
+    let pool = db.get_postgres_connection_pool();
+    let rows = match first {
+        None => query.fetch_all(pool).await.map_err(error)?,
+        Some(first) => {
+            let mut txn = pool
+                .begin_with(sqlx::AssertSqlSafe(format!("BEGIN; {first}")))
+                .await
+                .map_err(error)?;
+            let rows = query.fetch_all(&mut *txn).await.map_err(error)?;
+            txn.commit().await.map_err(error)?;
+            rows
+        }
+    };
+    Ok(rows.into_iter().map(Into::into).collect())
 }
 
 /// What an outbox on PostgreSQL says at start-up when this crate was built without its

@@ -111,11 +111,18 @@ pub(super) async fn run(
             _ = std::future::ready(()), if relay.claim_now => relay.claim_now = false,
             _ = inner.retired.cancelled(), if !relay.retiring => relay.retire(),
             _ = inner.wake.notified(), if idle => {
-                relay.idle = false;
-                relay.recheck.woken();
+                if relay.listener.is_some() {
+                    relay.recheck.woken_awaiting_notify();
+                } else {
+                    relay.idle = false;
+                    relay.recheck.woken();
+                }
             }
             _ = relay.recheck.due(), if idle && relay.recheck.pending() => relay.idle = false,
-            _ = notified(&mut relay.listener), if idle => relay.idle = false,
+            _ = notified(&mut relay.listener), if idle => {
+                relay.idle = false;
+                relay.recheck.notified();
+            }
             _ = tokio::time::sleep(wait), if idle => relay.idle = false,
         }
     }

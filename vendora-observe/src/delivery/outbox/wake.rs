@@ -55,6 +55,10 @@ pub(super) async fn notified(listener: &mut Listener) {
 /// writes the outbox row, and wakes the relay, before the write's transaction commits (no
 /// commit hook reaches it): the relay then looks 1, 2, 4 … 64 ms later, until it finds
 /// work, rather than at its next poll (SQLite has no NOTIFY).
+/// How long a relay listening for `NOTIFY` waits for it after a wake-up by a write of its
+/// own process before looking anyway.
+pub(super) const NOTIFY_GRACE: Duration = Duration::from_millis(20);
+
 #[derive(Debug, Default)]
 pub(super) struct Recheck {
     /// When to look again, and how many looks found nothing since the wake-up.
@@ -69,6 +73,18 @@ impl Recheck {
 
     pub(super) fn woken(&mut self) {
         self.woken = true;
+    }
+
+    /// A wake-up by a write of this process on PostgreSQL, whose `NOTIFY` comes at the
+    /// write's commit: a look before it would find nothing and delay the look the `NOTIFY`
+    /// brings, so the relay looks only should no `NOTIFY` have come [`NOTIFY_GRACE`] later
+    /// (the `LISTEN` connection was being re-established), then as after any wake-up.
+    pub(super) fn woken_awaiting_notify(&mut self) {
+        self.woken = true;
+        let at = tokio::time::Instant::now() + NOTIFY_GRACE;
+        if self.next.is_none_or(|(next, _)| at < next) {
+            self.next = Some((at, 0));
+        }
     }
 
     pub(super) fn after_claim(&mut self, found_nothing: bool) {
@@ -87,6 +103,11 @@ impl Recheck {
                 looks,
             )
         });
+    }
+
+    /// A `NOTIFY` came: the listener works, and it will bring this process's commits too.
+    pub(super) fn notified(&mut self) {
+        *self = Recheck::default();
     }
 
     pub(super) fn pending(&self) -> bool {
@@ -125,5 +146,35 @@ mod tests {
         r.due().await;
         r.after_claim(false);
         assert!(!r.pending(), "work found: no more looks");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listening_relay_woken_by_its_own_write_waits_for_the_notify() {
+        // The NOTIFY comes: the look it brings is the only one.
+        let mut r = Recheck::default();
+        r.woken_awaiting_notify();
+        assert!(r.pending(), "a look should no NOTIFY come");
+        r.notified();
+        assert!(!r.pending(), "the NOTIFY's look replaces it");
+        r.after_claim(true);
+        assert!(
+            !r.pending(),
+            "a NOTIFY's look that finds nothing looks no more"
+        );
+        // No NOTIFY comes (LISTEN is being re-established): a look after NOTIFY_GRACE,
+        // then the looks of any wake-up.
+        r.woken_awaiting_notify();
+        let start = tokio::time::Instant::now();
+        r.due().await;
+        assert_eq!(start.elapsed(), NOTIFY_GRACE);
+        r.after_claim(true);
+        let before = tokio::time::Instant::now();
+        r.due().await;
+        assert_eq!(before.elapsed().as_millis(), 1);
+        // A second write's wake-up does not put off a look already due sooner.
+        r.woken_awaiting_notify();
+        let before = tokio::time::Instant::now();
+        r.due().await;
+        assert!(before.elapsed() <= Duration::from_millis(2));
     }
 }

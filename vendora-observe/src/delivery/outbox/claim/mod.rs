@@ -32,7 +32,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult};
 
-use super::lease::{RequeueLock, under_requeue_lock};
+use super::lease::under_shared_requeue_lock;
 
 mod held;
 mod statements;
@@ -292,7 +292,7 @@ pub(crate) async fn claim(
         });
     }
     let statement = lease_statement(backend, &req, &chosen);
-    let rows = under_requeue_lock(db, RequeueLock::Shared, statement)
+    let rows = under_shared_requeue_lock(db, statement)
         .await
         .map_err(leased)?;
     let mut jobs = rows
@@ -598,7 +598,7 @@ mod tests {
             let chosen: Vec<Candidate> = ids.iter().map(|&id| cand(id, "p", None)).collect();
             let statement = lease_statement(db.get_database_backend(), &req, &chosen);
             async move {
-                let mut got: Vec<i64> = under_requeue_lock(&db, RequeueLock::Shared, statement)
+                let mut got: Vec<i64> = under_shared_requeue_lock(&db, statement)
                     .await
                     .unwrap()
                     .iter()
