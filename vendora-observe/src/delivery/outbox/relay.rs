@@ -153,7 +153,8 @@ struct Relay {
     /// When the first row not yet due (a retry) comes due.
     next_due: Option<i64>,
     claim_failing: bool,
-    /// Rows were taken back from a relay whose process is gone: claim again with no wait.
+    /// Claim again with no wait: the last claim took all it asked for (more may be
+    /// claimable), or rows were taken back from a relay whose process is gone.
     claim_now: bool,
     /// Every handle of the user's is gone, or another observer took this one's place.
     retiring: bool,
@@ -290,9 +291,12 @@ impl Relay {
         self.next_due = next_due;
         self.recheck.after_claim(jobs.is_empty());
         self.idle = jobs.len() < want && !took_back;
-        // The rows taken back are free now: claim them in the next turn, with no wait (a
-        // running relay waited for its heartbeat).
-        self.claim_now = took_back;
+        // A full claim, or rows taken back (free now): claim again in the next turn, with no
+        // wait. The loop otherwise waits for outcomes to be recorded, and rows whose
+        // answers are slow bring none: a relay that had filled a claim with slow rows'
+        // backlogs claimed nothing else until its pending count's tick a second later, and
+        // a running relay that took rows back waited for its heartbeat.
+        self.claim_now = !self.idle;
         if !self.idle && room > 0 {
             self.size = (self.size * 2).min(self.max_batch);
         }
