@@ -51,14 +51,14 @@ pub(super) async fn notified(listener: &mut Listener) {
     std::future::pending::<()>().await
 }
 
-/// The looks again after a wake-up by a write of this process that found nothing. The hook
-/// writes the outbox row, and wakes the relay, before the write's transaction commits (no
-/// commit hook reaches it): the relay then looks 1, 2, 4 … 64 ms later, until it finds
-/// work, rather than at its next poll (SQLite has no NOTIFY).
 /// How long a relay listening for `NOTIFY` waits for it after a wake-up by a write of its
 /// own process before looking anyway.
 pub(super) const NOTIFY_GRACE: Duration = Duration::from_millis(20);
 
+/// The looks again after a wake-up by a write of this process that found nothing. The hook
+/// writes the outbox row, and wakes the relay, before the write's transaction commits (no
+/// commit hook reaches it): the relay then looks 1, 2, 4 … 64 ms later, until it finds
+/// work, rather than at its next poll (SQLite has no NOTIFY).
 #[derive(Debug, Default)]
 pub(super) struct Recheck {
     /// When to look again, and how many looks found nothing since the wake-up.
