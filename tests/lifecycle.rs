@@ -1,7 +1,7 @@
 //! An outbox observer's relay ends with the observer: dropped without `shutdown`, or
-//! replaced by `install`. Its relay holds a `LISTEN` connection of its own on PostgreSQL,
-//! which the server lists while the relay runs: these tests watch it go. (Their own test
-//! binary: `install` is process-wide.)
+//! replaced by `install`. Its relay holds two connections of its own on PostgreSQL, one for
+//! `LISTEN` and one it claims rows on, which the server lists while the relay runs: these
+//! tests watch them go. (Their own test binary: `install` is process-wide.)
 
 mod common;
 
@@ -11,22 +11,30 @@ use common::{SECRET, WAIT, fast_retries, product_am};
 use sea_orm::{ActiveModelTrait, ConnectionTrait, DatabaseConnection, Statement};
 use vendora_pos::receiver::Receiver;
 
-/// The connections of this test's database that last ran `LISTEN`: one per running relay.
-async fn relays_listening(db: &DatabaseConnection) -> i64 {
+/// The connections of this test's database that last ran `LISTEN`, and those named as a
+/// relay's (claims): one of each per running relay.
+async fn relays_listening(db: &DatabaseConnection) -> (i64, i64) {
     let row = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),
-            "SELECT count(*) AS n FROM pg_stat_activity \
-             WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+            "SELECT count(*) FILTER (WHERE query ILIKE 'LISTEN%') AS listening, \
+             count(*) FILTER (WHERE application_name LIKE '%vendora-observe relay') AS claiming \
+             FROM pg_stat_activity WHERE datname = current_database()",
         ))
         .await
         .unwrap()
         .unwrap();
-    row.try_get::<i64>("", "n").unwrap()
+    (
+        row.try_get::<i64>("", "listening").unwrap(),
+        row.try_get::<i64>("", "claiming").unwrap(),
+    )
 }
 
 async fn wait_for_relays(db: &DatabaseConnection, n: i64, what: &str) {
-    common::eventually(WAIT, what, || async { relays_listening(db).await == n }).await;
+    common::eventually(WAIT, what, || async {
+        relays_listening(db).await == (n, n)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -51,7 +59,7 @@ async fn dropping_an_outbox_observer_stops_its_relay() {
         .await
         .unwrap();
     receiver.wait_delivered(2, WAIT).await;
-    assert_eq!(relays_listening(&db).await, 1);
+    assert_eq!(relays_listening(&db).await, (1, 1));
     later.shutdown(Duration::from_secs(5)).await;
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use sea_orm::{ConnectionTrait, DbBackend, DbErr};
 
 use super::TABLE;
-use super::claim::{self, Claimed, Cursor, Held, Request};
+use super::claim::{self, ClaimConnection, Claimed, Cursor, Held, Request};
 use super::lease::now_ms;
 use super::record::mark_delivered;
 use super::relay::max_held;
@@ -25,6 +25,7 @@ pub async fn drain_without_sending(
     }
     let relay = uuid::Uuid::now_v7().to_string();
     let mut cursor = Cursor::default();
+    let mut conn = ClaimConnection::default();
     let mut total = 0u64;
     loop {
         let req = Request {
@@ -34,7 +35,7 @@ pub async fn drain_without_sending(
             want,
             per_chain: max_held(want) / 2,
         };
-        let Claimed { jobs, .. } = claim::claim(db, &Held::default(), &mut cursor, req)
+        let Claimed { jobs, .. } = claim::claim(db, &mut conn, &Held::default(), &mut cursor, req)
             .await
             .map_err(|f| f.error)?;
         if jobs.is_empty() {

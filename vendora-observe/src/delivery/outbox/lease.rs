@@ -58,22 +58,6 @@ pub(crate) enum RequeueLock {
     Alone,
 }
 
-/// Runs a lease `statement` holding [`REQUEUE_LOCK`] shared: as [`under_requeue_lock`]
-/// does, but on PostgreSQL (with the `postgres` feature) in three round trips instead of
-/// four, the lock sent with `BEGIN`. A claim's lease is on the way from a commit to the
-/// receiver.
-pub(crate) async fn under_shared_requeue_lock(
-    db: &sea_orm::DatabaseConnection,
-    statement: Statement,
-) -> Result<Vec<QueryResult>, DbErr> {
-    #[cfg(feature = "postgres")]
-    if db.get_database_backend() == DbBackend::Postgres {
-        let lock = format!("SELECT pg_advisory_xact_lock_shared({REQUEUE_LOCK})");
-        return super::postgres_query(db, statement, Some(&lock), true).await;
-    }
-    under_requeue_lock(db, RequeueLock::Shared, statement).await
-}
-
 /// Runs `statement` holding [`REQUEUE_LOCK`] as `how` says: on PostgreSQL in a transaction
 /// that takes the lock before the statement reads (SQLite runs one writer at a time, which
 /// orders them already).

@@ -19,7 +19,7 @@ use sea_orm::{ConnectionTrait, DbBackend};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::claim::{self, Claimed, Cursor, Held, Request};
+use super::claim::{self, ClaimConnection, Claimed, Cursor, Held, Request};
 use super::lease::now_ms;
 use super::notice::LeaseNotice;
 use super::record::{Done, record};
@@ -139,6 +139,8 @@ struct Relay {
     relay_id: String,
     held: Held,
     cursor: Cursor,
+    /// The connection claims run on (PostgreSQL; see [`ClaimConnection`]).
+    conn: ClaimConnection,
     batch: usize,
     max_batch: usize,
     /// Rows the next claim takes at most: `batch`, doubled after each full claim (a
@@ -183,6 +185,7 @@ impl Relay {
             listener,
             held: Held::default(),
             cursor: Cursor::default(),
+            conn: ClaimConnection::default(),
             idle: false,
             freed: 0,
             next_due: None,
@@ -259,7 +262,15 @@ impl Relay {
             want,
             per_chain,
         };
-        let claimed = match claim::claim(&options.db, &self.held, &mut self.cursor, req).await {
+        let claimed = match claim::claim(
+            &options.db,
+            &mut self.conn,
+            &self.held,
+            &mut self.cursor,
+            req,
+        )
+        .await
+        {
             Ok(claimed) => claimed,
             Err(claim::Failure { error, leased }) => {
                 if !std::mem::replace(&mut self.claim_failing, true) {
@@ -497,6 +508,7 @@ impl Relay {
         if !self.held.is_empty() {
             let _ = self.hand_back(&self.held.ids()).await;
         }
+        std::mem::take(&mut self.conn).close().await;
     }
 }
 

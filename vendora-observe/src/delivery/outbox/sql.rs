@@ -1,7 +1,9 @@
 //! Statements built for their backend: each value is bound where the text names it, by
 //! number (`$1, $2, …` on PostgreSQL, `?1, ?2, …` on SQLite), so that a placeholder names its
 //! value wherever it stands in the text. Nothing rewrites a statement's text afterwards: a
-//! `?` in a string literal or a comment stays what it is.
+//! `?` in a string literal or a comment stays what it is. A statement sent in PostgreSQL's
+//! simple-query protocol, where nothing is bound, has its values written into the text as
+//! literals by the same code ([`Binds::literal`]).
 
 use sea_orm::{DbBackend, Statement, Value};
 
@@ -17,6 +19,8 @@ use super::TABLE;
 pub(crate) struct Binds {
     backend: DbBackend,
     values: Vec<Value>,
+    /// Values are written into the text, not bound.
+    literal: bool,
 }
 
 impl Binds {
@@ -24,12 +28,33 @@ impl Binds {
         Binds {
             backend,
             values: Vec::new(),
+            literal: false,
         }
+    }
+
+    /// A binder for PostgreSQL that writes each value into the text as a literal (quoted
+    /// and escaped as SeaQuery writes PostgreSQL's), for a statement sent with others in one
+    /// simple query.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn literal() -> Self {
+        Binds {
+            literal: true,
+            ..Binds::new(DbBackend::Postgres)
+        }
+    }
+
+    pub(crate) fn backend(&self) -> DbBackend {
+        self.backend
     }
 
     /// Binds `value`; returns its placeholder, to write where it goes.
     pub(crate) fn bind(&mut self, value: impl Into<Value>) -> String {
-        self.values.push(value.into());
+        let value = value.into();
+        if self.literal {
+            use sea_orm::sea_query::{PostgresQueryBuilder, QueryBuilder};
+            return PostgresQueryBuilder.value_to_string(&value);
+        }
+        self.values.push(value);
         match self.backend {
             DbBackend::Postgres => format!("${}", self.values.len()),
             DbBackend::Sqlite => format!("?{}", self.values.len()),
@@ -94,5 +119,19 @@ mod tests {
             sqlite.sql,
             "UPDATE t SET note = 'why?', a = ?1 WHERE id IN (?2, ?3) AND b = ?4"
         );
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn literals_are_written_into_the_text_quoted_and_escaped() {
+        let mut b = Binds::literal();
+        let text = format!(
+            "SELECT {}, {}, {}",
+            b.bind(-7i64),
+            b.bind("relay 'x'"),
+            b.bind(r"back\slash")
+        );
+        assert_eq!(text, r"SELECT -7, E'relay \'x\'', E'back\\slash'");
+        assert!(b.statement(text).values.is_none_or(|v| v.0.is_empty()));
     }
 }

@@ -32,20 +32,25 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, QueryResult};
 
-use super::lease::under_shared_requeue_lock;
-
 mod held;
+mod session;
 mod statements;
 
 pub(crate) use held::Held;
 #[cfg(feature = "internals")]
 pub use held::runs_of;
+pub(crate) use session::ClaimConnection;
+use session::Plan;
 #[cfg(feature = "internals")]
 pub use statements::IN_INDEX_ORDER;
+#[cfg(any(test, feature = "internals"))]
+pub use statements::frontier_statement;
 #[cfg(feature = "internals")]
 pub(crate) use statements::read_pending_statement;
-use statements::{Run, lease_statement, unit_runs_statement, unit_scan_statement};
-pub use statements::{frontier_settings, frontier_statement, skip_scan_statement};
+use statements::{
+    Run, SORT_AGAIN, frontier_text, lease_statement, unit_runs_statement, unit_scan_statement,
+};
+pub use statements::{frontier_settings, skip_scan_statement};
 pub(crate) use statements::{
     leased_elsewhere_statement, release_all_statement, release_statement, renew_statement,
 };
@@ -156,6 +161,7 @@ pub(crate) struct Failure {
 /// Chooses up to `req.want` rows and leases them to `req.relay`.
 pub(crate) async fn claim(
     db: &DatabaseConnection,
+    conn: &mut ClaimConnection,
     held: &Held,
     cursor: &mut Cursor,
     req: Request<'_>,
@@ -170,16 +176,18 @@ pub(crate) async fn claim(
     };
     let backend = db.get_database_backend();
     let window = (4 * req.want).clamp(64, MAX_WINDOW);
-    // The settings cost a transaction (two round trips) and matter only when far more rows
-    // are pending than the frontier reads: only behind a full frontier.
-    let frontier = super::query_planned_each_time(
-        db,
-        frontier_statement(backend, req.relay, window, &held.runs()),
-        frontier_settings(backend, cursor.backlog),
-    )
-    .await
-    .and_then(|rows| Candidate::all(&rows))
-    .map_err(read)?;
+    let mut session = conn.session(db);
+    // The settings matter only when far more rows are pending than the frontier reads: only
+    // behind a full frontier.
+    let runs = held.runs();
+    let frontier = session
+        .frontier(
+            |b| frontier_text(b, req.relay, window, &runs),
+            frontier_settings(backend, cursor.backlog).map(|set| (set, SORT_AGAIN)),
+        )
+        .await
+        .and_then(|rows| Candidate::all(&rows))
+        .map_err(read)?;
     cursor.backlog = frontier.len() == window;
     let pending_seen = (frontier.len() < window).then_some(frontier.len() as u64);
     let leased_elsewhere = frontier
@@ -197,17 +205,17 @@ pub(crate) async fn claim(
         && frontier.len() == window
         && req.now >= cursor.units_again_at
     {
-        let units = super::query_planned_each_time(
-            db,
-            unit_scan_statement(backend, &cursor.after_unit, UNITS_PER_CLAIM),
-            None,
-        )
-        .await
-        .map_err(read)?
-        .iter()
-        .map(|r| r.try_get::<String>("", "u"))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(read)?;
+        let units = session
+            .read(
+                unit_scan_statement(backend, &cursor.after_unit, UNITS_PER_CLAIM),
+                Plan::EachTime,
+            )
+            .await
+            .map_err(read)?
+            .iter()
+            .map(|r| r.try_get::<String>("", "u"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(read)?;
         cursor.after_unit = match units.last() {
             Some(u) if units.len() >= UNITS_PER_CLAIM => u.clone(),
             _ => String::new(),
@@ -227,8 +235,11 @@ pub(crate) async fn claim(
             .filter(|run| run.rows > 0)
             .collect();
         if !units.is_empty() {
-            let mut runs = db
-                .query_all_raw(unit_runs_statement(backend, req.relay, &units))
+            let mut runs = session
+                .read(
+                    unit_runs_statement(backend, req.relay, &units),
+                    Plan::Cached,
+                )
                 .await
                 .and_then(|rows| Candidate::all(&rows))
                 .map_err(read)?;
@@ -256,13 +267,13 @@ pub(crate) async fn claim(
         cursor.last_skip_scan = Some(req.now);
         let beyond = frontier.last().map_or(0, |c| c.id);
         let probes = (4 * req.want).clamp(16, 1024);
-        let rows = super::query_planned_each_time(
-            db,
-            skip_scan_statement(backend, &cursor.after_key, probes, beyond),
-            None,
-        )
-        .await
-        .map_err(read)?;
+        let rows = session
+            .read(
+                skip_scan_statement(backend, &cursor.after_key, probes, beyond),
+                Plan::EachTime,
+            )
+            .await
+            .map_err(read)?;
         let mut last_key = None;
         for r in &rows {
             last_key = Some(r.try_get::<String>("", "k").map_err(read)?);
@@ -284,6 +295,7 @@ pub(crate) async fn claim(
     let mut chosen = choice.chosen;
     chosen.sort_by_key(|c| c.id);
     if chosen.is_empty() {
+        session.end().await.map_err(read)?;
         return Ok(Claimed {
             jobs: Vec::new(),
             next_due,
@@ -292,9 +304,7 @@ pub(crate) async fn claim(
         });
     }
     let statement = lease_statement(backend, &req, &chosen);
-    let rows = under_shared_requeue_lock(db, statement)
-        .await
-        .map_err(leased)?;
+    let rows = session.lease(statement).await.map_err(leased)?;
     let mut jobs = rows
         .iter()
         .map(job_from_row)
@@ -459,6 +469,7 @@ pub(crate) fn job_from_row(r: &QueryResult) -> Result<Job, DbErr> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::lease::{RequeueLock, under_requeue_lock};
     use super::held::{MAX_SKIPPED_RUNS, runs_of};
     use super::statements::padded;
     use super::*;
@@ -598,7 +609,7 @@ mod tests {
             let chosen: Vec<Candidate> = ids.iter().map(|&id| cand(id, "p", None)).collect();
             let statement = lease_statement(db.get_database_backend(), &req, &chosen);
             async move {
-                let mut got: Vec<i64> = under_shared_requeue_lock(&db, statement)
+                let mut got: Vec<i64> = under_requeue_lock(&db, RequeueLock::Shared, statement)
                     .await
                     .unwrap()
                     .iter()

@@ -36,6 +36,10 @@ pub(crate) fn leased_elsewhere_statement(
 /// 20,000 rows to return 512.
 pub const IN_INDEX_ORDER: &str = "SET LOCAL enable_sort = off";
 
+/// Ends [`IN_INDEX_ORDER`] after the frontier, within the claim's transaction: the claim's
+/// other statements are planned as usual.
+pub(super) const SORT_AGAIN: &str = "SET LOCAL enable_sort TO DEFAULT";
+
 /// The planner settings the frontier runs with: [`IN_INDEX_ORDER`] on PostgreSQL once a
 /// frontier came back full (`backlog`).
 pub fn frontier_settings(backend: DbBackend, backlog: bool) -> Option<&'static str> {
@@ -48,14 +52,28 @@ pub fn frontier_settings(backend: DbBackend, backlog: bool) -> Option<&'static s
 /// the segments between them, merged in id order, each segment read only as far as the
 /// merge needs (PostgreSQL plans a Merge Append of limited index scans, SQLite a merge of
 /// co-routines), so a relay holding the 8,000 oldest rows reads what it returns.
+#[cfg(any(test, feature = "internals"))]
 pub fn frontier_statement(
     backend: DbBackend,
     relay: &str,
     window: usize,
     skip: &[(i64, i64)],
 ) -> sea_orm::Statement {
-    let index = by_index(backend, "pending");
     let mut b = Binds::new(backend);
+    let text = frontier_text(&mut b, relay, window, skip);
+    b.statement(text)
+}
+
+/// [`frontier_statement`]'s text, its values bound by `b` (or written into it, see
+/// [`Binds::literal`]).
+pub(super) fn frontier_text(
+    b: &mut Binds,
+    relay: &str,
+    window: usize,
+    skip: &[(i64, i64)],
+) -> String {
+    let backend = b.backend();
+    let index = by_index(backend, "pending");
     let select = |b: &mut Binds, after: Option<i64>, before: Option<i64>| {
         let mut text = format!(
             "SELECT id, ordering_key, unit_key, claimed_until, next_attempt_at \
@@ -72,12 +90,11 @@ pub fn frontier_statement(
     };
     let window = window as i64;
     if skip.is_empty() {
-        let text = format!(
+        return format!(
             "{} ORDER BY id LIMIT {}",
-            select(&mut b, None, None),
+            select(b, None, None),
             b.bind(window)
         );
-        return b.statement(text);
     }
     // The segments: before the first run, between runs, after the last. SQLite merges the
     // arms of a compound `ORDER BY` straight from the index; PostgreSQL merges them
@@ -85,19 +102,18 @@ pub fn frontier_statement(
     let mut segments = Vec::with_capacity(skip.len() + 1);
     let mut after = None;
     for first in skip.iter().map(|&(first, _)| Some(first)).chain([None]) {
-        let segment = select(&mut b, after, first);
+        let segment = select(b, after, first);
         segments.push(match backend {
             DbBackend::Sqlite => segment,
             _ => format!("({segment} ORDER BY id LIMIT {})", b.bind(window)),
         });
         after = skip.get(segments.len() - 1).map(|&(_, last)| last);
     }
-    let text = format!(
+    format!(
         "{} ORDER BY id LIMIT {}",
         segments.join(" UNION ALL "),
         b.bind(window)
-    );
-    b.statement(text)
+    )
 }
 
 /// Step 2: a loose index scan over the pending rows' keys after `after_key`, `probes` keys
