@@ -422,6 +422,39 @@ async fn postgres_notify_wakes_a_relay_for_rows_another_instance_commits() {
     assert_eq!(observer.stats().sent, 1, "our relay delivered it");
 }
 
+/// The relay's connections (claims, `LISTEN`) are its own, beside the application's pool:
+/// an application whose pool holds a single connection keeps it for its writes (a relay
+/// that held it between claims would leave the application waiting on its own pool).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
+async fn postgres_a_pool_of_one_connection_is_the_applications() {
+    let (_, url) = postgres().await;
+    let mut options = sea_orm::ConnectOptions::new(url);
+    options
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    let db = sea_orm::Database::connect(options).await.unwrap();
+    vendora_pos::db::create_pos_tables(&db).await.unwrap();
+    let receiver = Receiver::start(SECRET).await.unwrap();
+    let observer = outbox_observer(&db, &receiver.url(), fast_retries()).await;
+    observer
+        .scope(async {
+            for i in 0..20 {
+                let txn = db.begin().await.unwrap();
+                product_am(&format!("one connection {i}"), i)
+                    .insert(&txn)
+                    .await
+                    .unwrap();
+                txn.commit().await.unwrap();
+            }
+        })
+        .await;
+    let got = receiver.wait_delivered(20, WAIT).await;
+    assert_complete_and_ordered(&got, 20);
+    observer.shutdown(Duration::from_secs(5)).await;
+}
+
 /// The connection a relay claims on is its own, kept from claim to claim, named in
 /// `pg_stat_activity`. Ended by the server (an administrator, a restart), it is replaced at
 /// the next claim: the next event goes out at once, and no claim fails on the way (no

@@ -16,8 +16,17 @@ pub(crate) async fn listen(db: &sea_orm::DatabaseConnection) -> Listener {
     if db.get_database_backend() != DbBackend::Postgres {
         return None;
     }
-    let pool = db.get_postgres_connection_pool();
-    match sqlx::postgres::PgListener::connect_with(pool).await {
+    // A pool of its own, of one connection, made with the application pool's options:
+    // `PgListener` keeps the connection it takes for as long as it lives, and taken from the
+    // application's pool it was one connection fewer for the application (with a pool of
+    // one, none: the application's next query waited for its acquire timeout).
+    let options = db.get_postgres_connection_pool().connect_options();
+    let own = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_lazy_with((*options).clone());
+    match sqlx::postgres::PgListener::connect_with(&own).await {
         Ok(mut l) => match l.listen(super::CHANNEL).await {
             Ok(()) => Some(l),
             Err(e) => {
