@@ -295,7 +295,7 @@ pub(crate) async fn claim(
     let mut chosen = choice.chosen;
     chosen.sort_by_key(|c| c.id);
     if chosen.is_empty() {
-        session.end().await.map_err(read)?;
+        session.end().await;
         return Ok(Claimed {
             jobs: Vec::new(),
             next_due,
