@@ -34,9 +34,9 @@ pub(super) enum Plan {
 
 /// The relay's own connection for its claims (PostgreSQL, with the `postgres` feature):
 /// taken from the application's pool at the first claim and detached from it (the pool
-/// opens another in its place, as for the relay's `LISTEN` connection), named
-/// `vendora-observe relay` in `pg_stat_activity`, dropped after a failure and taken again
-/// by the next claim, closed with the relay.
+/// opens another in its place; the connection keeps the pool's `after_connect` settings,
+/// such as a `search_path`), named `vendora-observe relay` in `pg_stat_activity`, dropped
+/// after a failure and taken again by the next claim, closed with the relay.
 #[derive(Default)]
 pub(crate) struct ClaimConnection {
     #[cfg(feature = "postgres")]
