@@ -668,6 +668,119 @@ async fn postgres_claim_does_not_visit_delivered_rows() {
     }
 }
 
+/// An outbox whose statistics were taken while nothing was pending (autovacuum's, at a
+/// quiet moment), then 300 pending rows on 64 keys, every other one leased to relay `me`:
+/// the ids of eight of them.
+async fn pending_after_quiet_statistics(db: &DatabaseConnection) -> Vec<i64> {
+    use sea_orm::ConnectionTrait;
+    fill_outbox(db, 1_500, 0).await;
+    db.execute_unprepared("ANALYZE vendora_outbox")
+        .await
+        .unwrap();
+    db.execute_unprepared(
+        "INSERT INTO vendora_outbox (event_id, ordering_key, event, body, next_attempt_at, \
+         created_at, claimed_by, claimed_until) SELECT 'p' || i, 'product:' || (i % 64), \
+         'product:updated', '{}', 0, 0, CASE WHEN i % 2 = 0 THEN 'me' END, \
+         CASE WHEN i % 2 = 0 THEN 99999999999999 END FROM generate_series(1, 300) AS i",
+    )
+    .await
+    .unwrap();
+    (1_601..1_609).collect()
+}
+
+/// The statements that pick rows by id (the lease, the renewal, the hand-back) look them
+/// up by primary key in the plan PostgreSQL caches for them (a prepared statement gets a
+/// generic plan after five runs and keeps it), even with statistics that say nothing is
+/// pending: they never walk the pending rows' indexes to find their few rows.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs DATABASE_URL: run with --include-ignored (bash .ci/run)"]
+async fn postgres_rows_picked_by_id_are_looked_up_by_id_whatever_the_statistics() {
+    use sea_orm::{ConnectionTrait, Value};
+    let (db, _) = postgres().await;
+    let ids = pending_after_quiet_statistics(&db).await;
+    let statements = vendora_observe::__private::outbox_plan::by_id_statements(
+        sea_orm::DbBackend::Postgres,
+        "me",
+        1_000,
+        &ids,
+    );
+    for (name, statement) in statements {
+        let args: Vec<String> = statement
+            .values
+            .iter()
+            .flat_map(|v| v.0.iter())
+            .map(|v| match v {
+                Value::BigInt(Some(n)) => n.to_string(),
+                Value::String(Some(s)) => format!("'{s}'"),
+                other => panic!("unexpected value {other:?}"),
+            })
+            .collect();
+        let txn = db.begin().await.unwrap();
+        txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
+            .await
+            .unwrap();
+        // A prepared statement outlives the transaction: each has a name of its own.
+        txn.execute_unprepared(&format!("PREPARE by_id_{name} AS {}", statement.sql))
+            .await
+            .unwrap();
+        let plan: Vec<String> = txn
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                format!(
+                    "EXPLAIN (ANALYZE, COSTS OFF) EXECUTE by_id_{name}({})",
+                    args.join(", ")
+                ),
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get::<String>("", "QUERY PLAN").unwrap())
+            .collect();
+        txn.rollback().await.unwrap();
+        let removed: u64 = plan
+            .iter()
+            .filter_map(|l| l.split("Rows Removed by Filter:").nth(1))
+            .map(|n| n.trim().parse::<u64>().unwrap())
+            .sum();
+        assert!(
+            plan.iter()
+                .any(|l| l.contains("Index Scan using vendora_outbox_pkey")),
+            "the {name} does not look its rows up by primary key: {plan:#?}"
+        );
+        assert!(
+            removed < 16,
+            "the {name} read {removed} rows it did not update (300 are pending): {plan:#?}"
+        );
+    }
+}
+
+/// SQLite looks the rows of the statements that pick them by id up by rowid.
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_rows_picked_by_id_are_looked_up_by_rowid() {
+    let (db, _dir) = sqlite_file().await;
+    fill_outbox(&db, 1_500, 300).await;
+    let ids: Vec<i64> = (1_601..1_609).collect();
+    let statements = vendora_observe::__private::outbox_plan::by_id_statements(
+        sea_orm::DbBackend::Sqlite,
+        "me",
+        1_000,
+        &ids,
+    );
+    for (name, statement) in statements {
+        let plan = explain(&db, "EXPLAIN QUERY PLAN", "detail", statement).await;
+        let main: Vec<&String> = plan
+            .iter()
+            .filter(|l| {
+                l.starts_with("SEARCH vendora_outbox") || l.starts_with("SCAN vendora_outbox")
+            })
+            .collect();
+        assert!(
+            !main.is_empty() && main.iter().all(|l| l.contains("INTEGER PRIMARY KEY")),
+            "the {name} does not look its rows up by rowid: {plan:#?}"
+        );
+    }
+}
+
 /// The claim's first step in the middle of a drain: a relay that holds thousands of the
 /// oldest pending rows (20,000 pending on 10 hot rows; its receiver answered the first
 /// 2,000, then hangs) reads what its frontier returns, not the rows it holds. The statement
@@ -876,8 +989,16 @@ async fn rows_of_a_killed_relay_are_taken_back(
     let receiver = Receiver::start(SECRET).await.unwrap();
     // The child's first request hangs: what it claims stays leased to it.
     receiver.set_reply(Reply::Delay(Duration::from_secs(20)));
+    // On PostgreSQL the child's connections carry its name, to see them end.
+    let postgres = db_url.starts_with("postgres");
+    let child_url = if postgres {
+        let sep = if db_url.contains('?') { '&' } else { '?' };
+        format!("{db_url}{sep}application_name=vendora-test-child")
+    } else {
+        db_url.to_owned()
+    };
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vendora-test-child"))
-        .args(["crash-writer", db_url, &receiver.url(), "600"])
+        .args(["crash-writer", &child_url, &receiver.url(), "600"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -919,8 +1040,34 @@ async fn rows_of_a_killed_relay_are_taken_back(
         )
         .await;
     }
+    let child_connections = "SELECT COUNT(*) AS n FROM pg_stat_activity \
+                             WHERE application_name LIKE 'vendora-test-child%'";
+    if postgres {
+        assert!(scalar(&db, child_connections).await > 0, "the child's name");
+    }
+    let child_connections = "SELECT COUNT(*) AS n FROM pg_stat_activity \
+                             WHERE application_name LIKE 'vendora-test-child%'";
+    if postgres {
+        assert!(scalar(&db, child_connections).await > 0, "the child's name");
+    }
     child.start_kill().unwrap(); // SIGKILL
     child.wait().await.unwrap();
+    // A statement the child sent just before the kill (its last lease's COMMIT) still runs
+    // on the server until its connection ends: counted before that, its rows were missed.
+    if postgres {
+        common::eventually(WAIT, "the killed child's connections ended", || async {
+            scalar(&db, child_connections).await == 0
+        })
+        .await;
+    }
+    // A statement the child sent just before the kill (its last lease's COMMIT) still runs
+    // on the server until its connection ends: counted before that, its rows were missed.
+    if postgres {
+        common::eventually(WAIT, "the killed child's connections ended", || async {
+            scalar(&db, child_connections).await == 0
+        })
+        .await;
+    }
     // The child's rows (its relay id names its pid). A relay running beside it may take
     // them back before they are counted here (it looks once a second): then none are left
     // under the child's id, and the line tells how many it found.

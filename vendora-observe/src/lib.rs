@@ -436,7 +436,8 @@ pub mod __private {
     #[cfg(feature = "internals")]
     pub mod outbox_plan {
         pub use crate::delivery::outbox::claim::{
-            IN_INDEX_ORDER, frontier_settings, frontier_statement, runs_of, skip_scan_statement,
+            IN_INDEX_ORDER, by_id_statements, frontier_settings, frontier_statement, runs_of,
+            skip_scan_statement,
         };
         pub use crate::delivery::outbox::internals::drain_without_sending;
         pub use crate::observer::send_without_writing;

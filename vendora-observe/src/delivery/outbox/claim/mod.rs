@@ -43,6 +43,8 @@ pub(crate) use session::ClaimConnection;
 use session::Plan;
 #[cfg(feature = "internals")]
 pub use statements::IN_INDEX_ORDER;
+#[cfg(feature = "internals")]
+pub use statements::by_id_statements;
 #[cfg(any(test, feature = "internals"))]
 pub use statements::frontier_statement;
 #[cfg(feature = "internals")]
@@ -303,7 +305,12 @@ pub(crate) async fn claim(
             pending_seen,
         });
     }
-    let statement = lease_statement(backend, &req, &chosen);
+    let statement = lease_statement(
+        backend,
+        &req,
+        chosen.iter().map(|c| c.id),
+        session.frontier_under_lock(),
+    );
     let rows = session.lease(statement).await.map_err(leased)?;
     let mut jobs = rows
         .iter()
@@ -606,8 +613,8 @@ mod tests {
         };
         let leased = |ids: &'static [i64]| {
             let db = db.clone();
-            let chosen: Vec<Candidate> = ids.iter().map(|&id| cand(id, "p", None)).collect();
-            let statement = lease_statement(db.get_database_backend(), &req, &chosen);
+            let statement =
+                lease_statement(db.get_database_backend(), &req, ids.iter().copied(), false);
             async move {
                 let mut got: Vec<i64> = under_requeue_lock(&db, RequeueLock::Shared, statement)
                     .await
