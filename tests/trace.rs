@@ -58,6 +58,13 @@ async fn one_trace_from_the_write_to_the_broadcast(outbox: bool) {
             let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
         }
     }
+    // The write's span ends when its last handle goes: the events' jobs hold one, and the
+    // task that sent the last of them may drop it after `sale` returned.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while !spans.all().iter().any(|s| s.name == "pos.sell") && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     provider.force_flush().unwrap();
     let spans = spans.all();
     let tree = traced::tree(&spans);
