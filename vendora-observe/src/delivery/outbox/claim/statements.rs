@@ -259,7 +259,7 @@ fn pending_by_id(backend: DbBackend) -> &'static str {
 
 /// Step 3: lease the chosen rows that are still free. `frontier_under_lock`: the rows were
 /// read in the lease's transaction, holding the requeue lock (a claim on the relay's own
-/// PostgreSQL connection, see [`super::ClaimConnection`]).
+/// PostgreSQL connection, see [`super::ClaimConnection`]) or SQLite's write lock.
 pub(super) fn lease_statement(
     backend: DbBackend,
     req: &Request<'_>,
@@ -335,7 +335,7 @@ pub fn by_id_statements(
                 backend,
                 &req,
                 ids.iter().copied(),
-                backend == DbBackend::Postgres && cfg!(feature = "postgres"),
+                backend == DbBackend::Sqlite || cfg!(feature = "postgres"),
             ),
         ),
         (
