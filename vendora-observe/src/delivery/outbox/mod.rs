@@ -423,7 +423,7 @@ fn feature_warning(backend: DbBackend, postgres_feature: bool) -> Option<String>
 
 /// On a SQLite file in a rollback journal (SQLite's default), what WAL mode would change:
 /// each commit, the relay's leases and marks included, waits for the disk, and events reach
-/// the receiver 4.8–8.1 ms after the write at p99 instead of 1.4–2.3 ms (BENCHMARKS.md).
+/// the receiver 3.2–7.3 ms after the write at p99 instead of 1.6–3.7 ms (BENCHMARKS.md).
 async fn journal_note(db: &DatabaseConnection) -> Option<String> {
     if db.get_database_backend() != DbBackend::Sqlite {
         return None;
@@ -444,7 +444,7 @@ async fn journal_note(db: &DatabaseConnection) -> Option<String> {
         format!(
             "outbox: this SQLite database uses a rollback journal (journal_mode={mode}): every \
              commit, the relay's included, waits for the disk, and events reach the receiver \
-             two to three times as late as in WAL mode (p99 4.8-8.1 ms against 1.4-2.3 ms); \
+             about twice as late as in WAL mode (p99 3.2-7.3 ms against 1.6-3.7 ms); \
              for WAL, run PRAGMA journal_mode=WAL once (it stays with the file)"
         )
     })
