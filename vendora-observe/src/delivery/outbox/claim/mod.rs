@@ -305,12 +305,7 @@ pub(crate) async fn claim(
             pending_seen,
         });
     }
-    let statement = lease_statement(
-        backend,
-        &req,
-        chosen.iter().map(|c| c.id),
-        session.frontier_under_lock(),
-    );
+    let statement = lease_statement(backend, &req, chosen.iter().map(|c| c.id));
     let rows = session.lease(statement).await.map_err(leased)?;
     let mut jobs = rows
         .iter()
@@ -613,8 +608,7 @@ mod tests {
         };
         let leased = |ids: &'static [i64]| {
             let db = db.clone();
-            let statement =
-                lease_statement(db.get_database_backend(), &req, ids.iter().copied(), false);
+            let statement = lease_statement(db.get_database_backend(), &req, ids.iter().copied());
             async move {
                 let mut got: Vec<i64> = under_requeue_lock(&db, RequeueLock::Shared, statement)
                     .await

@@ -142,17 +142,6 @@ impl Session<'_> {
         self.db.query_all_raw(b.statement(text)).await
     }
 
-    /// Whether the claim's reads ran in the transaction its lease runs in, holding the
-    /// requeue lock (PostgreSQL) or the write lock (SQLite) from before the frontier: no
-    /// requeue commits in between.
-    pub(super) fn frontier_under_lock(&mut self) -> bool {
-        #[cfg(feature = "postgres")]
-        if self.pg().is_some() {
-            return true;
-        }
-        self.sqlite.is_some()
-    }
-
     /// Runs `query`, a read; on PostgreSQL in the claim's transaction.
     pub(super) async fn read(
         &mut self,

@@ -257,63 +257,51 @@ fn pending_by_id(backend: DbBackend) -> &'static str {
     }
 }
 
-/// Step 3: lease the chosen rows that are still free. `frontier_under_lock`: the rows were
-/// read in the lease's transaction, holding the requeue lock (a claim on the relay's own
-/// PostgreSQL connection, see [`super::ClaimConnection`]) or SQLite's write lock.
+/// Step 3: lease the chosen rows that are still free.
 pub(super) fn lease_statement(
     backend: DbBackend,
     req: &Request<'_>,
     chosen: impl Iterator<Item = i64>,
-    frontier_under_lock: bool,
 ) -> sea_orm::Statement {
     let ids = padded(chosen);
+    // A requeued row is not taken while a newer event of its row is on its way (leased, by
+    // any relay, this one included): sent after it, it would leave the apps on old state.
+    // Left pending, it is marked superseded when that event is delivered. Nor is a row taken
+    // while an older requeued row of its row is pending and neither this relay's nor taken
+    // by this statement: a requeue that committed after the frontier was read put it in
+    // front (see `REQUEUE_LOCK`), or it lies within a run of rows this relay finished, which
+    // the frontier skips (a dead row requeued). (Should that older row be refused here, the
+    // claim hands back what it took behind it.)
     statement(backend, |b| {
-        // A requeued row is not taken while a newer event of its row is on its way (leased,
-        // by any relay, this one included): sent after it, it would leave the apps on old
-        // state. Left pending, it is marked superseded when that event is delivered.
-        let mut text = format!(
+        format!(
             "UPDATE {TABLE} SET claimed_by = {}, claimed_until = {} \
              WHERE id IN ({}) AND {} \
                AND (claimed_until IS NULL OR claimed_until < {}) \
                AND NOT (requeued = 1 AND EXISTS (SELECT 1 FROM {TABLE} d \
                  WHERE d.status = 'pending' AND d.ordering_key = {TABLE}.ordering_key \
-                 AND d.id > {TABLE}.id AND d.claimed_until >= {}))",
+                 AND d.id > {TABLE}.id AND d.claimed_until >= {})) \
+               AND NOT EXISTS (SELECT 1 FROM {TABLE} r{} \
+                 WHERE r.status = 'pending' AND r.requeued = 1 \
+                 AND r.ordering_key = {TABLE}.ordering_key AND r.id < {TABLE}.id \
+                 AND r.id NOT IN ({}) \
+                 AND (r.claimed_by IS NULL OR r.claimed_by <> {} OR r.claimed_until < {})) \
+             RETURNING {JOB_COLUMNS}",
             b.bind(req.relay),
             b.bind(req.now + req.lease.as_millis() as i64),
             b.list(ids.iter().copied()),
             pending_by_id(backend),
             b.bind(req.now),
             b.bind(req.now),
-        );
-        // Nor is a row taken while an older requeued row of its row is pending and neither
-        // this relay's nor taken by this statement: a requeue that committed after the
-        // frontier was read put it in front (see `REQUEUE_LOCK`). (Should that older row be
-        // refused here, the claim hands back what it took behind it.) A frontier read under
-        // the lock saw every requeue that will commit before the lease: the claim's choice
-        // already kept each chain behind its requeued rows, and the check is left out (its
-        // plan, for a table whose statistics say nothing is pending, walked every pending
-        // row for each row leased).
-        if !frontier_under_lock {
-            text.push_str(&format!(
-                " AND NOT EXISTS (SELECT 1 FROM {TABLE} r{} \
-                 WHERE r.status = 'pending' AND r.requeued = 1 \
-                 AND r.ordering_key = {TABLE}.ordering_key AND r.id < {TABLE}.id \
-                 AND r.id NOT IN ({}) \
-                 AND (r.claimed_by IS NULL OR r.claimed_by <> {} OR r.claimed_until < {}))",
-                by_index(backend, "requeued"),
-                b.list(ids.iter().copied()),
-                b.bind(req.relay),
-                b.bind(req.now)
-            ));
-        }
-        text.push_str(&format!(" RETURNING {JOB_COLUMNS}"));
-        text
+            by_index(backend, "requeued"),
+            b.list(ids.iter().copied()),
+            b.bind(req.relay),
+            b.bind(req.now)
+        )
     })
 }
 
 /// The statements that pick rows by id (the lease, the renewal, the hand-back) for `relay`
-/// at `now`, named, as a relay runs them on `backend` (on PostgreSQL the lease of a claim
-/// on the relay's own connection), for the plan tests.
+/// at `now`, named, for the plan tests.
 #[cfg(feature = "internals")]
 pub fn by_id_statements(
     backend: DbBackend,
@@ -329,15 +317,7 @@ pub fn by_id_statements(
         per_chain: ids.len(),
     };
     vec![
-        (
-            "lease",
-            lease_statement(
-                backend,
-                &req,
-                ids.iter().copied(),
-                backend == DbBackend::Sqlite || cfg!(feature = "postgres"),
-            ),
-        ),
+        ("lease", lease_statement(backend, &req, ids.iter().copied())),
         (
             "renewal",
             renew_statement(backend, relay, now + 60_000, ids),
